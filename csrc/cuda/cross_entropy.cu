@@ -1,0 +1,189 @@
+// Softmax cross-entropy, CUDA face. One thread block per row: pass 1 reads the row once with an
+// online max/sum-exp (plus the sums label smoothing needs), pass 2 writes the scaled gradient.
+// Same formulas as csrc/cpu/cross_entropy.cpp. Launched on the current stream; no host sync.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "common.h"
+
+namespace mmfast {
+namespace {
+
+constexpr int kThreads = 512;
+
+struct RowStats {
+  float max, sum_exp, sum_wx;
+};
+
+__device__ __forceinline__ RowStats merge(RowStats a, RowStats b) {
+  const float m = fmaxf(a.max, b.max);
+  if (m == -INFINITY) return {m, 0.f, a.sum_wx + b.sum_wx};
+  return {m, a.sum_exp * __expf(a.max - m) + b.sum_exp * __expf(b.max - m), a.sum_wx + b.sum_wx};
+}
+
+__device__ RowStats block_reduce(RowStats v) {
+  __shared__ RowStats warp_partials[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int off = 16; off > 0; off /= 2) {
+    RowStats o{__shfl_down_sync(0xffffffff, v.max, off), __shfl_down_sync(0xffffffff, v.sum_exp, off),
+               __shfl_down_sync(0xffffffff, v.sum_wx, off)};
+    v = merge(v, o);
+  }
+  if (lane == 0) warp_partials[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? warp_partials[lane] : RowStats{-INFINITY, 0.f, 0.f};
+    for (int off = 16; off > 0; off /= 2) {
+      RowStats o{__shfl_down_sync(0xffffffff, v.max, off), __shfl_down_sync(0xffffffff, v.sum_exp, off),
+                 __shfl_down_sync(0xffffffff, v.sum_wx, off)};
+      v = merge(v, o);
+    }
+    if (lane == 0) warp_partials[0] = v;
+  }
+  __syncthreads();
+  return warp_partials[0];
+}
+
+__device__ float block_sum(float v) {
+  __shared__ float partials[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffff, v, off);
+  if (lane == 0) partials[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? partials[lane] : 0.f;
+    for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffff, v, off);
+    if (lane == 0) partials[0] = v;
+  }
+  __syncthreads();
+  const float total = partials[0];
+  __syncthreads();  // partials is reused by the next call
+  return total;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(
+    const scalar_t* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ target,
+    const float* __restrict__ weight, int64_t C, int64_t ignore_index, float eps,
+    const float* __restrict__ grad_scale, int64_t grad_scale_stride, float* __restrict__ loss,
+    scalar_t* __restrict__ grad) {
+  const int64_t row = blockIdx.x;  // int64 offsets: N*C may exceed 2^31
+  const scalar_t* x = logits + row * row_stride;
+  scalar_t* g = grad ? grad + row * C : nullptr;
+  const int64_t t = target[row];
+
+  if (t == ignore_index) {
+    if (threadIdx.x == 0) loss[row] = 0.f;
+    if (g)
+      for (int64_t j = threadIdx.x; j < C; j += kThreads) g[j] = scalar_t(0);
+    return;
+  }
+  if (t < 0 || t >= C) {  // never read out of bounds; poison the row and trap like torch does
+    if (threadIdx.x == 0) loss[row] = NAN;
+    if (g)
+      for (int64_t j = threadIdx.x; j < C; j += kThreads) g[j] = scalar_t(NAN);
+    CUDA_KERNEL_ASSERT(false && "mmfast cross_entropy: target index out of range");
+    return;
+  }
+
+  RowStats s{-INFINITY, 0.f, 0.f};
+  float weight_total = 0.f;
+  for (int64_t j = threadIdx.x; j < C; j += kThreads) {
+    const float xj = static_cast<float>(x[j]);
+    const float m = fmaxf(s.max, xj);
+    if (m != -INFINITY) s.sum_exp = s.sum_exp * __expf(s.max - m) + __expf(xj - m);
+    s.max = m;
+    if (eps != 0.f) {
+      const float wj = weight ? weight[j] : 1.f;
+      s.sum_wx += wj * xj;
+      weight_total += wj;
+    }
+  }
+  s = block_reduce(s);
+  if (eps != 0.f) weight_total = weight ? block_sum(weight_total) : static_cast<float>(C);
+  // logf rather than __logf: the loss is what users compare against torch.
+  const float lse = (s.max == -INFINITY ? 0.f : s.max) + logf(s.sum_exp);
+  const float w_t = weight ? weight[t] : 1.f;
+  const float a = (1.f - eps) * w_t;
+  if (threadIdx.x == 0) {
+    float l = a * (lse - static_cast<float>(x[t]));
+    if (eps != 0.f) l += eps / C * (weight_total * lse - s.sum_wx);
+    loss[row] = l;
+  }
+  if (!g) return;
+  const float scale = grad_scale ? grad_scale[row * grad_scale_stride] : 1.f;
+  const float b = eps / C * weight_total;
+  for (int64_t j = threadIdx.x; j < C; j += kThreads) {
+    const float p = expf(static_cast<float>(x[j]) - lse);
+    float gj = (a + b) * p;
+    if (eps != 0.f) gj -= eps / C * (weight ? weight[j] : 1.f);
+    if (j == t) gj -= a;
+    g[j] = static_cast<scalar_t>(gj * scale);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, bool compute_grad,
+    const std::optional<at::Tensor>& grad_scale) {
+  check_dim(logits, "logits", 2);
+  check_dim(target, "target", 1);
+  MMFAST_CHECK_ARG(logits.stride(1) == 1 || logits.size(1) <= 1, "logits",
+                   "expected unit stride along the class dimension, got strides ", logits.strides());
+  MMFAST_CHECK_ARG(target.size(0) == logits.size(0), "target", "expected ", logits.size(0),
+                   " entries, got ", target.size(0));
+  MMFAST_CHECK_ARG(target.scalar_type() == at::kLong, "target", "expected int64, got ",
+                   target.scalar_type());
+  check_same_device(target, logits, "target");
+  MMFAST_CHECK_ARG(logits.scalar_type() != at::kDouble, "logits",
+                   "float64 is not supported by the CUDA kernel (use backend='torch')");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor target_c = target.contiguous();
+  at::Tensor weight_c, scale_c;
+  if (weight.has_value()) {
+    weight_c = weight->contiguous();
+    MMFAST_CHECK_ARG(weight_c.dim() == 1 && weight_c.size(0) == C && weight_c.scalar_type() == at::kFloat,
+                     "weight", "expected a float32 tensor of shape (", C, ",), got ", weight_c.sizes(),
+                     " ", weight_c.scalar_type());
+    check_same_device(weight_c, logits, "weight");
+  }
+  int64_t scale_stride = 0;
+  if (grad_scale.has_value()) {
+    scale_c = grad_scale->contiguous();
+    MMFAST_CHECK_ARG(scale_c.scalar_type() == at::kFloat && (scale_c.numel() == 1 || scale_c.numel() == N),
+                     "grad_scale", "expected float32 with 1 or ", N, " elements");
+    scale_stride = scale_c.numel() == 1 ? 0 : 1;
+  }
+  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty({N, C}, logits.options()) : at::empty({0}, logits.options());
+  if (N == 0) return {loss, grad};
+  MMFAST_CHECK_ARG(C > 0, "logits", "expected at least one class, got shape ", logits.sizes());
+  MMFAST_CHECK_ARG(N <= 2147483647LL, "logits", "at most 2^31-1 rows are supported, got ", N);
+
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cuda", [&] {
+    cross_entropy_forward_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+        logits.const_data_ptr<scalar_t>(), logits.stride(0), target_c.const_data_ptr<int64_t>(),
+        weight.has_value() ? weight_c.const_data_ptr<float>() : nullptr, C, ignore_index,
+        static_cast<float>(label_smoothing), grad_scale.has_value() ? scale_c.const_data_ptr<float>() : nullptr,
+        scale_stride, loss.data_ptr<float>(), compute_grad ? grad.data_ptr<scalar_t>() : nullptr);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmfast_C, CUDA, m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward_cuda);
+}
+
+}  // namespace mmfast

@@ -1,0 +1,72 @@
+"""Loads the compiled extension ``mmfast._C`` if it was built, and says what it holds.
+
+The kernels register themselves as ``torch.ops.mmfast_C.*`` when the library loads. Development
+override: ``MMFAST_EXTENSION=/path/a.so:/path/b.so`` loads those libraries instead of ``_C``
+(see scripts/dev_build.py), so one op family can be rebuilt without rebuilding everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+_load_error: str | None = None
+
+
+@lru_cache(maxsize=None)
+def build_info() -> dict:
+    """What setup.py recorded about the build (CUDA sources compiled? for which archs? why not?)."""
+    try:
+        return json.loads((_HERE / "_build_info.json").read_text())
+    except (OSError, ValueError):
+        return {"built": False, "cuda": False, "archs": [], "reason": "no build record (not installed with setup.py)"}
+
+
+@lru_cache(maxsize=None)
+def load() -> bool:
+    """Loads the extension once; returns whether it is available. Never raises."""
+    global _load_error
+    override = os.environ.get("MMFAST_EXTENSION")
+    if os.environ.get("MMFAST_DISABLE_EXTENSION") == "1":  # behave as a pure-Python install
+        _load_error = "disabled by MMFAST_DISABLE_EXTENSION=1"
+        return False
+    try:
+        if override:
+            for path in override.split(os.pathsep):
+                if path:
+                    torch.ops.load_library(path)
+        else:
+            from mmfast import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+        return True
+    except (ImportError, OSError, RuntimeError) as e:
+        _load_error = f"{type(e).__name__}: {e}"
+        if build_info().get("built"):  # built but unloadable: worth one warning
+            warnings.warn(f"mmfast: compiled extension failed to load ({_load_error}); using Triton/PyTorch paths")
+        return False
+
+
+def load_error() -> str | None:
+    load()
+    return _load_error
+
+
+def has_kernel(name: str, dispatch_key: str) -> bool:
+    """Whether ``torch.ops.mmfast_C.<name>`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    if not load():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"mmfast_C::{name}", dispatch_key)
+    except RuntimeError:
+        return False
+
+
+def op(name: str):
+    """``torch.ops.mmfast_C.<name>``."""
+    load()
+    return getattr(torch.ops.mmfast_C, name)

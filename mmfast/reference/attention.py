@@ -1,0 +1,42 @@
+"""Reference attention (eager matmul -> softmax -> matmul) with mmfast's semantics:
+
+- ``key_padding_mask``: bool (B, Lk), True = the key takes part;
+- a query row whose keys are all masked returns zeros (SDPA returns NaN there);
+- ``causal`` with Lq != Lk is aligned bottom-right: query i sees keys j <= i + Lk - Lq.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def attention_mask(key_padding_mask, causal, Lq, Lk, device):
+    """Bool mask broadcastable to (B, H, Lq, Lk), True = attend; None when nothing is masked."""
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, :].bool()
+    if causal:
+        i = torch.arange(Lq, device=device)[:, None]
+        j = torch.arange(Lk, device=device)[None, :]
+        c = j <= i + (Lk - Lq)
+        mask = c if mask is None else mask & c
+    return mask
+
+
+def attention(q, k, v, *, key_padding_mask=None, causal=False, scale=None, dropout_p=0.0):
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    mask = attention_mask(key_padding_mask, causal, Lq, Lk, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+        # A fully masked row would give softmax NaN (and NaN gradients); mmfast defines its
+        # output and gradients as zeros: give it finite scores, then zero its probabilities.
+        any_key = mask.any(-1, keepdim=True)
+        scores = scores.masked_fill(~any_key, 0.0)
+    probs = torch.softmax(scores.float(), dim=-1)
+    if mask is not None:
+        probs = probs.masked_fill(~any_key, 0.0)
+    probs = probs.to(q.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p, training=True)
+    return probs @ v

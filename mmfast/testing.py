@@ -1,0 +1,161 @@
+"""The correctness rule every mmfast kernel is held to (ENGINEERING.md section 4).
+
+A kernel's output ``out`` passes when, against the eager formula computed in float64 (``ref``),
+
+    max|out - ref| <= factor * max|eager_lowp - ref| + floor
+
+where ``eager_lowp`` is the same eager formula run in the kernel's dtype, ``factor`` is 2 for
+outputs and 3 for gradients (the flash-attention test rule), and ``floor`` is a tiny absolute
+slack relative to the reference's magnitude (it only matters when eager is exact). NaN never
+passes unless the reference has NaN in the very same places.
+
+Outputs are poisoned before kernels run: inside :func:`poisoned_outputs`, every ``torch.empty``
+(Python or C++ ``at::empty``) is filled with NaN (integers with their max value), so an element
+a kernel forgets to write fails the comparison.
+
+Typical use::
+
+    with poisoned_outputs():
+        out = mmfast.ops.cross_entropy(x, t, backend="cpu")
+    ref = reference(x.double(), t)            # float64
+    low = reference(x, t)                     # eager in x.dtype
+    assert_close(out, ref, low, name="loss")
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+
+# Floor relative to max|ref|: float32 eager can be bit-exact; these keep the bound meaningful.
+_REL_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every uninitialised allocation inside the block is filled with NaN (floats) or the
+    maximum value (integers), in Python and in the C++ extension alike."""
+    import torch.utils.deterministic as det
+
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        det.fill_uninitialized_memory = prev_fill
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+
+
+def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|a - ref| in float64; NaN/inf where the two disagree on non-finite values."""
+    a64, r64 = a.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    if a64.shape != r64.shape:
+        raise AssertionError(f"shape {tuple(a64.shape)} != reference shape {tuple(r64.shape)}")
+    if a64.numel() == 0:
+        return 0.0
+    same_nonfinite = (~torch.isfinite(r64)) & ((a64 == r64) | (torch.isnan(a64) & torch.isnan(r64)))
+    diff = (a64 - r64).abs().masked_fill(same_nonfinite, 0.0)
+    return float(diff.max())
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, eager_lowp: torch.Tensor, *, grad: bool = False,
+                 name: str = "output", factor: float | None = None, floor: float | None = None) -> dict:
+    """Asserts the rule above; returns the measured errors (for reports)."""
+    factor = factor if factor is not None else (3.0 if grad else 2.0)
+    if out.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    if torch.isnan(out).any() and not torch.equal(torch.isnan(out.cpu()), torch.isnan(ref.cpu())):
+        n = int(torch.isnan(out).sum())
+        raise AssertionError(f"{name}: {n} NaN element(s) where the reference has none "
+                             "(unwritten output or numerical failure)")
+    err = max_abs_err(out, ref)
+    base = max_abs_err(eager_lowp, ref)
+    if floor is None:
+        ref = ref.detach()
+        finite = ref[torch.isfinite(ref)] if ref.numel() else ref
+        scale = float(finite.abs().max()) if finite.numel() else 1.0
+        floor = _REL_FLOOR.get(out.dtype, 1e-6) * max(scale, 1e-30) + 1e-30
+    bound = factor * base + floor
+    if not err <= bound:  # also catches err = NaN
+        raise AssertionError(f"{name} ({out.dtype}): max error {err:.3e} > bound {bound:.3e} "
+                             f"(= {factor:g} x eager {out.dtype} error {base:.3e} + floor {floor:.1e})")
+    return {"name": name, "err": err, "eager_err": base, "bound": bound}
+
+
+def check_op(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
+             reference: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
+             inputs: Sequence, *, grad_inputs: Sequence[int] = (), name: str = "op",
+             grad_seed: int = 0) -> list[dict]:
+    """Runs ``fn(*inputs)`` with poisoned outputs and checks every output and, for the inputs whose
+    positions are in ``grad_inputs``, every gradient against ``reference`` in float64 (rule factor 2,
+    gradients 3) with ``reference(*inputs)`` in the inputs' own dtype as the low-precision baseline.
+
+    Tensors among ``inputs`` are used as given (their dtype is the kernel's dtype); non-tensor
+    inputs pass through. Upstream gradients are random (seeded), never ones."""
+
+    def prepare(dtype_map):
+        out = []
+        for i, x in enumerate(inputs):
+            if isinstance(x, torch.Tensor):
+                y = dtype_map(x).detach().clone()
+                if i in grad_inputs:
+                    y.requires_grad_(True)
+                out.append(y)
+            else:
+                out.append(x)
+        return out
+
+    as_list = lambda r: list(r) if isinstance(r, (tuple, list)) else [r]
+    to64 = lambda x: x.to(torch.float64) if x.is_floating_point() else x
+
+    kin = prepare(lambda x: x)
+    with poisoned_outputs():
+        kout = as_list(fn(*kin))
+    rin = prepare(lambda x: to64(x).cpu())
+    rout = as_list(reference(*rin))
+    lin = prepare(lambda x: x)
+    lout = as_list(reference(*lin))
+
+    results = []
+    diff_outs = []
+    for j, (k, r, l) in enumerate(zip(kout, rout, lout)):
+        if k is None:
+            continue
+        if k.is_floating_point():
+            results.append(assert_close(k, r, l, name=f"{name} output {j}"))
+            if k.requires_grad:
+                diff_outs.append(j)
+        else:
+            assert torch.equal(k.cpu(), r.cpu()), f"{name} output {j}: differs from the reference"
+    if not grad_inputs or not diff_outs:
+        return results
+    gen = torch.Generator().manual_seed(grad_seed)
+    ups = [torch.randn(rout[j].shape, generator=gen, dtype=torch.float64) for j in diff_outs]
+
+    def grads(outs, ins, dtype, device):
+        with poisoned_outputs():
+            return torch.autograd.grad([outs[j] for j in diff_outs], [ins[i] for i in grad_inputs],
+                                       [u.to(dtype=outs[j].dtype, device=device) for u, j in zip(ups, diff_outs)],
+                                       allow_unused=True)
+
+    kg = grads(kout, kin, None, kout[diff_outs[0]].device)
+    rg = grads(rout, rin, None, "cpu")
+    lg = grads(lout, lin, None, lout[diff_outs[0]].device)
+    for i, k, r, l in zip(grad_inputs, kg, rg, lg):
+        if r is None:
+            continue
+        if k is None:
+            raise AssertionError(f"{name}: no gradient for input {i}")
+        results.append(assert_close(k, r, l, grad=True, name=f"{name} grad of input {i}"))
+    return results
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", seed: int | None = None, scale: float = 1.0) -> torch.Tensor:
+    """Fresh random normal data (never zeros or constants), optionally seeded."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype=dtype, device=device)

