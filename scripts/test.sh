@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 workers=${MMFAST_TEST_WORKERS:-$(nproc)}
-exec .venv/bin/python -m pytest tests -q -n "$workers" --durations=15 "$@"
+xdist=()
+if .venv/bin/python -c "import xdist" 2>/dev/null; then xdist=(-n "$workers"); fi
+exec .venv/bin/python -m pytest tests -q "${xdist[@]}" --durations=15 "$@"
