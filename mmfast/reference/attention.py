@@ -33,7 +33,8 @@ def attention(q, k, v, *, key_padding_mask=None, causal=False, scale=None, dropo
         # output and gradients as zeros: give it finite scores, then zero its probabilities.
         any_key = mask.any(-1, keepdim=True)
         scores = scores.masked_fill(~any_key, 0.0)
-    probs = torch.softmax(scores.float(), dim=-1)
+    # softmax in float32 for half inputs, but never below the input precision (float64 stays float64)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     if mask is not None:
         probs = probs.masked_fill(~any_key, 0.0)
     probs = probs.to(q.dtype)
