@@ -47,7 +47,8 @@ def backends() -> dict:
         spec = dispatch._OPS[name]
         faces = {"torch": "reference"}
         if spec.triton_module:
-            faces["triton"] = "implemented"
+            mod, err = dispatch._triton_face(spec.triton_module)
+            faces["triton"] = "implemented" if mod is not None else f"unavailable: {err}"
         if spec.cpp_kernel and _extension.has_kernel(spec.cpp_kernel, "CPU"):
             faces["cpu"] = "compiled"
         elif spec.cpu_python:
@@ -56,7 +57,7 @@ def backends() -> dict:
             faces["cuda"] = "compiled"
         gpu_verified = {b: dispatch.verified_on_gpu(name, b) for b in ("cuda", "triton")}
         for b, where in gpu_verified.items():
-            if b in faces:
+            if b in faces and not faces[b].startswith("unavailable"):
                 faces[b] = f"verified on GPU ({', '.join(where)})" if where else f"{faces[b]}, unverified on GPU"
         ops[name] = {"backends": faces, "auto": dispatch.auto_choices(name)}
     return {"versions": _versions(), "extension": ext, "default_backend": dispatch.get_default_backend(), "ops": ops}
