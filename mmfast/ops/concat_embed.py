@@ -4,16 +4,17 @@ dispatch, custom-op, fake and autograd registrations.
 Faces: reference ``mmfast/reference/concat_embed.py``, Triton ``mmfast/triton/concat_embed.py``,
 CUDA ``csrc/cuda/concat_embed.cu``, CPU ``csrc/cpu/concat_embed.cpp``. Every non-reference face
 implements the same kernel contract (``P`` = the position tables that exist, ``pos_index[m]`` =
-index into ``P`` of modality m's table or -1; all parameters float32 and contiguous)::
+index into ``P`` of modality m's table or -1; all parameters contiguous float32, or float64
+for float64 features)::
 
     concat_embed_forward(features[M] (B, L_m, D), type_emb (>=M, D)?, pos_tables P[k] (>=L_m, D),
                          pos_index[M], ln_weight (D,)?, ln_bias (D,)?, eps, dropout_p, seed (1,) int64?)
-        -> (out (B, sum L_m, D) features' dtype, mean (B, sum L_m) f32, rstd (B, sum L_m) f32)
-           [mean/rstd are (0,) without LayerNorm]
+        -> (out (B, sum L_m, D) features' dtype, mean (B, sum L_m), rstd (B, sum L_m))
+           [mean/rstd in the parameters' dtype; (0,) without LayerNorm]
     concat_embed_backward(grad_out, features, type_emb?, pos_tables, pos_index, ln_weight?, ln_bias?,
                           mean, rstd, dropout_p, seed?)
         -> [grad_features[M]..., grad_type (like type_emb or (0,)), grad_pos[k]... (like P[k]),
-            grad_weight (D,) or (0,), grad_bias (D,) or (0,)]      parameter grads float32
+            grad_weight (D,) or (0,), grad_bias (D,) or (0,)]      parameter grads in the params' dtype
 
 Parameter gradients are reduced in float32 in two stages (per-block partial sums, then a sum over
 blocks in a fixed order): deterministic, no atomics.
@@ -27,6 +28,7 @@ saved seed, so no mask is stored.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -58,7 +60,7 @@ _M32 = 0xFFFFFFFF
 
 def dropout_threshold(p: float) -> int:
     """An element is kept when the top 24 bits of its hash are >= this (so P(drop) = thr / 2^24)."""
-    return min(1 << 24, int(round(float(p) * (1 << 24))))
+    return min(1 << 24, math.floor(float(p) * (1 << 24) + 0.5))
 
 
 def _fmix32(h: Tensor) -> Tensor:  # murmur3's finaliser on int64 tensors holding uint32 values
@@ -86,6 +88,11 @@ def dropout_keep_mask(seed: int | Tensor, shape: Sequence[int], p: float, device
 # ---------------------------------------------------------------------------------------------
 # Custom ops (what torch.compile and autograd see). Backend is resolved before; "backend" is
 # "cpu" | "cuda" (the C++ extension) or "triton".
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Parameters, statistics and parameter gradients: float32 (float64 for float64 features)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _face(backend: str, name: str):
     if backend in ("cpu", "cuda"):
         return _extension.op(name)
@@ -108,7 +115,8 @@ def _(features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, eps, dropou
     L = sum(f.shape[1] for f in features)
     out = f0.new_empty((B, L, D))
     stats = (B, L) if ln_weight is not None else (0,)
-    return out, f0.new_empty(stats, dtype=torch.float32), f0.new_empty(stats, dtype=torch.float32)
+    acc = _acc_dtype(f0.dtype)
+    return out, f0.new_empty(stats, dtype=acc), f0.new_empty(stats, dtype=acc)
 
 
 @torch.library.custom_op("mmfast::concat_embed_backward", mutates_args=())
@@ -124,8 +132,7 @@ def _concat_embed_backward_op(grad_out: Tensor, features: List[Tensor], type_emb
 @_concat_embed_backward_op.register_fake
 def _(grad_out, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, mean, rstd, dropout_p, seed,
       backend):
-    f32 = dict(dtype=torch.float32)
-    empty = grad_out.new_empty((0,), **f32)
+    empty = grad_out.new_empty((0,), dtype=_acc_dtype(features[0].dtype))
     grads = [torch.empty_like(f) for f in features]
     grads.append(torch.empty_like(type_emb) if type_emb is not None else empty)
     grads += [torch.empty_like(p) for p in pos_tables]
@@ -265,11 +272,12 @@ def _concat_masks(masks, features) -> Optional[Tensor]:
                       for mk, f in zip(masks, features)], dim=1)
 
 
-def _as_param(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Kernels take parameters as contiguous float32 (differentiable casts: grads flow back)."""
+def _as_param(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """Kernels take parameters as contiguous float32 (float64 for float64 features, so gradcheck
+    stays meaningful). The casts are differentiable: gradients flow back in the parameter's dtype."""
     if t is None:
         return None
-    return t.to(torch.float32).contiguous()
+    return t.to(_acc_dtype(dtype)).contiguous()
 
 
 def concat_embed(features, *, type_embeddings=None, pos_embeddings=None, ln_weight=None, ln_bias=None,
@@ -303,10 +311,10 @@ def concat_embed(features, *, type_embeddings=None, pos_embeddings=None, ln_weig
             pos_index.append(-1)
         else:
             pos_index.append(len(pos_tables))
-            pos_tables.append(_as_param(p))
+            pos_tables.append(_as_param(p, f0.dtype))
     p = float(dropout_p)
     # A fresh 64-bit seed per call from torch's default generator (no host sync: drawn on the device).
     seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=f0.device) if p > 0 else None
-    out, _, _ = _concat_embed_op(feats, _as_param(type_embeddings), pos_tables, pos_index, _as_param(ln_weight),
-                                 _as_param(ln_bias), float(eps), p, seed, be)
+    out, _, _ = _concat_embed_op(feats, _as_param(type_embeddings, f0.dtype), pos_tables, pos_index,
+                                 _as_param(ln_weight, f0.dtype), _as_param(ln_bias, f0.dtype), float(eps), p, seed, be)
     return out, _concat_masks(masks, features)

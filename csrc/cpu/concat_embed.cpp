@@ -1,0 +1,425 @@
+// Fused feature concatenation, CPU face: x = features[m][b, l] + pos[m][l] + type[m] (float32
+// accumulation), LayerNorm over D, dropout, written straight into its row of the concatenated
+// output. One read of every input row and one write of the output row; rows run in parallel
+// (OpenMP through at::parallel_for).
+//
+// Backward: the work is split into blocks of kPosBlock consecutive positions of one modality, each
+// block handling every batch row of its positions. A block owns its position-gradient rows (summed
+// over the batch in a fixed order) and writes one partial sum each for the LayerNorm weight, bias
+// and its modality's type embedding; a second stage sums the partials over blocks in block order.
+// So the result does not depend on the thread count and no atomics are needed.
+//
+// Dropout keep mask: element with flat output index i is kept iff
+//   fmix32(fmix32(lo32(i) ^ lo32(seed)) ^ hi32(i) ^ hi32(seed)) >> 8 >= round(p * 2^24)
+// (murmur3's finaliser; the same hash runs in the Triton and CUDA faces and in
+// mmfast.ops.concat_embed.dropout_keep_mask). The backward regenerates it from the seed.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace mmfast {
+namespace {
+
+constexpr int64_t kMaxModalities = 4;
+constexpr int64_t kPosBlock = 8;  // positions per backward block
+constexpr int kLanes = 16;        // independent accumulators in row sums (vectorisable, accurate)
+
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+inline bool dropout_keep(uint64_t idx, uint32_t k0, uint32_t k1, uint32_t thresh) {
+  uint32_t h = fmix32(static_cast<uint32_t>(idx) ^ k0);
+  h = fmix32(h ^ static_cast<uint32_t>(idx >> 32) ^ k1);
+  return (h >> 8) >= thresh;
+}
+
+inline uint32_t dropout_threshold(double p) {
+  const double t = std::floor(p * 16777216.0 + 0.5);
+  return t >= 16777216.0 ? 16777216u : static_cast<uint32_t>(t);
+}
+
+template <typename acc_t>
+inline double lane_sum(const acc_t* x, int64_t n) {
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += x[j + k];
+  double s = 0;
+  for (int k = 0; k < kLanes; ++k) s += lanes[k];
+  for (; j < n; ++j) s += x[j];
+  return s;
+}
+
+template <typename acc_t>
+inline double lane_dot(const acc_t* x, const acc_t* y, int64_t n) {
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) lanes[k] += x[j + k] * y[j + k];
+  double s = 0;
+  for (int k = 0; k < kLanes; ++k) s += lanes[k];
+  for (; j < n; ++j) s += static_cast<double>(x[j]) * y[j];
+  return s;
+}
+
+// Everything a row needs, resolved once per call.
+template <typename acc_t>
+struct Plan {
+  int64_t M = 0, B = 0, D = 0, Ltot = 0;
+  int64_t L[kMaxModalities] = {}, off[kMaxModalities + 1] = {};
+  const acc_t* pos[kMaxModalities] = {};  // row 0 of modality m's table, or nullptr
+  int64_t pos_k[kMaxModalities] = {};     // index into pos_tables, or -1
+  const acc_t* type = nullptr;
+  const acc_t* w = nullptr;
+  const acc_t* bias = nullptr;
+  bool dropout = false;
+  uint32_t k0 = 0, k1 = 0, thresh = 0;
+  acc_t scale = 1;
+};
+
+struct Inputs {
+  at::Tensor type, w, b, seed;
+  std::vector<at::Tensor> feats, pos;
+};
+
+// Shared argument checks (the Python layer checks too, with friendlier messages; these keep any
+// caller of torch.ops.mmfast_C.* from reading out of bounds).
+template <typename acc_t>
+Plan<acc_t> make_plan(const std::vector<at::Tensor>& features, const std::optional<at::Tensor>& type_emb,
+                      const std::vector<at::Tensor>& pos_tables, at::IntArrayRef pos_index,
+                      const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                      double dropout_p, const std::optional<at::Tensor>& seed) {
+  Plan<acc_t> p;
+  p.M = static_cast<int64_t>(features.size());
+  MMFAST_CHECK_ARG(p.M >= 1 && p.M <= kMaxModalities, "features", "expected 1 to ", kMaxModalities,
+                   " modalities, got ", p.M);
+  MMFAST_CHECK_ARG(static_cast<int64_t>(pos_index.size()) == p.M, "pos_index", "expected ", p.M,
+                   " entries, got ", pos_index.size());
+  const at::Tensor& f0 = features[0];
+  check_dim(f0, "features", 3);
+  p.B = f0.size(0);
+  p.D = f0.size(2);
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  auto check_param = [&](const at::Tensor& t, const char* name) {
+    MMFAST_CHECK_ARG(t.scalar_type() == acc_type, name, "expected ", acc_type, ", got ", t.scalar_type());
+    MMFAST_CHECK_ARG(t.is_contiguous(), name, "expected a contiguous tensor");
+    check_same_device(t, f0, name);
+  };
+  bool used[kMaxModalities] = {};
+  for (int64_t m = 0; m < p.M; ++m) {
+    const at::Tensor& f = features[m];
+    check_dim(f, "features", 3);
+    MMFAST_CHECK_ARG(f.size(0) == p.B && f.size(2) == p.D, "features", "modality ", m, " has shape ",
+                     f.sizes(), ", expected (", p.B, ", L, ", p.D, ")");
+    MMFAST_CHECK_ARG(f.scalar_type() == f0.scalar_type(), "features", "modality ", m, " has dtype ",
+                     f.scalar_type(), ", expected ", f0.scalar_type());
+    MMFAST_CHECK_ARG(f.is_contiguous(), "features", "modality ", m, " is not contiguous");
+    MMFAST_CHECK_ARG(f.size(1) >= 1, "features", "modality ", m, " has no tokens");
+    check_same_device(f, f0, "features");
+    p.L[m] = f.size(1);
+    p.off[m + 1] = p.off[m] + p.L[m];
+    const int64_t k = pos_index[m];
+    p.pos_k[m] = k;
+    if (k >= 0) {
+      MMFAST_CHECK_ARG(k < static_cast<int64_t>(pos_tables.size()) && !used[k], "pos_index",
+                       "entry ", m, " = ", k, " is out of range or repeated");
+      used[k] = true;
+      const at::Tensor& t = pos_tables[k];
+      check_dim(t, "pos_tables", 2);
+      MMFAST_CHECK_ARG(t.size(1) == p.D && t.size(0) >= p.L[m], "pos_tables", "table of modality ", m,
+                       " has shape ", t.sizes(), ", expected (>= ", p.L[m], ", ", p.D, ")");
+      check_param(t, "pos_tables");
+      p.pos[m] = t.const_data_ptr<acc_t>();
+    } else {
+      p.pos[m] = nullptr;
+    }
+  }
+  p.Ltot = p.off[p.M];
+  if (type_emb.has_value()) {
+    check_dim(*type_emb, "type_emb", 2);
+    MMFAST_CHECK_ARG(type_emb->size(0) >= p.M && type_emb->size(1) == p.D, "type_emb", "expected shape (>= ",
+                     p.M, ", ", p.D, "), got ", type_emb->sizes());
+    check_param(*type_emb, "type_emb");
+    p.type = type_emb->const_data_ptr<acc_t>();
+  }
+  if (ln_weight.has_value()) {
+    MMFAST_CHECK_ARG(ln_weight->dim() == 1 && ln_weight->size(0) == p.D, "ln_weight", "expected shape (", p.D,
+                     ",), got ", ln_weight->sizes());
+    check_param(*ln_weight, "ln_weight");
+    p.w = ln_weight->const_data_ptr<acc_t>();
+  }
+  if (ln_bias.has_value()) {
+    MMFAST_CHECK_ARG(ln_weight.has_value(), "ln_bias", "given without ln_weight");
+    MMFAST_CHECK_ARG(ln_bias->dim() == 1 && ln_bias->size(0) == p.D, "ln_bias", "expected shape (", p.D,
+                     ",), got ", ln_bias->sizes());
+    check_param(*ln_bias, "ln_bias");
+    p.bias = ln_bias->const_data_ptr<acc_t>();
+  }
+  MMFAST_CHECK_ARG(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p", "expected a probability in [0, 1], got ",
+                   dropout_p);
+  if (dropout_p > 0.0) {
+    MMFAST_CHECK_ARG(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() >= 1, "seed",
+                     "dropout_p > 0 needs a (1,) int64 seed tensor");
+    check_same_device(*seed, f0, "seed");
+    const uint64_t s = static_cast<uint64_t>(seed->contiguous().const_data_ptr<int64_t>()[0]);
+    p.dropout = true;
+    p.k0 = static_cast<uint32_t>(s);
+    p.k1 = static_cast<uint32_t>(s >> 32);
+    p.thresh = dropout_threshold(dropout_p);
+    p.scale = dropout_p < 1.0 ? static_cast<acc_t>(1.0 / (1.0 - dropout_p)) : acc_t(0);
+  }
+  return p;
+}
+
+// x[0..D) = features row + position row + type row, in acc_t, in eager's order of additions.
+template <typename scalar_t, typename acc_t>
+inline void load_row(const Plan<acc_t>& p, const scalar_t* const* feats, int64_t m, int64_t b, int64_t l,
+                     acc_t* x) {
+  const int64_t D = p.D;
+  const scalar_t* f = feats[m] + (b * p.L[m] + l) * D;
+  for (int64_t j = 0; j < D; ++j) x[j] = static_cast<acc_t>(f[j]);
+  if (p.pos[m]) {
+    const acc_t* pe = p.pos[m] + l * D;
+    for (int64_t j = 0; j < D; ++j) x[j] += pe[j];
+  }
+  if (p.type) {
+    const acc_t* te = p.type + m * D;
+    for (int64_t j = 0; j < D; ++j) x[j] += te[j];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const Plan<acc_t>& p, const scalar_t* const* feats, scalar_t* out, acc_t* mean_out,
+                    acc_t* rstd_out, double eps) {
+  const int64_t D = p.D, rows = p.B * p.Ltot;
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(D);
+    acc_t* x = buf.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / p.Ltot, t = r % p.Ltot;
+      int64_t m = 0;
+      while (t >= p.off[m + 1]) ++m;
+      load_row<scalar_t, acc_t>(p, feats, m, b, t - p.off[m], x);
+      if (p.w) {
+        const acc_t mean = static_cast<acc_t>(lane_sum(x, D) / D);
+        for (int64_t j = 0; j < D; ++j) x[j] -= mean;  // two-pass variance: no cancellation
+        const acc_t var = static_cast<acc_t>(lane_dot(x, x, D) / D);
+        const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(var) + eps));
+        mean_out[r] = mean;
+        rstd_out[r] = rstd;
+        if (p.bias) {
+          for (int64_t j = 0; j < D; ++j) x[j] = x[j] * rstd * p.w[j] + p.bias[j];
+        } else {
+          for (int64_t j = 0; j < D; ++j) x[j] = x[j] * rstd * p.w[j];
+        }
+      }
+      scalar_t* o = out + r * D;
+      if (p.dropout) {
+        const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(D);
+        for (int64_t j = 0; j < D; ++j)
+          o[j] = dropout_keep(base + j, p.k0, p.k1, p.thresh) ? static_cast<scalar_t>(x[j] * p.scale)
+                                                               : static_cast<scalar_t>(0);
+      } else {
+        for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(x[j]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const Plan<acc_t>& p, const scalar_t* gout, const scalar_t* const* feats,
+                     const acc_t* mean_in, const acc_t* rstd_in, scalar_t* const* gfeat, acc_t* const* gpos,
+                     acc_t* gtype, acc_t* gw, acc_t* gb, int64_t type_rows) {
+  const int64_t D = p.D;
+  // Blocks: (modality, first position, end position), never straddling modalities.
+  std::vector<int64_t> blk_m, blk_l0, blk_l1;
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t l = 0; l < p.L[m]; l += kPosBlock) {
+      blk_m.push_back(m);
+      blk_l0.push_back(l);
+      blk_l1.push_back(std::min(p.L[m], l + kPosBlock));
+    }
+  const int64_t nblk = static_cast<int64_t>(blk_m.size());
+  const bool ln = p.w != nullptr, want_type = gtype != nullptr;
+  // Per-block partial sums [weight | bias | type], each D wide.
+  std::vector<acc_t> partial(static_cast<size_t>(nblk) * 3 * D, acc_t(0));
+
+  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf(D), gbuf(D);
+    acc_t* x = xbuf.data();
+    acc_t* g = gbuf.data();
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t m = blk_m[k];
+      acc_t* pw = partial.data() + k * 3 * D;
+      acc_t* pb = pw + D;
+      acc_t* pt = pb + D;
+      for (int64_t l = blk_l0[k]; l < blk_l1[k]; ++l) {
+        acc_t* dpos = gpos[m] ? gpos[m] + l * D : nullptr;
+        if (dpos) std::fill(dpos, dpos + D, acc_t(0));
+        for (int64_t b = 0; b < p.B; ++b) {
+          const int64_t r = b * p.Ltot + p.off[m] + l;
+          const scalar_t* go = gout + r * D;
+          if (p.dropout) {
+            const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(D);
+            for (int64_t j = 0; j < D; ++j)
+              g[j] = dropout_keep(base + j, p.k0, p.k1, p.thresh) ? static_cast<acc_t>(go[j]) * p.scale : acc_t(0);
+          } else {
+            for (int64_t j = 0; j < D; ++j) g[j] = static_cast<acc_t>(go[j]);
+          }
+          if (ln) {
+            load_row<scalar_t, acc_t>(p, feats, m, b, l, x);
+            const acc_t mean = mean_in[r], rstd = rstd_in[r];
+            for (int64_t j = 0; j < D; ++j) x[j] = (x[j] - mean) * rstd;  // x-hat
+            for (int64_t j = 0; j < D; ++j) {
+              pw[j] += g[j] * x[j];
+              pb[j] += g[j];
+              g[j] *= p.w[j];  // now d(loss)/d(x-hat)
+            }
+            const acc_t c1 = static_cast<acc_t>(lane_sum(g, D) / D);
+            const acc_t c2 = static_cast<acc_t>(lane_dot(g, x, D) / D);
+            for (int64_t j = 0; j < D; ++j) g[j] = rstd * (g[j] - c1 - x[j] * c2);  // now d/dx
+          }
+          scalar_t* gf = gfeat[m] + (b * p.L[m] + l) * D;
+          for (int64_t j = 0; j < D; ++j) gf[j] = static_cast<scalar_t>(g[j]);
+          if (dpos)
+            for (int64_t j = 0; j < D; ++j) dpos[j] += g[j];
+          if (want_type)
+            for (int64_t j = 0; j < D; ++j) pt[j] += g[j];
+        }
+      }
+    }
+  });
+
+  // Stage 2: sum the partials over blocks in block order, parallel over columns.
+  at::parallel_for(0, D, 64, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      acc_t sw = 0, sb = 0;
+      acc_t st[kMaxModalities] = {};
+      for (int64_t k = 0; k < nblk; ++k) {
+        const acc_t* pw = partial.data() + k * 3 * D;
+        sw += pw[j];
+        sb += pw[D + j];
+        st[blk_m[k]] += pw[2 * D + j];
+      }
+      if (gw) gw[j] = sw;
+      if (gb) gb[j] = sb;
+      if (want_type) {
+        for (int64_t m = 0; m < p.M; ++m) gtype[m * D + j] = st[m];
+        for (int64_t m = p.M; m < type_rows; ++m) gtype[m * D + j] = 0;  // unused type rows
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_embed_forward_cpu(
+    at::TensorList features, const std::optional<at::Tensor>& type_emb, at::TensorList pos_tables,
+    at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+    double eps, double dropout_p, const std::optional<at::Tensor>& seed) {
+  MMFAST_CHECK_ARG(!features.empty(), "features", "expected at least one modality");
+  const std::vector<at::Tensor> feats(features.begin(), features.end());
+  const std::vector<at::Tensor> pos(pos_tables.begin(), pos_tables.end());
+  at::Tensor out, mean, rstd;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "concat_embed_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const Plan<acc_t> p = make_plan<acc_t>(feats, type_emb, pos, pos_index, ln_weight, ln_bias, dropout_p, seed);
+    const auto acc_opts = feats[0].options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    out = at::empty({p.B, p.Ltot, p.D}, feats[0].options());
+    const std::vector<int64_t> stats = p.w ? std::vector<int64_t>{p.B, p.Ltot} : std::vector<int64_t>{0};
+    mean = at::empty(stats, acc_opts);
+    rstd = at::empty(stats, acc_opts);
+    if (p.B == 0 || p.D == 0) return;
+    const scalar_t* fp[kMaxModalities] = {};
+    for (int64_t m = 0; m < p.M; ++m) fp[m] = feats[m].const_data_ptr<scalar_t>();
+    forward_kernel<scalar_t, acc_t>(p, fp, out.data_ptr<scalar_t>(), p.w ? mean.data_ptr<acc_t>() : nullptr,
+                                    p.w ? rstd.data_ptr<acc_t>() : nullptr, eps);
+  });
+  return {out, mean, rstd};
+}
+
+std::vector<at::Tensor> concat_embed_backward_cpu(
+    const at::Tensor& grad_out, at::TensorList features, const std::optional<at::Tensor>& type_emb,
+    at::TensorList pos_tables, at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight,
+    const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  MMFAST_CHECK_ARG(!features.empty(), "features", "expected at least one modality");
+  const std::vector<at::Tensor> feats(features.begin(), features.end());
+  const std::vector<at::Tensor> pos(pos_tables.begin(), pos_tables.end());
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "concat_embed_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const Plan<acc_t> p = make_plan<acc_t>(feats, type_emb, pos, pos_index, ln_weight, ln_bias, dropout_p, seed);
+    const auto acc_opts = feats[0].options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    MMFAST_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({p.B, p.Ltot, p.D}), "grad_out", "expected shape (", p.B,
+                     ", ", p.Ltot, ", ", p.D, "), got ", grad_out.sizes());
+    MMFAST_CHECK_ARG(grad_out.scalar_type() == feats[0].scalar_type(), "grad_out", "expected dtype ",
+                     feats[0].scalar_type(), ", got ", grad_out.scalar_type());
+    check_same_device(grad_out, feats[0], "grad_out");
+    const at::Tensor go = grad_out.contiguous();
+    at::Tensor mean_c, rstd_c;
+    if (p.w) {
+      for (const auto* s : {&mean, &rstd})
+        MMFAST_CHECK_ARG(s->numel() == p.B * p.Ltot && s->scalar_type() == acc_opts.dtype().toScalarType(),
+                         s == &mean ? "mean" : "rstd", "expected ", p.B * p.Ltot, " ", acc_opts.dtype(),
+                         " values from the forward, got ", s->sizes(), " ", s->scalar_type());
+      mean_c = mean.contiguous();
+      rstd_c = rstd.contiguous();
+    }
+    for (int64_t m = 0; m < p.M; ++m) grads.push_back(at::empty_like(feats[m]));
+    const int64_t type_rows = type_emb.has_value() ? type_emb->size(0) : 0;
+    grads.push_back(type_emb.has_value() ? at::empty_like(*type_emb) : at::empty({0}, acc_opts));
+    std::vector<at::Tensor> gpos_t;
+    for (const auto& t : pos) {
+      gpos_t.push_back(at::empty_like(t));
+      grads.push_back(gpos_t.back());
+    }
+    grads.push_back(p.w ? at::empty({p.D}, acc_opts) : at::empty({0}, acc_opts));
+    grads.push_back(p.bias ? at::empty({p.D}, acc_opts) : at::empty({0}, acc_opts));
+    scalar_t* gf[kMaxModalities] = {};
+    acc_t* gp[kMaxModalities] = {};
+    const scalar_t* fp[kMaxModalities] = {};
+    for (int64_t m = 0; m < p.M; ++m) {
+      fp[m] = feats[m].const_data_ptr<scalar_t>();
+      gf[m] = grads[m].data_ptr<scalar_t>();
+      if (p.pos_k[m] >= 0) {
+        at::Tensor& t = gpos_t[p.pos_k[m]];
+        gp[m] = t.data_ptr<acc_t>();
+        // Rows past L_m get no gradient; the kernel writes rows < L_m.
+        if (t.size(0) > p.L[m]) t.narrow(0, p.L[m], t.size(0) - p.L[m]).zero_();
+      }
+    }
+    acc_t* gt = type_emb.has_value() ? grads[p.M].template data_ptr<acc_t>() : nullptr;
+    acc_t* gw = p.w ? grads[grads.size() - 2].template data_ptr<acc_t>() : nullptr;
+    acc_t* gb = p.bias ? grads.back().template data_ptr<acc_t>() : nullptr;
+    if (p.B == 0 || p.D == 0) {  // nothing to reduce: parameter gradients are zero
+      for (size_t i = p.M; i < grads.size(); ++i) grads[i].zero_();
+      return;
+    }
+    backward_kernel<scalar_t, acc_t>(p, go.const_data_ptr<scalar_t>(), fp, p.w ? mean_c.const_data_ptr<acc_t>() : nullptr,
+                                     p.w ? rstd_c.const_data_ptr<acc_t>() : nullptr, gf, gp, gt, gw, gb, type_rows);
+  });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmfast_C, CPU, m) {
+  m.impl("concat_embed_forward", &concat_embed_forward_cpu);
+  m.impl("concat_embed_backward", &concat_embed_backward_cpu);
+}
+
+}  // namespace mmfast
