@@ -10,4 +10,9 @@ TORCH_LIBRARY_FRAGMENT(mmfast_C, m) {
   m.def(
       "cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, bool compute_grad, Tensor? grad_scale) -> (Tensor loss, Tensor grad)");
+  // Same, but the gradient overwrites `logits` (used by inplace_backward=True and by
+  // linear_cross_entropy on its private chunk buffers). Returns the per-row loss.
+  m.def(
+      "cross_entropy_forward_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, Tensor? grad_scale) -> Tensor loss");
 }

@@ -1,47 +1,266 @@
-// Softmax cross-entropy, CPU face. One pass over a row computes max, sum(exp) and the sums
-// label smoothing needs; a second pass writes the gradient. Rows run in parallel (OpenMP via
-// at::parallel_for); accumulation is float32 (float64 for float64 logits).
+// Softmax cross-entropy, CPU face. Rows run in parallel (at::parallel_for). Per row:
+//   pass 1  max over the row (reads the row from memory; it then stays in L2),
+//   pass 2  e_j = exp(x_j - max) written straight into the gradient row, sum(e) and the sums
+//           label smoothing needs,
+//   pass 3  gradient from e_j in place (no second exp).
+// float32 rows use AVX2+FMA intrinsics when the CPU has them (checked at run time, so the
+// binary stays portable without -march flags); float16/bfloat16 rows are converted to a float32
+// scratch row first; float64 keeps a scalar double path. Sums are accumulated per 256-element
+// block in float vectors, then in double, so 30522 classes lose no more than eager does.
 //
 // loss_i = (1-eps) * w[t] * (lse - x[t]) + eps/C * sum_j w[j] * (lse - x[j])
 // grad_ij = (1-eps) * w[t] * (p_j - [j==t]) + eps/C * (W * p_j - w[j]),   W = sum_j w[j]
+//
+// Matches torch: a row containing +inf or NaN, or made only of -inf, gives NaN.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define MMFAST_X86 1
+#endif
 
 #include "common.h"
 
 namespace mmfast {
 namespace {
 
-template <typename scalar_t, typename acc_t>
-void cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target, const float* weight,
-                        int64_t ignore_index, double label_smoothing, bool compute_grad,
-                        const float* grad_scale, int64_t grad_scale_stride, at::Tensor& loss,
-                        at::Tensor& grad) {
-  const int64_t N = logits.size(0), C = logits.size(1);
-  const int64_t row_stride = logits.stride(0);  // int64: N*C may exceed 2^31
-  const scalar_t* x_base = logits.const_data_ptr<scalar_t>();
-  const int64_t* t_ptr = target.const_data_ptr<int64_t>();
-  float* loss_ptr = loss.data_ptr<float>();
-  scalar_t* g_base = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
-  const acc_t eps = static_cast<acc_t>(label_smoothing);
+struct RowParams {
+  int64_t C;
+  const float* w;      // class weights or nullptr
+  float weight_total;  // sum of w (C when unweighted)
+  float eps;           // label smoothing
+};
 
-  acc_t weight_total = static_cast<acc_t>(C);
+// ------------------------------------------------------------------ portable float32 row
+// g may alias x (in-place); g == nullptr: loss only. t is a valid class index.
+float ce_row_f32_scalar(const float* x, float* g, int64_t t, float scale, const RowParams& p) {
+  const int64_t C = p.C;
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < C; ++j) m = x[j] > m ? x[j] : m;
+  if (std::isnan(m) || m == -std::numeric_limits<float>::infinity()) m = std::numeric_limits<float>::quiet_NaN();
+  const float x_t = x[t];
+  double sum = 0, sum_wx = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    const float xj = x[j];
+    const float e = std::exp(xj - m);
+    if (p.eps != 0.f) sum_wx += static_cast<double>(p.w ? p.w[j] : 1.f) * xj;
+    sum += e;
+    if (g) g[j] = e;
+  }
+  const float lse = m + static_cast<float>(std::log(sum));
+  const float w_t = p.w ? p.w[t] : 1.f;
+  const float a = (1.f - p.eps) * w_t;
+  float loss = a * (lse - x_t);
+  if (p.eps != 0.f) loss += p.eps / C * static_cast<float>(p.weight_total * static_cast<double>(lse) - sum_wx);
+  if (g) {
+    const float c = (a + p.eps / C * p.weight_total) * scale / static_cast<float>(sum);
+    const float d = p.eps / C * scale;
+    for (int64_t j = 0; j < C; ++j) g[j] = g[j] * c - (p.eps != 0.f ? d * (p.w ? p.w[j] : 1.f) : 0.f);
+    g[t] -= a * scale;
+  }
+  return loss;
+}
+
+#ifdef MMFAST_X86
+// ------------------------------------------------------------------ AVX2 + FMA float32 row
+#define MMFAST_AVX2 __attribute__((target("avx2,fma")))
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp). NaN propagates; x below -87.3 gives a
+// value below FLT_MIN (the softmax sums are >= 1, so this is exact to float precision).
+MMFAST_AVX2 static inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);   // operand order keeps NaN
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3365447505531f), x);
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+}
+
+MMFAST_AVX2 static inline float hmax256(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+MMFAST_AVX2 static inline double hsum256_d(__m256 v) {
+  __m256d a = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+MMFAST_AVX2 float ce_row_f32_avx2(const float* x, float* g, int64_t t, float scale, const RowParams& p) {
+  const int64_t C = p.C;
+  const int64_t C8 = C & ~int64_t(7);
+  // pass 1: max (four accumulators hide the max latency)
+  __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = 0;
+  for (; j + 32 <= C; j += 32) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + j));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + j + 8));
+    m2 = _mm256_max_ps(m2, _mm256_loadu_ps(x + j + 16));
+    m3 = _mm256_max_ps(m3, _mm256_loadu_ps(x + j + 24));
+  }
+  for (; j < C8; j += 8) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + j));
+  float m = hmax256(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+  for (; j < C; ++j) m = x[j] > m ? x[j] : m;
+  // torch computes x - max: -inf - -inf (a row of -inf) is NaN there too.
+  if (m == -INFINITY) m = NAN;
+  const float x_t = x[t];  // read before pass 2 may overwrite x (in place)
+
+  // pass 2: e = exp(x - m) into g, sums per 256-element block in float, across blocks in double
+  const __m256 vm = _mm256_set1_ps(m);
+  const bool smooth = p.eps != 0.f;
+  double sum = 0, sum_wx = 0;
+  for (int64_t b = 0; b < C8; b += 256) {
+    const int64_t bend = std::min<int64_t>(b + 256, C8);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, sw = s0;
+    int64_t k = b;
+    for (; k + 16 <= bend; k += 16) {
+      const __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
+      const __m256 ea = exp256(_mm256_sub_ps(xa, vm)), eb = exp256(_mm256_sub_ps(xb, vm));
+      if (smooth) {
+        if (p.w) {
+          sw = _mm256_fmadd_ps(_mm256_loadu_ps(p.w + k), xa, sw);
+          sw = _mm256_fmadd_ps(_mm256_loadu_ps(p.w + k + 8), xb, sw);
+        } else {
+          sw = _mm256_add_ps(sw, _mm256_add_ps(xa, xb));
+        }
+      }
+      s0 = _mm256_add_ps(s0, ea);
+      s1 = _mm256_add_ps(s1, eb);
+      if (g) {
+        _mm256_storeu_ps(g + k, ea);
+        _mm256_storeu_ps(g + k + 8, eb);
+      }
+    }
+    for (; k < bend; k += 8) {
+      const __m256 xa = _mm256_loadu_ps(x + k);
+      const __m256 ea = exp256(_mm256_sub_ps(xa, vm));
+      if (smooth) sw = p.w ? _mm256_fmadd_ps(_mm256_loadu_ps(p.w + k), xa, sw) : _mm256_add_ps(sw, xa);
+      s0 = _mm256_add_ps(s0, ea);
+      if (g) _mm256_storeu_ps(g + k, ea);
+    }
+    sum += hsum256_d(_mm256_add_ps(s0, s1));
+    if (smooth) sum_wx += hsum256_d(sw);
+  }
+  for (j = C8; j < C; ++j) {
+    const float xj = x[j];
+    const float e = std::exp(xj - m);
+    if (smooth) sum_wx += static_cast<double>(p.w ? p.w[j] : 1.f) * xj;
+    sum += e;
+    if (g) g[j] = e;
+  }
+
+  const float lse = m + static_cast<float>(std::log(sum));
+  const float w_t = p.w ? p.w[t] : 1.f;
+  const float a = (1.f - p.eps) * w_t;
+  float loss = a * (lse - x_t);
+  if (smooth) loss += p.eps / C * static_cast<float>(p.weight_total * static_cast<double>(lse) - sum_wx);
+  if (!g) return loss;
+
+  // pass 3: g = e * c - d * w   (the row is in L2 now)
+  const float c = (a + p.eps / C * p.weight_total) * scale / static_cast<float>(sum);
+  const float d = p.eps / C * scale;
+  const __m256 vc = _mm256_set1_ps(c), vd = _mm256_set1_ps(d);
+  if (!smooth) {
+    for (j = 0; j < C8; j += 8) _mm256_storeu_ps(g + j, _mm256_mul_ps(_mm256_loadu_ps(g + j), vc));
+    for (; j < C; ++j) g[j] *= c;
+  } else if (p.w) {
+    for (j = 0; j < C8; j += 8)
+      _mm256_storeu_ps(g + j, _mm256_fmsub_ps(_mm256_loadu_ps(g + j), vc, _mm256_mul_ps(vd, _mm256_loadu_ps(p.w + j))));
+    for (; j < C; ++j) g[j] = g[j] * c - d * p.w[j];
+  } else {
+    for (j = 0; j < C8; j += 8) _mm256_storeu_ps(g + j, _mm256_fmsub_ps(_mm256_loadu_ps(g + j), vc, vd));
+    for (; j < C; ++j) g[j] = g[j] * c - d;
+  }
+  g[t] -= a * scale;
+  return loss;
+}
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+using RowFn = float (*)(const float*, float*, int64_t, float, const RowParams&);
+
+RowFn pick_row_fn() {
+#ifdef MMFAST_X86
+  if (cpu_has_avx2()) return &ce_row_f32_avx2;
+#endif
+  return &ce_row_f32_scalar;
+}
+
+// ------------------------------------------------------------------ float64 rows (scalar)
+double ce_row_f64(const double* x, double* g, int64_t t, double scale, int64_t C, const float* w,
+                  double weight_total, double eps) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < C; ++j) m = x[j] > m ? x[j] : m;
+  if (m == -std::numeric_limits<double>::infinity()) m = std::numeric_limits<double>::quiet_NaN();
+  const double x_t = x[t];
+  double sum = 0, sum_wx = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    const double e = std::exp(x[j] - m);
+    if (eps != 0) sum_wx += (w ? w[j] : 1.0) * x[j];
+    sum += e;
+    if (g) g[j] = e;
+  }
+  const double lse = m + std::log(sum);
+  const double a = (1 - eps) * (w ? w[t] : 1.0);
+  double loss = a * (lse - x_t);
+  if (eps != 0) loss += eps / C * (weight_total * lse - sum_wx);
+  if (g) {
+    const double c = (a + eps / C * weight_total) * scale / sum, d = eps / C * scale;
+    for (int64_t j = 0; j < C; ++j) g[j] = g[j] * c - (eps != 0 ? d * (w ? w[j] : 1.0) : 0.0);
+    g[t] -= a * scale;
+  }
+  return loss;
+}
+
+// ------------------------------------------------------------------ driver
+// grad: nullptr (loss only), a separate (N, C) buffer, or the logits themselves (in place).
+template <typename scalar_t>
+void cross_entropy_rows(const scalar_t* x_base, int64_t x_stride, scalar_t* g_base, int64_t g_stride,
+                        int64_t N, int64_t C, const int64_t* t_ptr, const float* weight,
+                        int64_t ignore_index, double label_smoothing, const float* grad_scale,
+                        int64_t grad_scale_stride, float* loss_ptr) {
+  double weight_total = static_cast<double>(C);
   if (weight) {
     weight_total = 0;
     for (int64_t j = 0; j < C; ++j) weight_total += weight[j];
   }
+  const RowParams params{C, weight, static_cast<float>(weight_total), static_cast<float>(label_smoothing)};
+  const RowFn row_fn = pick_row_fn();
+  // Grain: about 64K elements per task so small-C batches are not split into tiny tasks.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1));
 
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;  // float32 copy of a float16/bfloat16 row
     for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* x = x_base + i * row_stride;
-      scalar_t* g = compute_grad ? g_base + i * C : nullptr;
+      const scalar_t* x = x_base + i * x_stride;  // int64 offsets: N*C may exceed 2^31
+      scalar_t* g = g_base ? g_base + i * g_stride : nullptr;
       const int64_t t = t_ptr[i];
       if (t == ignore_index) {
         loss_ptr[i] = 0.f;
@@ -51,39 +270,68 @@ void cross_entropy_rows(const at::Tensor& logits, const at::Tensor& target, cons
       // Checked here, not only in Python, so no caller can make us read out of bounds.
       MMFAST_CHECK_ARG(t >= 0 && t < C, "target", "class index ", t, " at row ", i,
                        " is outside [0, ", C, ") and is not ignore_index=", ignore_index);
-
-      acc_t m = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t j = 0; j < C; ++j) m = std::max(m, static_cast<acc_t>(x[j]));
-      // A row of -inf has no finite max; shifting by 0 keeps exp() well defined (loss = inf).
-      const acc_t shift = std::isfinite(m) ? m : acc_t(0);
-      // exp in acc_t, sums in double: a float running sum over 30522 classes loses ~1e-4
-      // relative, several times eager's (vectorised, multi-accumulator) error.
-      double sum_exp = 0, sum_wx = 0;
-      for (int64_t j = 0; j < C; ++j) {
-        const acc_t xj = static_cast<acc_t>(x[j]);
-        sum_exp += std::exp(xj - shift);
-        if (eps != 0) sum_wx += (weight ? weight[j] : acc_t(1)) * xj;
-      }
-      const acc_t lse = shift + static_cast<acc_t>(std::log(sum_exp));
-      const acc_t w_t = weight ? static_cast<acc_t>(weight[t]) : acc_t(1);
-      const acc_t x_t = static_cast<acc_t>(x[t]);
-      acc_t row_loss = (1 - eps) * w_t * (lse - x_t);
-      if (eps != 0) row_loss += eps / C * (weight_total * lse - static_cast<acc_t>(sum_wx));
-      loss_ptr[i] = static_cast<float>(row_loss);
-
-      if (g) {
-        const acc_t scale = grad_scale ? grad_scale[i * grad_scale_stride] : acc_t(1);
-        const acc_t a = (1 - eps) * w_t;           // coefficient of p_j from the target term
-        const acc_t b = eps / C * weight_total;    // ... and from the smoothing term
-        for (int64_t j = 0; j < C; ++j) {
-          const acc_t p = std::exp(static_cast<acc_t>(x[j]) - lse);
-          acc_t gj = (a + b) * p;
-          if (eps != 0) gj -= eps / C * (weight ? weight[j] : acc_t(1));
-          if (j == t) gj -= a;
-          g[j] = static_cast<scalar_t>(gj * scale);
-        }
+      const float scale = grad_scale ? grad_scale[i * grad_scale_stride] : 1.f;
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        loss_ptr[i] = static_cast<float>(ce_row_f64(x, g, t, scale, C, weight, weight_total, label_smoothing));
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        loss_ptr[i] = row_fn(x, g, t, scale, params);
+      } else {
+        scratch.resize(C);
+        for (int64_t j = 0; j < C; ++j) scratch[j] = static_cast<float>(x[j]);
+        loss_ptr[i] = row_fn(scratch.data(), g ? scratch.data() : nullptr, t, scale, params);
+        if (g)
+          for (int64_t j = 0; j < C; ++j) g[j] = static_cast<scalar_t>(scratch[j]);
       }
     }
+  });
+}
+
+struct Checked {
+  at::Tensor target, weight, scale;
+  int64_t scale_stride = 0;
+};
+
+Checked check_inputs(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& grad_scale) {
+  check_dim(logits, "logits", 2);
+  check_dim(target, "target", 1);
+  MMFAST_CHECK_ARG(logits.stride(1) == 1 || logits.size(1) <= 1, "logits",
+                   "expected unit stride along the class dimension, got strides ", logits.strides());
+  MMFAST_CHECK_ARG(target.size(0) == logits.size(0), "target", "expected ", logits.size(0),
+                   " entries (one per row of logits), got ", target.size(0));
+  MMFAST_CHECK_ARG(target.scalar_type() == at::kLong, "target", "expected int64, got ", target.scalar_type());
+  check_same_device(target, logits, "target");
+  const int64_t N = logits.size(0), C = logits.size(1);
+  Checked c;
+  c.target = target.contiguous();
+  if (weight.has_value()) {
+    c.weight = weight->contiguous();
+    MMFAST_CHECK_ARG(c.weight.dim() == 1 && c.weight.size(0) == C, "weight", "expected shape (", C, ",), got ",
+                     c.weight.sizes());
+    MMFAST_CHECK_ARG(c.weight.scalar_type() == at::kFloat, "weight", "expected float32, got ", c.weight.scalar_type());
+    check_same_device(c.weight, logits, "weight");
+  }
+  if (grad_scale.has_value()) {
+    c.scale = grad_scale->contiguous();
+    MMFAST_CHECK_ARG(c.scale.scalar_type() == at::kFloat, "grad_scale", "expected float32");
+    MMFAST_CHECK_ARG(c.scale.numel() == 1 || c.scale.numel() == N, "grad_scale", "expected 1 or ", N,
+                     " elements, got ", c.scale.numel());
+    c.scale_stride = c.scale.numel() == 1 ? 0 : 1;
+  }
+  if (N > 0) MMFAST_CHECK_ARG(C > 0, "logits", "expected at least one class, got shape ", logits.sizes());
+  return c;
+}
+
+void launch(const at::Tensor& logits, at::Tensor* grad, const Checked& c, int64_t ignore_index,
+            double label_smoothing, at::Tensor& loss) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  if (N == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cpu", [&] {
+    cross_entropy_rows<scalar_t>(
+        logits.const_data_ptr<scalar_t>(), logits.stride(0), grad ? grad->data_ptr<scalar_t>() : nullptr,
+        grad ? grad->stride(0) : 0, N, C, c.target.const_data_ptr<int64_t>(),
+        c.weight.defined() ? c.weight.const_data_ptr<float>() : nullptr, ignore_index, label_smoothing,
+        c.scale.defined() ? c.scale.const_data_ptr<float>() : nullptr, c.scale_stride, loss.data_ptr<float>());
   });
 }
 
@@ -91,56 +339,29 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, bool compute_grad,
     const std::optional<at::Tensor>& grad_scale) {
-  check_dim(logits, "logits", 2);
-  check_dim(target, "target", 1);
-  MMFAST_CHECK_ARG(logits.stride(1) == 1 || logits.size(1) <= 1, "logits",
-                   "expected unit stride along the class dimension, got strides ", logits.strides());
-  MMFAST_CHECK_ARG(target.size(0) == logits.size(0), "target", "expected ", logits.size(0),
-                   " entries (one per row of logits), got ", target.size(0));
-  MMFAST_CHECK_ARG(target.scalar_type() == at::kLong, "target", "expected int64, got ",
-                   target.scalar_type());
-  check_same_device(target, logits, "target");
+  const Checked c = check_inputs(logits, target, weight, grad_scale);
   const int64_t N = logits.size(0), C = logits.size(1);
-  at::Tensor target_c = target.contiguous();
-
-  at::Tensor weight_c;
-  if (weight.has_value()) {
-    weight_c = weight->contiguous();
-    MMFAST_CHECK_ARG(weight_c.dim() == 1 && weight_c.size(0) == C, "weight",
-                     "expected shape (", C, ",), got ", weight_c.sizes());
-    MMFAST_CHECK_ARG(weight_c.scalar_type() == at::kFloat, "weight", "expected float32, got ",
-                     weight_c.scalar_type());
-    check_same_device(weight_c, logits, "weight");
-  }
-  at::Tensor scale_c;
-  int64_t scale_stride = 0;
-  if (grad_scale.has_value()) {
-    scale_c = grad_scale->contiguous();
-    MMFAST_CHECK_ARG(scale_c.scalar_type() == at::kFloat, "grad_scale", "expected float32");
-    MMFAST_CHECK_ARG(scale_c.numel() == 1 || scale_c.numel() == N, "grad_scale",
-                     "expected 1 or ", N, " elements, got ", scale_c.numel());
-    scale_stride = scale_c.numel() == 1 ? 0 : 1;
-  }
-
   at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty({N, C}, logits.options()) : at::empty({0}, logits.options());
-  if (N == 0) return {loss, grad};
-  MMFAST_CHECK_ARG(C > 0, "logits", "expected at least one class, got shape ", logits.sizes());
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    cross_entropy_rows<scalar_t, acc_t>(
-        logits, target_c, weight.has_value() ? weight_c.const_data_ptr<float>() : nullptr,
-        ignore_index, label_smoothing, compute_grad,
-        grad_scale.has_value() ? scale_c.const_data_ptr<float>() : nullptr, scale_stride, loss, grad);
-  });
+  launch(logits, compute_grad ? &grad : nullptr, c, ignore_index, label_smoothing, loss);
   return {loss, grad};
+}
+
+at::Tensor cross_entropy_forward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
+                                             const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                             double label_smoothing, const std::optional<at::Tensor>& grad_scale) {
+  const Checked c = check_inputs(logits, target, weight, grad_scale);
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  at::Tensor grad = logits;  // each row is read completely before its gradient is written
+  launch(logits, &grad, c, ignore_index, label_smoothing, loss);
+  return loss;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmfast_C, CPU, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward_cpu);
+  m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace_cpu);
 }
 
 }  // namespace mmfast

@@ -1,14 +1,26 @@
-"""Softmax cross-entropy: public API, backend dispatch, custom-op, fake and autograd registrations.
+"""Softmax cross-entropy family: public API, backend dispatch, custom-op, fake and autograd registrations.
 
 Faces: reference ``mmfast/reference/cross_entropy.py``, Triton ``mmfast/triton/cross_entropy.py``,
 CUDA ``csrc/cuda/cross_entropy.cu``, CPU ``csrc/cpu/cross_entropy.cpp``. Every non-reference face
 implements the same kernel contract::
 
     cross_entropy_forward(logits (N, C), target (N,) int64, weight (C,) f32 | None, ignore_index,
-                          label_smoothing, compute_grad, grad_scale f32 0-d/(N,) | None)
+                          label_smoothing, compute_grad, grad_scale f32 1-element/(N,) | None)
         -> (loss (N,) f32, grad (N, C) logits.dtype  [or (0,) when not compute_grad])
 
-The gradient is produced in the forward pass (no saved softmax); backward only scales it.
+    cross_entropy_forward_inplace(logits (N, C) [overwritten by the gradient], target, weight,
+                                  ignore_index, label_smoothing, grad_scale) -> loss (N,) f32
+
+``logits`` needs unit stride along C only (any row stride); all offsets are int64. The gradient
+is produced in the forward pass (no saved softmax); backward only scales it. Ignored rows get
+loss 0 and a zero gradient. A target outside ``[0, C)`` that is not ``ignore_index`` is never
+used as an index: the CPU face raises an error naming 'target'; the GPU faces write NaN for that
+row and raise a device-side assert (no host synchronisation), so the loss is never finite and wrong.
+
+Host synchronisation: ``cross_entropy`` has none. ``linear_cross_entropy`` has one on the GPU (the
+row compaction below needs the number of non-ignored rows); while a CUDA graph is being captured
+it skips the compaction instead (all rows are computed; ignored rows just produce zeros).
+``contrastive_loss`` has none.
 """
 
 from __future__ import annotations
@@ -42,6 +54,12 @@ def _face_forward(backend: str):
     return dispatch.triton_face("cross_entropy").cross_entropy_forward
 
 
+def _face_inplace(backend: str):
+    if backend in ("cpu", "cuda"):
+        return _extension.op("cross_entropy_forward_inplace")
+    return dispatch.triton_face("cross_entropy").cross_entropy_forward_inplace
+
+
 def _reduction_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, C: int) -> Tensor:
     """sum over non-ignored rows of weight[target] (or their count): torch's 'mean' divisor."""
     valid = target != ignore_index
@@ -49,6 +67,21 @@ def _reduction_denominator(target: Tensor, weight: Optional[Tensor], ignore_inde
         return valid.sum().to(torch.float32)
     # clamp keeps the gather in bounds; out-of-range targets are reported by the kernel itself
     return (weight.gather(0, target.clamp(0, max(C - 1, 0))) * valid).sum(dtype=torch.float32)
+
+
+def _reduce(rows: Tensor, reduction: str, denom: Optional[Tensor]) -> Tensor:
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / denom  # 0/0 = NaN when every target is ignored, as torch does
+
+
+def _unit_upstream(grad_loss: Tensor) -> bool:
+    """True when the upstream gradient is exactly 1 and checking costs nothing: an eager CPU
+    scalar (never under tracing, where the value is unknown, and never on a GPU: no host sync)."""
+    return (type(grad_loss) is Tensor and grad_loss.device.type == "cpu" and grad_loss.numel() == 1
+            and not torch.compiler.is_compiling() and float(grad_loss) == 1.0)
 
 
 @torch.library.custom_op("mmfast::cross_entropy", mutates_args=())
@@ -61,13 +94,7 @@ def _cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     grad_scale = (1.0 / denom).reshape(1) if denom is not None else None
     rows, grad = _face_forward(backend)(logits, target, weight, ignore_index, label_smoothing,
                                         compute_grad, grad_scale)
-    if reduction == "none":
-        loss = rows
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() / denom  # 0/0 = NaN when every target is ignored, as torch does
-    return loss, grad
+    return _reduce(rows, reduction, denom), grad
 
 
 @_cross_entropy_op.register_fake
@@ -87,12 +114,54 @@ def _ce_backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if ctx.reduction == "none":
         dlogits = grad * grad_loss.to(grad.dtype)[:, None]
+    elif _unit_upstream(grad_loss):
+        # loss.backward() on the CPU: the saved gradient already is the answer. Returning it saves
+        # a full read+write pass over N x C. Safe: autograd never writes into incoming gradients,
+        # and AccumulateGrad copies it while the graph (retain_graph) still holds it.
+        dlogits = grad
     else:
         dlogits = grad * grad_loss.to(grad.dtype)
     return dlogits, None, None, None, None, None, None, None
 
 
 _cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+# ---- inplace_backward=True: the gradient overwrites the logits buffer ----------------------------
+@torch.library.custom_op("mmfast::cross_entropy_inplace", mutates_args=("logits",))
+def _cross_entropy_inplace_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                              label_smoothing: float, reduction: str, backend: str) -> Tensor:
+    """Loss reduced as asked; ``logits`` becomes d(loss)/d(logits) for a unit upstream gradient.
+    Declared as mutating ``logits``, so the dispatcher bumps its version counter."""
+    C = logits.shape[1]
+    denom = _reduction_denominator(target, weight, ignore_index, C) if reduction == "mean" else None
+    grad_scale = (1.0 / denom).reshape(1) if denom is not None else None
+    rows = _face_inplace(backend)(logits, target, weight, ignore_index, label_smoothing, grad_scale)
+    return _reduce(rows, reduction, denom)
+
+
+@_cross_entropy_inplace_op.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, reduction, backend):
+    return logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+
+
+class _CrossEntropyInplace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, backend):
+        loss = _cross_entropy_inplace_op(logits, target, weight, ignore_index, label_smoothing, reduction, backend)
+        ctx.mark_dirty(logits)
+        ctx.save_for_backward(logits)  # now the gradient; a later in-place write to it is caught
+        ctx.reduction = reduction
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_overwritten_logits):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "none":
+            grad = grad * grad_loss.to(grad.dtype)[:, None]
+        elif not _unit_upstream(grad_loss):
+            grad = grad * grad_loss.to(grad.dtype)
+        return grad, None, None, None, None, None, None
 
 
 def _check_args(logits: Tensor, target: Tensor, weight, ignore_index, label_smoothing, reduction) -> None:
@@ -123,12 +192,24 @@ def _check_args(logits: Tensor, target: Tensor, weight, ignore_index, label_smoo
 
 
 def cross_entropy(logits: Tensor, target: Tensor, *, weight: Optional[Tensor] = None, ignore_index: int = -100,
-                  label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto") -> Tensor:
+                  label_smoothing: float = 0.0, reduction: str = "mean", backend: str = "auto",
+                  inplace_backward: bool = False) -> Tensor:
     """``torch.nn.functional.cross_entropy`` for class-index targets, fused.
 
     logits ``(N, C)``, ``(C,)`` or ``(N, C, d1, ...)``; float32/float16/bfloat16 with float32
-    accumulation; the gradient w.r.t. logits comes in the logits' dtype. Targets outside
-    ``[0, C)`` that are not ``ignore_index`` raise an error (on GPU: a device-side assert).
+    accumulation; the gradient w.r.t. logits comes in the logits' dtype, computed during the
+    forward pass (backward only scales it). Targets outside ``[0, C)`` that are not
+    ``ignore_index`` raise an error naming 'target' (on GPU: a device-side assert).
+
+    ``inplace_backward=True`` (opt-in) writes the gradient into the logits buffer instead of a new
+    N x C tensor: after the call ``logits`` holds the gradient, not the logits. This saves one
+    N x C allocation but is only safe when nothing else needs those logit values. The op is
+    declared as mutating ``logits``, so autograd's version counter catches misuse: if an earlier
+    op saved ``logits`` for its own backward (e.g. ``logits = torch.tanh(z)``), or ``logits`` is
+    modified in place afterwards, ``backward()`` raises "modified by an inplace operation" instead
+    of silently using corrupted values (the bug Liger-Kernel #272 describes). ``logits`` must not be
+    a leaf that requires grad; reading it after the call gives the gradient; backward twice with
+    ``retain_graph=True`` works only while the upstream gradient is 1.
     """
     _check_args(logits, target, weight, ignore_index, label_smoothing, reduction)
     be = dispatch.resolve("cross_entropy", backend, logits.device.type, logits.dtype)
@@ -147,30 +228,367 @@ def cross_entropy(logits: Tensor, target: Tensor, *, weight: Optional[Tensor] = 
         logits2d = logits2d.contiguous()
     w = None if weight is None else weight.to(torch.float32)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = _cross_entropy_op(logits2d, target1d.to(torch.int64), w, int(ignore_index), float(label_smoothing),
-                                reduction, compute_grad, be)
+    if inplace_backward and compute_grad:
+        if logits2d.is_leaf:
+            raise ValueError("mmfast.cross_entropy: inplace_backward=True overwrites argument 'logits', which is a "
+                             "leaf tensor requiring grad; pass the output of the layer that produced the logits")
+        loss, _ = _CrossEntropyInplace.apply(logits2d, target1d.to(torch.int64), w, int(ignore_index),
+                                             float(label_smoothing), reduction, be)
+    else:
+        loss, _ = _cross_entropy_op(logits2d, target1d.to(torch.int64), w, int(ignore_index), float(label_smoothing),
+                                    reduction, compute_grad, be)
     if reduction == "none":
         loss = loss.reshape(out_shape)
     return loss.to(logits.dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# linear_cross_entropy and contrastive_loss: the reference runs until their fused faces land.
-dispatch.register_op(dispatch.OpSpec(name="linear_cross_entropy"))
-dispatch.register_op(dispatch.OpSpec(name="contrastive_loss"))
+# =============================================================================================
+# linear_cross_entropy: cross_entropy(hidden @ weight.T + bias, target) without the N x V logits
+dispatch.register_op(dispatch.OpSpec(
+    name="linear_cross_entropy",
+    cpp_kernel="cross_entropy_forward_inplace",
+    triton_module="mmfast.triton.cross_entropy",
+    dtypes={
+        "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+        "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+        "cuda": (torch.float32, torch.float16, torch.bfloat16),
+        "triton": (torch.float32, torch.float16, torch.bfloat16),
+    },
+))
+
+
+def _chunk_rows(V: int, device: torch.device) -> int:
+    """Rows per chunk: the chunk's logits stay around 2^22 (CPU) / 2^25 (GPU) elements."""
+    budget = 1 << (25 if device.type == "cuda" else 22)
+    return max(1, budget // max(V, 1))
+
+
+def _lce_chunks(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
+                label_smoothing: float, grad_scale: Optional[Tensor], compute_grad: bool, backend: str):
+    """Per-row losses (N,) f32 and, when compute_grad, (dh, dW, db) for d(sum_i scale_i * loss_i).
+
+    Only rows whose target is not ``ignore_index`` are computed, ``chunk`` rows at a time: the chunk
+    logits h_c @ W.T (+ b) are overwritten by their gradient by the CE face kernel (in place), then
+    dh_c = G_c @ W, dW += G_c.T @ h_c and db += sum(G_c) (float32 across chunks)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    loss = torch.zeros(N, dtype=torch.float32, device=dev)
+    dh = torch.zeros_like(hidden) if compute_grad else hidden.new_empty((0,))
+    dW = torch.zeros_like(weight) if compute_grad else weight.new_empty((0,))
+    db = torch.zeros_like(bias) if (compute_grad and bias is not None) else weight.new_empty((0,))
+    if N == 0:
+        return loss, dh, dW, db
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        rows = None  # no compaction while capturing a CUDA graph: its size would need a host sync
+        n = N
+    else:
+        rows = (target != ignore_index).nonzero().squeeze(1)  # the one host sync (GPU)
+        n = rows.numel()
+    if n == 0:
+        return loss, dh, dW, db
+    step = _chunk_rows(V, dev)
+    nchunks = -(-n // step)
+    kernel, forward = _face_inplace(backend), _face_forward(backend)
+    per_row_scale = grad_scale is not None and grad_scale.numel() > 1
+    fp32_acc = compute_grad and nchunks > 1 and weight.dtype != torch.float32 and weight.dtype != torch.float64
+    dW_acc = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if fp32_acc else dW
+    db_acc = torch.zeros(V, dtype=torch.float32, device=dev) if (compute_grad and bias is not None) else None
+    for s in range(0, n, step):
+        idx = rows[s:s + step] if rows is not None else torch.arange(s, min(s + step, N), device=dev)
+        h_c = hidden.index_select(0, idx)
+        t_c = target.index_select(0, idx)
+        logits_c = torch.addmm(bias, h_c, weight.t()) if bias is not None else h_c @ weight.t()
+        gs = grad_scale.index_select(0, idx) if per_row_scale else grad_scale
+        if not compute_grad:
+            loss.index_copy_(0, idx, forward(logits_c, t_c, None, ignore_index, label_smoothing, False, None)[0])
+            continue
+        loss.index_copy_(0, idx, kernel(logits_c, t_c, None, ignore_index, label_smoothing, gs))
+        g_c = logits_c  # now d(loss)/d(logits) of the chunk, scaled
+        dh.index_copy_(0, idx, g_c @ weight)
+        if fp32_acc:
+            dW_acc += (g_c.t() @ h_c).float()
+        else:
+            dW_acc.addmm_(g_c.t(), h_c)
+        if db_acc is not None:
+            db_acc += g_c.sum(0, dtype=torch.float32)
+    if compute_grad:
+        if fp32_acc:
+            dW.copy_(dW_acc)
+        if db_acc is not None:
+            db.copy_(db_acc)
+    return loss, dh, dW, db
+
+
+@torch.library.custom_op("mmfast::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                             ignore_index: int, label_smoothing: float, reduction: str, compute_grad: bool,
+                             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss reduced as asked, dh, dW, db) for a unit upstream gradient. With reduction='none' the
+    gradients are not computed here (they depend on the upstream gradient): see the backward op."""
+    denom = (target != ignore_index).sum().to(torch.float32) if reduction == "mean" else None
+    grad_scale = (1.0 / denom).reshape(1) if denom is not None else None
+    compute_grad = compute_grad and reduction != "none"
+    rows, dh, dW, db = _lce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
+                                   grad_scale, compute_grad, backend)
+    return _reduce(rows, reduction, denom), dh, dW, db
+
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, compute_grad, backend):
+    N = hidden.shape[0]
+    grads = compute_grad and reduction != "none"
+    loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
+    dh = torch.empty_like(hidden) if grads else hidden.new_empty((0,))
+    dW = torch.empty_like(weight) if grads else weight.new_empty((0,))
+    db = torch.empty_like(bias) if (grads and bias is not None) else weight.new_empty((0,))
+    return loss, dh, dW, db
+
+
+@torch.library.custom_op("mmfast::linear_cross_entropy_backward", mutates_args=())
+def _linear_cross_entropy_backward_op(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                                      grad_rows: Tensor, ignore_index: int, label_smoothing: float,
+                                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i grad_rows[i] * loss_i (reduction='none'): recomputes the chunks."""
+    _, dh, dW, db = _lce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
+                                grad_rows.to(torch.float32).contiguous(), True, backend)
+    return dh, dW, db
+
+
+@_linear_cross_entropy_backward_op.register_fake
+def _(hidden, weight, target, bias, grad_rows, ignore_index, label_smoothing, backend):
+    db = torch.empty_like(bias) if bias is not None else weight.new_empty((0,))
+    return torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+def _lce_setup_context(ctx, inputs, output):
+    hidden, weight, target, bias, ignore_index, label_smoothing, reduction, compute_grad, backend = inputs
+    ctx.reduction, ctx.has_bias = reduction, bias is not None
+    if reduction == "none":
+        ctx.args = (ignore_index, label_smoothing, backend)
+        ctx.save_for_backward(hidden, weight, target, bias)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _lce_backward(ctx, grad_loss, _g1, _g2, _g3):
+    if ctx.reduction == "none":
+        hidden, weight, target, bias = ctx.saved_tensors
+        dh, dW, db = _linear_cross_entropy_backward_op(hidden, weight, target, bias, grad_loss, *ctx.args)
+    else:
+        dh, dW, db = ctx.saved_tensors
+        if not _unit_upstream(grad_loss):
+            dh, dW, db = (g * grad_loss.to(g.dtype) for g in (dh, dW, db))
+    return dh, dW, None, (db if ctx.has_bias else None), None, None, None, None, None
+
+
+_linear_cross_entropy_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
                          ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
                          backend: str = "auto") -> Tensor:
-    """``cross_entropy(hidden @ weight.T + bias, target)`` without materialising all N x V logits."""
-    dispatch.resolve("linear_cross_entropy", backend, hidden.device.type, hidden.dtype)
-    return _ref.linear_cross_entropy(hidden, weight, target, bias, ignore_index=ignore_index,
-                                     label_smoothing=label_smoothing, reduction=reduction)
+    """``cross_entropy(hidden @ weight.T + bias, target)`` without materialising all N x V logits.
+
+    hidden ``(..., H)``, weight ``(V, H)``, bias ``(V,)``, target ``hidden.shape[:-1]``. Only rows whose
+    target is not ``ignore_index`` are computed (an MLM batch has ~15 % of them), in chunks of about
+    2^22 (CPU) / 2^25 (GPU) logits; the gradients for hidden, weight and bias are computed in the
+    forward pass (dW and db accumulated in float32 across chunks). On the GPU, selecting the rows
+    costs one host synchronisation (skipped while a CUDA graph is captured).
+    """
+    if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
+        raise TypeError("mmfast.linear_cross_entropy: argument 'hidden' must be a floating-point tensor")
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"mmfast.linear_cross_entropy: argument 'weight' must have shape (V, {hidden.shape[-1]}), "
+                         f"got {tuple(getattr(weight, 'shape', ()))}")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError(f"mmfast.linear_cross_entropy: arguments 'weight'/'bias' must have the dtype of 'hidden' "
+                        f"({hidden.dtype}), got {weight.dtype}/{None if bias is None else bias.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"mmfast.linear_cross_entropy: argument 'bias' must have shape ({weight.shape[0]},), "
+                         f"got {tuple(bias.shape)}")
+    if not isinstance(target, Tensor) or target.is_floating_point() or tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"mmfast.linear_cross_entropy: argument 'target' must hold class indices of shape "
+                         f"{tuple(hidden.shape[:-1])}, got {getattr(target, 'dtype', None)} "
+                         f"{tuple(getattr(target, 'shape', ()))}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"mmfast.linear_cross_entropy: argument 'reduction' must be one of {_REDUCTIONS}, "
+                         f"got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"mmfast.linear_cross_entropy: argument 'label_smoothing' must be in [0, 1], "
+                         f"got {label_smoothing}")
+    be = dispatch.resolve("linear_cross_entropy", backend, hidden.device.type, hidden.dtype)
+    if be == "torch":
+        return _ref.linear_cross_entropy(hidden, weight, target, bias, ignore_index=ignore_index,
+                                         label_smoothing=label_smoothing, reduction=reduction)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t1 = target.reshape(-1).to(torch.int64)
+    compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                                or (bias is not None and bias.requires_grad))
+    loss = _linear_cross_entropy_op(h2, weight, t1, bias, int(ignore_index), float(label_smoothing), reduction,
+                                    compute_grad, be)[0]
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return loss.to(hidden.dtype)
+
+
+# =============================================================================================
+# contrastive_loss: CLIP's symmetric cross-entropy over one batch x batch logit matrix
+dispatch.register_op(dispatch.OpSpec(
+    name="contrastive_loss",
+    triton_module="mmfast.triton.cross_entropy",
+    cpu_python=True,
+    dtypes={
+        "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+        "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+        "triton": (torch.float32, torch.float16, torch.bfloat16),
+    },
+))
+
+_CONTRASTIVE_TILE_FROM = 8192  # from this batch size on, logits are built TILE rows at a time
+_CONTRASTIVE_TILE = 2048
+
+
+def _contrastive_impl(img: Tensor, txt: Tensor, scale: Tensor, label_smoothing: float, compute_grad: bool,
+                      backend: str):
+    """loss, d_img, d_txt, d_scale. Row-block tiles L_r = s * img_r @ txt.T (float32) give, in one
+    sweep, the row log-sum-exp (image->text) and running column max/sum-exp (text->image). The
+    gradient sweep rebuilds each tile (or reuses the only one when N < 8192) and turns it into
+    dL = (softmax_row + softmax_col - 2 * smoothed one-hot) / (2N), from which d_img = s dL @ txt,
+    d_txt += s dL.T @ img, d_scale += sum(dL * S)."""
+    N = img.shape[0]
+    dev = img.device
+    eps = float(label_smoothing)
+    s = scale.reshape(()).to(torch.float32)
+    f32 = img.dtype != torch.float64
+    acc = torch.float32 if f32 else torch.float64
+    tile = N if N < _CONTRASTIVE_TILE_FROM else _CONTRASTIVE_TILE
+    zero_loss = torch.zeros((), dtype=torch.float32, device=dev)
+    if N == 0:
+        empty = (torch.zeros_like(img), torch.zeros_like(txt), torch.zeros_like(scale)) if compute_grad else \
+            (img.new_empty((0,)), txt.new_empty((0,)), scale.new_empty((0,)))
+        return zero_loss / zero_loss, *empty
+
+    def sim(i0, i1):
+        return (img[i0:i1] @ txt.t()).to(acc)
+
+    lse_r = torch.empty(N, dtype=acc, device=dev)
+    diag = torch.empty(N, dtype=acc, device=dev)
+    rowsum = torch.empty(N, dtype=acc, device=dev)
+    col_m = torch.full((N,), float("-inf"), dtype=acc, device=dev)
+    col_s = torch.zeros(N, dtype=acc, device=dev)
+    colsum = torch.zeros(N, dtype=acc, device=dev)
+    kept = None
+    for i0 in range(0, N, tile):
+        i1 = min(i0 + tile, N)
+        S = sim(i0, i1)
+        L = S * s.to(acc)
+        lse_r[i0:i1] = torch.logsumexp(L, 1)
+        diag[i0:i1] = L.diagonal(offset=i0)
+        rowsum[i0:i1] = L.sum(1)
+        colsum += L.sum(0)
+        m_new = torch.maximum(col_m, L.max(0).values)
+        m_safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
+        col_s = col_s * torch.exp(col_m - m_safe) + torch.exp(L - m_safe).sum(0)
+        col_m = m_new
+        if tile == N:
+            kept = (S, L)
+    lse_c = col_m + torch.log(col_s)
+    loss_r = lse_r - (1 - eps) * diag - eps / N * rowsum
+    loss_c = lse_c - (1 - eps) * diag - eps / N * colsum
+    loss = ((loss_r.sum() + loss_c.sum()) / (2 * N)).to(torch.float32)
+    if not compute_grad:
+        return loss, img.new_empty((0,)), txt.new_empty((0,)), scale.new_empty((0,))
+
+    d_img = torch.empty_like(img)
+    d_txt = torch.zeros(txt.shape, dtype=acc, device=dev)
+    d_s = torch.zeros((), dtype=acc, device=dev)
+    grad_tile = _contrastive_grad_tile(backend)
+    for i0 in range(0, N, tile):
+        i1 = min(i0 + tile, N)
+        if kept is not None:
+            S, L = kept
+        else:
+            S = sim(i0, i1)
+            L = S * s.to(acc)
+        dL = grad_tile(L, lse_r[i0:i1], lse_c, i0, eps, N)  # overwrites L
+        d_s += (dL * S).sum()
+        dL_lp = dL.to(img.dtype)
+        d_img[i0:i1] = (dL_lp @ txt) * s.to(img.dtype)
+        d_txt += (dL_lp.t() @ img[i0:i1]).to(acc)
+    return loss, d_img, (d_txt * s.to(acc)).to(txt.dtype), d_s.reshape(scale.shape).to(scale.dtype)
+
+
+def _contrastive_grad_torch(L: Tensor, lse_r: Tensor, lse_c: Tensor, i0: int, eps: float, N: int) -> Tensor:
+    p = torch.exp(L - lse_r[:, None])
+    p += torch.exp(L - lse_c[None, :])
+    p -= 2 * eps / N
+    p.diagonal(offset=i0).sub_(2 * (1 - eps))
+    return p.div_(2 * N)
+
+
+def _contrastive_grad_tile(backend: str):
+    if backend == "triton":
+        return dispatch.triton_face("contrastive_loss").contrastive_grad_tile
+    return _contrastive_grad_torch
+
+
+@torch.library.custom_op("mmfast::contrastive_loss", mutates_args=())
+def _contrastive_op(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, label_smoothing: float,
+                    compute_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _contrastive_impl(image_features, text_features, logit_scale, label_smoothing, compute_grad, backend)
+
+
+@_contrastive_op.register_fake
+def _(image_features, text_features, logit_scale, label_smoothing, compute_grad, backend):
+    loss = image_features.new_empty((), dtype=torch.float32)
+    if compute_grad:
+        return loss, torch.empty_like(image_features), torch.empty_like(text_features), torch.empty_like(logit_scale)
+    return loss, image_features.new_empty((0,)), text_features.new_empty((0,)), logit_scale.new_empty((0,))
+
+
+def _contrastive_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+
+
+def _contrastive_backward(ctx, grad_loss, _g1, _g2, _g3):
+    grads = ctx.saved_tensors
+    if not _unit_upstream(grad_loss):
+        grads = tuple(g * grad_loss.to(g.dtype) for g in grads)
+    return grads[0], grads[1], grads[2], None, None, None
+
+
+_contrastive_op.register_autograd(_contrastive_backward, setup_context=_contrastive_setup_context)
 
 
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, *,
                      label_smoothing: float = 0.0, backend: str = "auto") -> Tensor:
-    """CLIP's symmetric cross-entropy over the batch x batch similarity logits."""
-    dispatch.resolve("contrastive_loss", backend, image_features.device.type, image_features.dtype)
-    return _ref.contrastive_loss(image_features, text_features, logit_scale, label_smoothing=label_smoothing)
+    """CLIP's symmetric loss ``(CE(s I T^T, arange) + CE(s T I^T, arange)) / 2`` over one logit matrix.
+
+    Features ``(N, D)`` (already normalised by the caller), ``logit_scale`` a scalar tensor (usually
+    ``logit_scale.exp()``). Both directions come from the same logits tile; gradients for both
+    feature matrices and the scale are computed in the forward pass. From N = 8192 on the N x N
+    logits are never held whole: 2048-row tiles are built twice (statistics sweep, gradient sweep).
+    The matmuls are torch's; the "triton" face fuses the gradient of each tile into one kernel.
+    """
+    for name, f in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(f, Tensor) or not f.is_floating_point() or f.dim() != 2:
+            raise ValueError(f"mmfast.contrastive_loss: argument '{name}' must be a 2-D floating-point tensor")
+    if image_features.shape != text_features.shape or image_features.dtype != text_features.dtype:
+        raise ValueError(f"mmfast.contrastive_loss: arguments 'image_features' and 'text_features' must have the "
+                         f"same shape and dtype, got {tuple(image_features.shape)} {image_features.dtype} and "
+                         f"{tuple(text_features.shape)} {text_features.dtype}")
+    if not isinstance(logit_scale, Tensor):
+        logit_scale = torch.tensor(float(logit_scale), device=image_features.device)
+    if logit_scale.numel() != 1:
+        raise ValueError(f"mmfast.contrastive_loss: argument 'logit_scale' must be a scalar tensor, got shape "
+                         f"{tuple(logit_scale.shape)}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"mmfast.contrastive_loss: argument 'label_smoothing' must be in [0, 1], got {label_smoothing}")
+    be = dispatch.resolve("contrastive_loss", backend, image_features.device.type, image_features.dtype)
+    if be == "torch":
+        return _ref.contrastive_loss(image_features, text_features, logit_scale, label_smoothing=label_smoothing)
+    compute_grad = torch.is_grad_enabled() and (image_features.requires_grad or text_features.requires_grad
+                                                or logit_scale.requires_grad)
+    loss = _contrastive_op(image_features, text_features, logit_scale, float(label_smoothing), compute_grad, be)[0]
+    return loss.to(image_features.dtype)

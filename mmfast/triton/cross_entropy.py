@@ -1,0 +1,221 @@
+"""Softmax cross-entropy, Triton face (kernel contract: top of mmfast/ops/cross_entropy.py).
+
+One program handles ROWS rows (ROWS = 1 for large vocabularies on a GPU; more rows for small C
+and under the interpreter, where fewer programs means much less Python overhead):
+
+    pass 1  online max / sum(exp) over the row in BLOCK-wide chunks (+ the sums label smoothing
+            needs: sum w_j x_j and, with class weights, sum w_j)
+    pass 2  (compute_grad) the gradient chunk by chunk; it may overwrite the logits (in place):
+            every chunk is loaded before the same chunk is stored, and a program owns its rows.
+
+All offsets are int64 (N*C may exceed 2^31). A target outside [0, C) that is not ignore_index
+reads nothing out of bounds: its row gets loss NaN and a NaN gradient, and the host wrapper
+raises (CPU/interpreter) or queues a device-side assert (``torch._assert_async``, no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast.dispatch import triton_interpreting
+
+
+@triton.jit
+def _ce_kernel(x_ptr, x_stride, g_ptr, g_stride, t_ptr, w_ptr, loss_ptr, scale_ptr, scale_stride,
+               N, C, ignore_index, eps,
+               HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SCALE: tl.constexpr,
+               COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_ok = rows < N
+    t = tl.load(t_ptr + rows, mask=row_ok, other=ignore_index)
+    ignored = t == ignore_index
+    bad = (~ignored) & ((t < 0) | (t >= C))
+    active = row_ok & (~ignored) & (~bad)
+    x_row = x_ptr + rows * x_stride
+
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    swx = tl.zeros([ROWS], tl.float32)
+    wtot = tl.zeros([ROWS], tl.float32)
+    for c0 in range(0, C, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK).to(tl.int64)
+        cm = cols < C
+        mask = active[:, None] & cm[None, :]
+        x = tl.load(x_row[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 1))
+        # A chunk of only -inf keeps m = -inf: shift by 0 then so exp() gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+        m = m_new
+        if SMOOTH:
+            xz = tl.where(mask, x, 0.0)
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols, mask=cm, other=0.0)
+                swx += tl.sum(xz * w[None, :], 1)
+                wtot += tl.sum(tl.where(mask, w[None, :], 0.0), 1)
+            else:
+                swx += tl.sum(xz, 1)
+    # torch computes x - max: a row made only of -inf (or holding +inf / NaN) gives NaN.
+    lse = tl.where(m == float("-inf"), float("nan"), m + tl.log(tl.where(m == float("-inf"), 1.0, s)))
+    t_safe = tl.where(active, t, 0)
+    x_t = tl.load(x_row + t_safe, mask=active, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0)
+    else:
+        w_t = tl.full([ROWS], 1.0, tl.float32)
+    if not HAS_WEIGHT:
+        wtot = tl.full([ROWS], 1.0, tl.float32) * C
+    a = (1.0 - eps) * w_t
+    loss = a * (lse - x_t)
+    if SMOOTH:
+        loss += eps / C * (wtot * lse - swx)
+    loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+
+    if COMPUTE_GRAD:
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + rows * scale_stride, mask=row_ok, other=0.0)
+        else:
+            scale = tl.full([ROWS], 1.0, tl.float32)
+        coef = (a + eps / C * wtot) * scale
+        g_row = g_ptr + rows * g_stride
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK).to(tl.int64)
+            cm = cols < C
+            mask = active[:, None] & cm[None, :]
+            x = tl.load(x_row[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            g = tl.exp(x - lse[:, None]) * coef[:, None]
+            if SMOOTH:
+                if HAS_WEIGHT:
+                    w = tl.load(w_ptr + cols, mask=cm, other=0.0)
+                    g -= (eps / C) * w[None, :] * scale[:, None]
+                else:
+                    g -= (eps / C) * scale[:, None]
+            g = tl.where(cols[None, :] == t[:, None], g - (a * scale)[:, None], g)
+            g = tl.where(ignored[:, None], 0.0, tl.where(bad[:, None], float("nan"), g))
+            tl.store(g_row[:, None] + cols[None, :], g.to(g_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & cm[None, :])
+
+
+def _launch_config(N: int, C: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK, num_warps)."""
+    block_c = triton.next_power_of_2(max(C, 1))
+    if triton_interpreting():
+        # numpy executes a whole block at once: big blocks, few programs.
+        block = min(block_c, 32768)
+        rows = max(1, min(64, 65536 // block, triton.next_power_of_2(max(N, 1))))
+        return rows, block, 1
+    if C >= 2048:
+        return 1, min(block_c, 8192), 8 if C <= 16384 else 16
+    block = block_c
+    rows = max(1, min(16, 4096 // block, triton.next_power_of_2(max(N, 1))))
+    return rows, block, 4
+
+
+def _check_targets(target: torch.Tensor, C: int, ignore_index: int) -> None:
+    """Out-of-range targets: an error on the CPU, a device-side assert on the GPU (no host sync)."""
+    if target.numel() == 0:
+        return
+    ok = ((target >= 0) & (target < C)) | (target == ignore_index)
+    if target.device.type == "cpu":
+        if not bool(ok.all()):
+            bad = target[~ok][0].item()
+            raise RuntimeError(f"mmfast: argument 'target': class index {bad} is outside [0, {C}) and is not "
+                               f"ignore_index={ignore_index}")
+    else:
+        torch._assert_async(ok.all(), "mmfast cross_entropy: argument 'target' holds a class index outside [0, C)")
+
+
+def _run(logits, target, weight, ignore_index, label_smoothing, grad, grad_scale):
+    N, C = logits.shape
+    loss = torch.empty(N, dtype=torch.float32, device=logits.device)
+    if N == 0:
+        return loss
+    if C == 0:
+        raise RuntimeError(f"mmfast: argument 'logits': expected at least one class, got shape {tuple(logits.shape)}")
+    if C > 1 and logits.stride(1) != 1:
+        raise RuntimeError(f"mmfast: argument 'logits': expected unit stride along the class dimension, got "
+                           f"strides {logits.stride()}")
+    if target.dtype != torch.int64:
+        raise RuntimeError(f"mmfast: argument 'target': expected int64, got {target.dtype}")
+    target = target.contiguous()
+    _check_targets(target, C, ignore_index)
+    if weight is not None:
+        weight = weight.contiguous()
+        if weight.dtype != torch.float32:
+            raise RuntimeError(f"mmfast: argument 'weight': expected float32, got {weight.dtype}")
+    scale_stride = 0
+    if grad_scale is not None:
+        grad_scale = grad_scale.contiguous()
+        if grad_scale.dtype != torch.float32 or grad_scale.numel() not in (1, N):
+            raise RuntimeError(f"mmfast: argument 'grad_scale': expected float32 with 1 or {N} elements")
+        scale_stride = 0 if grad_scale.numel() == 1 else 1
+    rows, block, warps = _launch_config(N, C)
+    g = grad if grad is not None else logits  # unused when COMPUTE_GRAD is off
+    with torch.cuda.device(logits.device) if logits.is_cuda else _nullctx():
+        _ce_kernel[(triton.cdiv(N, rows),)](
+            logits, logits.stride(0), g, g.stride(0) if g.dim() == 2 else 0, target,
+            weight if weight is not None else loss, loss,
+            grad_scale if grad_scale is not None else loss, scale_stride,
+            N, C, ignore_index, float(label_smoothing),
+            HAS_WEIGHT=weight is not None, SMOOTH=float(label_smoothing) != 0.0,
+            HAS_SCALE=grad_scale is not None, COMPUTE_GRAD=grad is not None,
+            ROWS=rows, BLOCK=block, num_warps=warps)
+    return loss
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, compute_grad, grad_scale):
+    """(loss (N,) f32, grad (N, C) logits.dtype or (0,)): see mmfast/ops/cross_entropy.py."""
+    N, C = logits.shape
+    grad = torch.empty((N, C), dtype=logits.dtype, device=logits.device) if compute_grad else None
+    loss = _run(logits, target, weight, int(ignore_index), label_smoothing, grad, grad_scale)
+    return loss, grad if grad is not None else logits.new_empty((0,))
+
+
+def cross_entropy_forward_inplace(logits, target, weight, ignore_index, label_smoothing, grad_scale):
+    """Per-row loss; the gradient overwrites ``logits``."""
+    return _run(logits, target, weight, int(ignore_index), label_smoothing, logits, grad_scale)
+
+
+# ---- contrastive loss: the gradient of one logits tile, both directions at once ------------------
+@triton.jit
+def _contrastive_grad_kernel(L_ptr, stride, lse_r_ptr, lse_c_ptr, B, N, i0, eps,
+                             BM: tl.constexpr, BN: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    rm, cm = r < B, c < N
+    mask = rm[:, None] & cm[None, :]
+    ptrs = L_ptr + r[:, None] * stride + c[None, :]
+    L = tl.load(ptrs, mask=mask, other=0.0)
+    lr = tl.load(lse_r_ptr + r, mask=rm, other=0.0)
+    lc = tl.load(lse_c_ptr + c, mask=cm, other=0.0)
+    # softmax over the row (image->text) + softmax over the column (text->image) - 2 * target
+    p = tl.exp(L - lr[:, None]) + tl.exp(L - lc[None, :]) - 2.0 * eps / N
+    p = tl.where((r[:, None] + i0) == c[None, :], p - 2.0 * (1.0 - eps), p)
+    tl.store(ptrs, p / (2.0 * N), mask=mask)
+
+
+def contrastive_grad_tile(L, lse_r, lse_c, i0, eps, N):
+    """dL of the symmetric contrastive loss for the row tile ``L`` = logits[i0:i0+B] (float32,
+    overwritten in place); lse_r (B,) row and lse_c (N,) column log-sum-exps."""
+    B = L.shape[0]
+    if B == 0 or N == 0:
+        return L
+    if L.stride(1) != 1 or L.dtype != torch.float32:
+        raise RuntimeError("mmfast: contrastive_grad_tile expects a float32 tile with unit column stride")
+    bm, bn = (128, 128) if triton_interpreting() else (64, 128)
+    with torch.cuda.device(L.device) if L.is_cuda else _nullctx():
+        _contrastive_grad_kernel[(triton.cdiv(B, bm), triton.cdiv(N, bn))](
+            L, L.stride(0), lse_r.contiguous(), lse_c.contiguous(), B, N, i0, float(eps), BM=bm, BN=bn)
+    return L
