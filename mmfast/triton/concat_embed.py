@@ -1,0 +1,245 @@
+"""Fused feature concatenation, Triton face (kernel contract: mmfast/ops/concat_embed.py).
+
+Forward: one program per output token row (one launch per modality, M <= 4): load the feature row,
+add the position and type rows in float32, LayerNorm, dropout, store into the row's place in the
+concatenated output. One read of every input, one write of the output.
+
+Backward: one program per (block of LB positions, chunk of BB batch rows) of a modality. It
+recomputes x from the inputs (no saved activations beyond mean/rstd), writes the feature gradient
+rows, and accumulates in float32 registers: the position-gradient row of each of its positions
+(summed over its batch chunk) and one partial sum each for the LayerNorm weight, bias and type
+embedding. A second stage sums the partials over chunks/blocks with torch's (deterministic)
+reductions. No atomics, so results are reproducible run to run.
+
+Dropout: the keep mask is a hash of (seed, flat output index), identical in every face (see
+mmfast.ops.concat_embed.dropout_keep_mask); the backward regenerates it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LB = 8   # positions per backward program
+_BB = 16  # batch rows per backward program
+
+
+@triton.jit
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _keep(SEED, idx, thresh):
+    """Dropout keep mask for flat output indices ``idx`` (int64)."""
+    s = tl.load(SEED)
+    k0 = s.to(tl.uint32)
+    k1 = (s >> 32).to(tl.uint32)
+    h = _fmix32(idx.to(tl.uint32) ^ k0)
+    h = _fmix32(h ^ (idx >> 32).to(tl.uint32) ^ k1)
+    return (h >> 8).to(tl.int32) >= thresh
+
+
+@triton.jit
+def _load_x(F, POS, TYPE, frow, l, cols, cmask, D, HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr):
+    x = tl.load(F + frow * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_POS:
+        x += tl.load(POS + l * D + cols, mask=cmask, other=0.0)
+    if HAS_TYPE:
+        x += tl.load(TYPE + cols, mask=cmask, other=0.0)
+    return x
+
+
+@triton.jit
+def _fwd_kernel(F, POS, TYPE, W, BIAS, OUT, MEAN, RSTD, SEED, L, Ltot, off, D, eps, scale, thresh,
+                HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
+    frow = tl.program_id(0).to(tl.int64)  # row of this modality's (B * L, D) features
+    b = frow // L
+    l = frow % L
+    orow = b * Ltot + off + l  # row of the concatenated output
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    x = _load_x(F, POS, TYPE, frow, l, cols, cmask, D, HAS_POS, HAS_TYPE)
+    if HAS_LN:
+        mean = tl.sum(x, axis=0) / D
+        xc = tl.where(cmask, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / D
+        rstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(MEAN + orow, mean)
+        tl.store(RSTD + orow, rstd)
+        x = xc * rstd * tl.load(W + cols, mask=cmask, other=0.0)
+        if HAS_BIAS:
+            x += tl.load(BIAS + cols, mask=cmask, other=0.0)
+    if DROPOUT:
+        x = tl.where(_keep(SEED, orow * D + cols, thresh), x * scale, 0.0)
+    tl.store(OUT + orow * D + cols, x.to(OUT.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _bwd_kernel(GO, F, POS, TYPE, W, MEAN, RSTD, SEED, GF, PPOS, PW, PB, PT, B, L, Ltot, off, D, scale, thresh,
+                HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_LN: tl.constexpr, DROPOUT: tl.constexpr,
+                LB: tl.constexpr, BB: tl.constexpr, BLOCK_D: tl.constexpr):
+    pl = tl.program_id(0)
+    pb = tl.program_id(1)
+    nl = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    if HAS_LN:
+        w = tl.load(W + cols, mask=cmask, other=0.0)
+    acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_D], dtype=tl.float32)
+    l0 = pl.to(tl.int64) * LB
+    b0 = pb.to(tl.int64) * BB
+    for li in range(0, LB):
+        l = l0 + li
+        if l < L:
+            acc_p = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for bi in range(0, BB):
+                b = b0 + bi
+                if b < B:
+                    frow = b * L + l
+                    orow = b * Ltot + off + l
+                    g = tl.load(GO + orow * D + cols, mask=cmask, other=0.0).to(tl.float32)
+                    if DROPOUT:
+                        g = tl.where(_keep(SEED, orow * D + cols, thresh), g * scale, 0.0)
+                    if HAS_LN:
+                        x = _load_x(F, POS, TYPE, frow, l, cols, cmask, D, HAS_POS, HAS_TYPE)
+                        rstd = tl.load(RSTD + orow)
+                        xhat = tl.where(cmask, (x - tl.load(MEAN + orow)) * rstd, 0.0)
+                        acc_w += g * xhat
+                        acc_b += g
+                        gh = g * w
+                        c1 = tl.sum(gh, axis=0) / D
+                        c2 = tl.sum(gh * xhat, axis=0) / D
+                        g = tl.where(cmask, rstd * (gh - c1 - xhat * c2), 0.0)
+                    tl.store(GF + frow * D + cols, g.to(GF.dtype.element_ty), mask=cmask)
+                    acc_p += g
+                    acc_t += g
+            if HAS_POS:
+                tl.store(PPOS + (pb.to(tl.int64) * L + l) * D + cols, acc_p, mask=cmask)
+    prog = (pb.to(tl.int64) * nl + pl) * D
+    if HAS_LN:
+        tl.store(PW + prog + cols, acc_w, mask=cmask)
+        tl.store(PB + prog + cols, acc_b, mask=cmask)
+    if HAS_TYPE:
+        tl.store(PT + prog + cols, acc_t, mask=cmask)
+
+
+def _dropout_args(dropout_p: float):
+    from mmfast.ops.concat_embed import dropout_threshold
+
+    scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+    return scale, dropout_threshold(dropout_p)
+
+
+def _check(features, pos_tables, pos_index, seed, dropout_p):
+    if not 1 <= len(features) <= 4 or len(pos_index) != len(features):
+        raise ValueError("mmfast.concat_embed (triton): argument 'features': expected 1 to 4 modalities and one "
+                         "pos_index entry each")
+    f0 = features[0]
+    for f in features:
+        if f.dim() != 3 or f.shape[0] != f0.shape[0] or f.shape[2] != f0.shape[2] or not f.is_contiguous() \
+                or f.dtype != f0.dtype:
+            raise ValueError("mmfast.concat_embed (triton): argument 'features': expected contiguous (B, L_m, D) "
+                             "tensors of one dtype")
+    for m, k in enumerate(pos_index):
+        if k >= 0 and (pos_tables[k].shape[0] < features[m].shape[1] or not pos_tables[k].is_contiguous()):
+            raise ValueError(f"mmfast.concat_embed (triton): argument 'pos_tables': table of modality {m} too short")
+    if dropout_p > 0 and seed is None:
+        raise ValueError("mmfast.concat_embed (triton): argument 'seed': dropout_p > 0 needs a seed tensor")
+
+
+def _launch_cfg(D: int):
+    block = triton.next_power_of_2(max(int(D), 16))
+    return block, (4 if block <= 1024 else 8)
+
+
+def concat_embed_forward(features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, eps, dropout_p, seed):
+    _check(features, pos_tables, pos_index, seed, dropout_p)
+    f0 = features[0]
+    B, D = f0.shape[0], f0.shape[2]
+    Ltot = sum(f.shape[1] for f in features)
+    out = torch.empty((B, Ltot, D), dtype=f0.dtype, device=f0.device)
+    has_ln = ln_weight is not None
+    stats = (B, Ltot) if has_ln else (0,)
+    mean = torch.empty(stats, dtype=torch.float32, device=f0.device)
+    rstd = torch.empty(stats, dtype=torch.float32, device=f0.device)
+    if B == 0 or D == 0:
+        return out, mean, rstd
+    scale, thresh = _dropout_args(dropout_p)
+    block, warps = _launch_cfg(D)
+    dummy = out  # never read: the matching constexpr flag is off
+    off = 0
+    for m, f in enumerate(features):
+        L = f.shape[1]
+        k = pos_index[m]
+        _fwd_kernel[(B * L,)](
+            f, pos_tables[k] if k >= 0 else dummy, type_emb[m] if type_emb is not None else dummy,
+            ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy, out,
+            mean if has_ln else dummy, rstd if has_ln else dummy, seed if dropout_p > 0 else dummy,
+            L, Ltot, off, D, float(eps), scale, thresh,
+            HAS_POS=k >= 0, HAS_TYPE=type_emb is not None, HAS_LN=has_ln, HAS_BIAS=ln_bias is not None,
+            DROPOUT=dropout_p > 0, BLOCK_D=block, num_warps=warps)
+        off += L
+    return out, mean, rstd
+
+
+def concat_embed_backward(grad_out, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, mean, rstd,
+                          dropout_p, seed):
+    _check(features, pos_tables, pos_index, seed, dropout_p)
+    f0 = features[0]
+    B, D = f0.shape[0], f0.shape[2]
+    Ltot = sum(f.shape[1] for f in features)
+    dev = f0.device
+    go = grad_out.contiguous()
+    has_ln, has_type = ln_weight is not None, type_emb is not None
+    scale, thresh = _dropout_args(dropout_p)
+    block, warps = _launch_cfg(D)
+    gfeat = [torch.empty_like(f) for f in features]
+    gpos = [None] * len(pos_tables)
+    parts_w, parts_b, parts_t = [], [], []
+    nbc = triton.cdiv(B, _BB) if B > 0 else 0
+    off = 0
+    for m, f in enumerate(features):
+        L = f.shape[1]
+        k = pos_index[m]
+        nlb = triton.cdiv(L, _LB)
+        ppos = torch.empty((nbc, L, D), dtype=torch.float32, device=dev) if k >= 0 else None
+        pw = torch.empty((nbc * nlb, D), dtype=torch.float32, device=dev) if has_ln else None
+        pb = torch.empty((nbc * nlb, D), dtype=torch.float32, device=dev) if has_ln else None
+        pt = torch.empty((nbc * nlb, D), dtype=torch.float32, device=dev) if has_type else None
+        if B > 0 and D > 0:
+            dummy = gfeat[m]
+            _bwd_kernel[(nlb, nbc)](
+                go, f, pos_tables[k] if k >= 0 else dummy, type_emb[m] if has_type else dummy,
+                ln_weight if has_ln else dummy, mean if has_ln else dummy, rstd if has_ln else dummy,
+                seed if dropout_p > 0 else dummy, gfeat[m], ppos if k >= 0 else dummy, pw if has_ln else dummy,
+                pb if has_ln else dummy, pt if has_type else dummy, B, L, Ltot, off, D, scale, thresh,
+                HAS_POS=k >= 0, HAS_TYPE=has_type, HAS_LN=has_ln, DROPOUT=dropout_p > 0, LB=_LB, BB=_BB,
+                BLOCK_D=block, num_warps=warps)
+        if k >= 0:  # stage 2 for the position table: sum over batch chunks; rows >= L get zero
+            table = pos_tables[k]
+            g = torch.zeros_like(table)
+            g[:L] = ppos.sum(0)
+            gpos[k] = g
+        parts_w.append(pw)
+        parts_b.append(pb)
+        parts_t.append(pt)
+        off += L
+    empty = torch.empty((0,), dtype=torch.float32, device=dev)
+    if has_type:  # stage 2: one row per modality, unused rows zero
+        gtype = torch.zeros_like(type_emb)
+        for m, pt in enumerate(parts_t):
+            gtype[m] = pt.sum(0)
+    else:
+        gtype = empty
+    gw = torch.cat(parts_w).sum(0) if has_ln else empty
+    gb = torch.cat(parts_b).sum(0) if ln_bias is not None else empty.clone()
+    return gfeat + [gtype] + gpos + [gw, gb]
