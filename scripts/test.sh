@@ -7,4 +7,5 @@ bash scripts/setup.sh
 workers=${MMFAST_TEST_WORKERS:-$(nproc)}
 xdist=()
 if .venv/bin/python -c "import xdist" 2>/dev/null; then xdist=(-n "$workers"); fi
-exec .venv/bin/python -m pytest tests -q "${xdist[@]}" --durations=15 "$@"
+# tests/ and the benchmark suites in smoke mode (tiny shapes, one round) so they never rot
+exec .venv/bin/python -m pytest tests benchmarks -q "${xdist[@]}" --durations=15 "$@"
