@@ -1,0 +1,8 @@
+"""Datasets and batching for mmfast training: ``ShapesDataset`` (synthetic, learnable on a CPU in
+minutes), ``ImageTextJsonl`` (your own image-text pairs) and ``collate``."""
+
+from mmfast.data.collate import collate
+from mmfast.data.jsonl import ImageTextJsonl, load_tokenizer
+from mmfast.data.shapes import ANSWERS, QUESTION_TYPES, ShapesDataset, ShapesTokenizer
+
+__all__ = ["ANSWERS", "QUESTION_TYPES", "ImageTextJsonl", "ShapesDataset", "ShapesTokenizer", "collate", "load_tokenizer"]
