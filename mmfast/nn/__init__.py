@@ -1,5 +1,6 @@
 """Modules built on mmfast's ops."""
 
 from mmfast.nn.losses import ContrastiveLoss, CrossEntropyLoss, LinearCrossEntropyLoss
+from mmfast.nn.attention import MultiheadCrossAttention  # noqa: F401
 
 __all__ = ["ContrastiveLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
