@@ -86,7 +86,7 @@ class ShapesTokenizer:
 
     def decode(self, ids) -> str:
         special = {self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id}
-        return " ".join(self.inv_vocab.get(int(i), "[UNK]") for i in ids if int(i) not in special)
+        return " ".join(self.inv_vocab.get(int(i), "[UNK]") for i in ids if int(i) not in special).replace(" ,", ",")
 
     def model_overrides(self) -> dict:
         """``create_model`` overrides that make a zoo model use this tokenizer's id space."""
