@@ -14,6 +14,13 @@ from mmfast import nn, ops  # noqa: E402
 from mmfast.dispatch import get_default_backend, set_default_backend  # noqa: E402
 from mmfast.info import backends  # noqa: E402
 
+# `from_pretrained(..., attn_implementation="mmfast")` must work right after `import mmfast`, yet
+# `import mmfast` must not import transformers: register now if transformers' model code is loaded,
+# else through a one-shot import hook that fires when it loads (mmfast/patching/_hf_hook.py).
+from mmfast.patching._hf_hook import install as _install_hf_hook  # noqa: E402
+
+_install_hf_hook()
+
 _LAZY_SUBMODULES = ("models", "patching", "train", "data", "testing", "cli")
 
 
