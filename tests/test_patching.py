@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mmfast  # noqa: E402
 from mmfast import dispatch  # noqa: E402
-from mmfast.testing import assert_close  # noqa: E402
+from mmfast.testing import _REL_FLOOR, assert_close  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
@@ -31,22 +31,33 @@ from transformers import (  # noqa: E402
     ViltForQuestionAnswering, ViltModel,
 )
 
-BACKENDS = ["auto", "triton"]
+# (backend, device, dtype): the default and forced Triton (the interpreter on CPU) in float32 on
+# the CPU; the same two in bfloat16 on a GPU when there is one (marker "cuda").
+CASES = [
+    pytest.param("auto", "cpu", torch.float32, id="auto-cpu-fp32"),
+    pytest.param("triton", "cpu", torch.float32, id="triton-cpu-fp32"),
+    pytest.param("auto", "cuda", torch.bfloat16, id="auto-cuda-bf16", marks=pytest.mark.cuda),
+    pytest.param("triton", "cuda", torch.bfloat16, id="triton-cuda-bf16", marks=pytest.mark.cuda),
+]
 
 
-def need(backend: str, *ops: str) -> None:
-    """Skips (with the reasons) when ``backend`` has no face for one of ``ops`` on CPU/float32."""
+def need(backend: str, device: str, dtype: torch.dtype, *ops: str) -> None:
+    """Skips (with the reasons) when ``backend`` has no face for one of ``ops`` here."""
     if backend == "auto":
         return
-    missing = [f"{op}: {why}" for op in ops if (why := dispatch.availability(op, backend, "cpu", torch.float32))]
+    missing = [f"{op}: {why}" for op in ops if (why := dispatch.availability(op, backend, device, dtype))]
     if missing:
         pytest.skip(f"backend {backend!r} unavailable here: " + "; ".join(missing))
 
 
-def bert_config(backend="auto", **kw) -> BertConfig:
-    # One layer under the Triton interpreter (a fwd+bwd there costs seconds per layer on this
-    # machine); two elsewhere, so the mask built once per forward is reused across layers.
-    layers = 1 if backend == "triton" else 2
+def small(backend: str, device: str) -> bool:
+    """Under the Triton interpreter a fwd+bwd costs seconds per layer on this machine: one layer
+    there; two elsewhere, so the mask built once per forward is reused across layers."""
+    return backend == "triton" and device == "cpu"
+
+
+def bert_config(one_layer=False, **kw) -> BertConfig:
+    layers = 1 if one_layer else 2
     base = dict(vocab_size=99, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=37,
                 max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                 num_labels=5)
@@ -63,19 +74,21 @@ def padded_text(B=2, L=11, vocab=99):
     return ids, mask
 
 
-def cast(x, dtype):
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return x.to(dtype)
+def cast(x, m):
+    """``x`` on model ``m``'s device, floating point in its dtype."""
+    p = next(m.parameters())
+    if isinstance(x, torch.Tensor):
+        return x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
     return x
 
 
 class Twins:
     """The unpatched float32 model, its float64 copy (the reference) and a patched float32 copy."""
 
-    def __init__(self, model: torch.nn.Module, backend: str, **patch_kw):
-        self.low = model
+    def __init__(self, model: torch.nn.Module, backend: str, device="cpu", dtype=torch.float32, **patch_kw):
+        self.low = model.to(device, dtype)
         self.ref = copy.deepcopy(model).double()
-        self.fast = copy.deepcopy(model)
+        self.fast = copy.deepcopy(self.low)
         self.keys = list(model.state_dict().keys())
         self.report = mmfast.patch(self.fast, backend=backend, **patch_kw)
         sd = self.fast.state_dict()
@@ -87,10 +100,10 @@ class Twins:
         """``call(model, dtype) -> (outputs: dict name->tensor, scalar to backprop)`` on all three;
         checks outputs and every parameter gradient with the rule."""
         results = []
-        for m, dt in ((self.fast, torch.float32), (self.ref, torch.float64), (self.low, torch.float32)):
+        for m in (self.fast, self.ref, self.low):
             m.zero_grad(set_to_none=True)
             torch.manual_seed(seed)  # models that draw random numbers (ViLT's patch sampling) draw the same
-            outs, scalar = call(m, dt)
+            outs, scalar = call(m)
             scalar.backward()
             grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
             results.append((outs, grads))
@@ -102,7 +115,8 @@ class Twins:
         # The parameter gradient is one vector: its floor is relative to its largest element, not
         # to each tensor's (the key bias gradient, for one, is zero in exact arithmetic, so a
         # per-tensor floor would compare float32 rounding noise with rounding noise).
-        floor = 1e-6 * max(float(g.abs().max()) for g in rg.values())
+        dtype = next(self.fast.parameters()).dtype
+        floor = _REL_FLOOR[dtype] * max(float(g.abs().max()) for g in rg.values())
         for n in rg:
             assert_close(fg[n], rg[n], lg[n], grad=True, name=f"grad {n}", floor=floor)
         return fo
@@ -115,9 +129,9 @@ class Twins:
         assert "forward" not in self.fast.__dict__
         with torch.no_grad():
             torch.manual_seed(7)
-            a, _ = call(self.fast, torch.float32)
+            a, _ = call(self.fast)
             torch.manual_seed(7)
-            b, _ = call(self.low, torch.float32)
+            b, _ = call(self.low)
         for k in b:
             assert torch.equal(a[k], b[k]), f"unpatched {k} differs from the stock model"
 
@@ -127,22 +141,23 @@ def weighted_sum(*tensors):
     g = torch.Generator().manual_seed(99)
     total = 0
     for t in tensors:
-        total = total + (t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum()
+        w = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)
+        total = total + (t * w).sum()
     return total
 
 
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bert_model_padded(backend):
-    need(backend, "attention")
-    cfg = bert_config(backend)
-    tw = Twins(BertModel(cfg).eval(), backend)
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_bert_model_padded(backend, device, dtype):
+    need(backend, device, dtype, "attention")
+    cfg = bert_config(small(backend, device))
+    tw = Twins(BertModel(cfg).eval(), backend, device, dtype)
     assert tw.report.kinds() and all("AttentionInterface 'mmfast'" in k for _, k in tw.report.swapped)
     assert len(tw.report.swapped) == cfg.num_hidden_layers
     assert tw.fast.config._attn_implementation == "mmfast"
-    ids, mask = padded_text()
+    ids, mask = (cast(t, tw.low) for t in padded_text())
 
-    def call(m, dt):
+    def call(m):
         o = m(ids, attention_mask=mask)
         return {"last_hidden_state": o.last_hidden_state, "pooler": o.pooler_output}, \
             weighted_sum(o.last_hidden_state, o.pooler_output)
@@ -154,16 +169,16 @@ def test_bert_model_padded(backend):
     assert tw.fast.config._attn_implementation == old
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bert_token_classification_labels(backend):
-    need(backend, "attention", "cross_entropy")
-    tw = Twins(BertForTokenClassification(bert_config(backend)).train(), backend)
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_bert_token_classification_labels(backend, device, dtype):
+    need(backend, device, dtype, "attention", "cross_entropy")
+    tw = Twins(BertForTokenClassification(bert_config(small(backend, device))).train(), backend, device, dtype)
     assert any("loss:" in k for _, k in tw.report.swapped)
-    ids, mask = padded_text()
-    labels = torch.randint(0, 5, ids.shape)
+    ids, mask = (cast(t, tw.low) for t in padded_text())
+    labels = torch.randint(0, 5, ids.shape, device=ids.device)
     labels[mask == 0] = -100
 
-    def call(m, dt):
+    def call(m):
         o = m(ids, attention_mask=mask, labels=labels)
         return {"loss": o.loss, "logits": o.logits}, o.loss
 
@@ -179,7 +194,7 @@ def test_bert_sequence_classification_labels():
     ids, mask = padded_text()
     labels = torch.tensor([0, 4])
 
-    def call(m, dt):
+    def call(m):
         o = m(ids, attention_mask=mask, labels=labels)
         return {"loss": o.loss, "logits": o.logits}, o.loss
 
@@ -187,21 +202,22 @@ def test_bert_sequence_classification_labels():
     assert tw.fast.config.problem_type == "single_label_classification"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bert_decoder_cross_attention_197_image_tokens(backend):
-    need(backend, "attention")
-    cfg = bert_config(backend, is_decoder=True, add_cross_attention=True)
-    tw = Twins(BertModel(cfg).eval(), backend)
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_bert_decoder_cross_attention_197_image_tokens(backend, device, dtype):
+    need(backend, device, dtype, "attention")
+    cfg = bert_config(small(backend, device), is_decoder=True, add_cross_attention=True)
+    tw = Twins(BertModel(cfg).eval(), backend, device, dtype)
     kinds = [k for _, k in tw.report.swapped]
     n = cfg.num_hidden_layers
     assert sum("causal self-attention" in k for k in kinds) == n and sum("cross-attention" in k for k in kinds) == n
-    ids, mask = padded_text(L=9)
+    ids, mask = (cast(t, tw.low) for t in padded_text(L=9))
     image = torch.randn(2, 197, 32)
     image_mask = torch.ones(2, 197, dtype=torch.long)
     image_mask[1, 120:] = 0
+    image_mask = image_mask.to(device)
 
-    def call(m, dt):
-        o = m(ids, attention_mask=mask, encoder_hidden_states=cast(image, dt), encoder_attention_mask=image_mask,
+    def call(m):
+        o = m(ids, attention_mask=mask, encoder_hidden_states=cast(image, m), encoder_attention_mask=image_mask,
               use_cache=False)
         return {"last_hidden_state": o.last_hidden_state}, weighted_sum(o.last_hidden_state)
 
@@ -209,17 +225,17 @@ def test_bert_decoder_cross_attention_197_image_tokens(backend):
     tw.check_unpatch(call)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bert_masked_lm_labels(backend):
-    need(backend, "attention", "linear_cross_entropy", "cross_entropy")
-    tw = Twins(BertForMaskedLM(bert_config(backend)).train(), backend)
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_bert_masked_lm_labels(backend, device, dtype):
+    need(backend, device, dtype, "attention", "linear_cross_entropy", "cross_entropy")
+    tw = Twins(BertForMaskedLM(bert_config(small(backend, device))).train(), backend, device, dtype)
     assert any("linear_cross_entropy" in k for _, k in tw.report.swapped)
-    ids, mask = padded_text()
-    labels = torch.full(ids.shape, -100)
+    ids, mask = (cast(t, tw.low) for t in padded_text())
+    labels = torch.full(ids.shape, -100, device=ids.device)
     labels[0, [1, 4, 8]] = ids[0, [1, 4, 8]]
     labels[1, [0, 5]] = ids[1, [0, 5]]
 
-    def call_fused(m, dt):  # training step: no logits, loss through linear_cross_entropy
+    def call_fused(m):  # training step: no logits, loss through linear_cross_entropy
         o = m(ids, attention_mask=mask, labels=labels)
         if m is tw.fast:
             assert o.logits is None
@@ -227,7 +243,7 @@ def test_bert_masked_lm_labels(backend):
 
     tw.run(call_fused)
 
-    def call_logits(m, dt):  # the switch: logits materialised on request
+    def call_logits(m):  # the switch: logits materialised on request
         kw = {"return_logits": True} if m is tw.fast else {}
         o = m(ids, attention_mask=mask, labels=labels, **kw)
         return {"loss": o.loss, "logits": o.logits}, o.loss
@@ -249,8 +265,8 @@ def test_masked_lm_all_labels_ignored_matches_stock():
     assert torch.isnan(fast(ids, attention_mask=mask, labels=labels).loss)
 
 
-def vilt_config(backend="auto") -> ViltConfig:
-    return ViltConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1 if backend == "triton" else 2,
+def vilt_config(one_layer=False) -> ViltConfig:
+    return ViltConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1 if one_layer else 2,
                       num_attention_heads=2,
                       intermediate_size=37, image_size=32, patch_size=8, max_position_embeddings=40,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=6)
@@ -262,17 +278,17 @@ def vilt_inputs(B=2, L=7):
     return ids, mask, pixels
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_vilt_model_padded_text(backend):
-    need(backend, "attention", "concat_embed")
-    cfg = vilt_config(backend)
-    tw = Twins(ViltModel(cfg).eval(), backend)
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_vilt_model_padded_text(backend, device, dtype):
+    need(backend, device, dtype, "attention", "concat_embed")
+    cfg = vilt_config(small(backend, device))
+    tw = Twins(ViltModel(cfg).eval(), backend, device, dtype)
     kinds = [k for _, k in tw.report.swapped]
     assert sum("ViLT self-attention" in k for k in kinds) == cfg.num_hidden_layers and sum("concat_embed" in k for k in kinds) == 1
-    ids, mask, pixels = vilt_inputs()
+    ids, mask, pixels = (cast(t, tw.low) for t in vilt_inputs())
 
-    def call(m, dt):
-        o = m(input_ids=ids, attention_mask=mask, pixel_values=cast(pixels, dt))
+    def call(m):
+        o = m(input_ids=ids, attention_mask=mask, pixel_values=cast(pixels, m))
         return {"last_hidden_state": o.last_hidden_state, "pooler": o.pooler_output}, \
             weighted_sum(o.last_hidden_state, o.pooler_output)
 
@@ -280,34 +296,34 @@ def test_vilt_model_padded_text(backend):
     tw.check_unpatch(call)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_vilt_vqa_padded_text(backend):
-    need(backend, "attention", "concat_embed")
-    tw = Twins(ViltForQuestionAnswering(vilt_config(backend)).train(), backend)
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_vilt_vqa_padded_text(backend, device, dtype):
+    need(backend, device, dtype, "attention", "concat_embed")
+    tw = Twins(ViltForQuestionAnswering(vilt_config(small(backend, device))).train(), backend, device, dtype)
     assert any("binary_cross_entropy_with_logits" in r for _, r in tw.report.left_alone)
-    ids, mask, pixels = vilt_inputs()
+    ids, mask, pixels = (cast(t, tw.low) for t in vilt_inputs())
     labels = torch.rand(2, 6)
 
-    def call(m, dt):
-        o = m(input_ids=ids, attention_mask=mask, pixel_values=cast(pixels, dt), labels=cast(labels, dt))
+    def call(m):
+        o = m(input_ids=ids, attention_mask=mask, pixel_values=cast(pixels, m), labels=cast(labels, m))
         return {"loss": o.loss, "logits": o.logits}, o.loss
 
     tw.run(call)
     tw.check_unpatch(call)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_timm_vit(backend):
-    need(backend, "attention")
+@pytest.mark.parametrize("backend,device,dtype", CASES)
+def test_timm_vit(backend, device, dtype):
+    need(backend, device, dtype, "attention")
     timm = pytest.importorskip("timm")
-    depth = 1 if backend == "triton" else 2  # the interpreter is slow; see bert_config
+    depth = 1 if small(backend, device) else 2
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=depth).eval()
-    tw = Twins(model, backend)
+    tw = Twins(model, backend, device, dtype)
     assert len(tw.report.swapped) == depth and all("timm.layers.Attention" in k for _, k in tw.report.swapped)
     x = torch.randn(2, 3, 32, 32)
 
-    def call(m, dt):
-        o = m(cast(x, dt))
+    def call(m):
+        o = m(cast(x, m))
         return {"logits": o}, weighted_sum(o)
 
     tw.run(call)
@@ -501,8 +517,8 @@ def test_other_handwritten_vl_models(cls_name):
         vis = torch.randn(2, 5, 16)
         vmask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
 
-        def call(m, dt):
-            o = m(input_ids=ids, attention_mask=mask, visual_embeds=cast(vis, dt), visual_attention_mask=vmask)
+        def call(m):
+            o = m(input_ids=ids, attention_mask=mask, visual_embeds=cast(vis, m), visual_attention_mask=vmask)
             return {"last_hidden_state": o.last_hidden_state}, weighted_sum(o.last_hidden_state)
     else:
         from transformers import LxmertConfig, LxmertModel
@@ -515,8 +531,8 @@ def test_other_handwritten_vl_models(cls_name):
         feats, pos = torch.randn(2, 5, 16), torch.rand(2, 5, 4)
         vmask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
 
-        def call(m, dt):
-            o = m(input_ids=ids, attention_mask=mask, visual_feats=cast(feats, dt), visual_pos=cast(pos, dt),
+        def call(m):
+            o = m(input_ids=ids, attention_mask=mask, visual_feats=cast(feats, m), visual_pos=cast(pos, m),
                   visual_attention_mask=vmask)
             return {"language": o.language_output, "vision": o.vision_output}, \
                 weighted_sum(o.language_output, o.vision_output)
