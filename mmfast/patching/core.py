@@ -35,10 +35,11 @@ _HANDWRITTEN_MODULES = ("transformers.models.vilt.", "transformers.models.visual
                         "transformers.models.lxmert.")
 # Hand-written attention mmfast knows about but does not swap, with the reason.
 _KNOWN_LEFT_ALONE = {
-    "BlipAttention": "BLIP vision attention always returns its attention probabilities as a second output "
-                     "(HF's output recording reads them); a fused kernel does not produce them",
-    "BlipTextSelfAttention": "BLIP text attention returns its attention probabilities on every call (read by "
-                             "output recording and by its saliency hooks) and updates the KV cache itself",
+    "BlipAttention": "not covered yet: BLIP vision attention returns its attention probabilities on every call "
+                     "(HF's output recording reads them when output_attentions=True); a swap needs to know per call "
+                     "whether they are wanted",
+    "BlipTextSelfAttention": "not covered yet: BLIP text attention returns its attention probabilities on every "
+                             "call and does its own KV-cache bookkeeping (self and cross)",
     "VisualBertRegionToPhraseAttention": "returns raw alignment scores (a loss input), not an attention output",
     "MultiheadAttention": "torch.nn.MultiheadAttention (already fused by PyTorch): not patched",
 }
