@@ -121,7 +121,14 @@ def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, embe
                 continue
             mods = hf_attention.attention_modules(model, m.config)
             if not mods:
-                continue
+                # Its attention modules do not keep a reference to the config, so they cannot be
+                # enumerated: switch anyway and list the sub-model, with its attention-named
+                # modules carrying the backend.
+                mods = [(n, sm) for n, sm in m.named_modules(prefix=name)
+                        if "attention" in type(sm).__name__.lower()
+                        and not any("attention" in type(c).__name__.lower() for c in sm.children())]
+                if not mods:
+                    continue
             old = _attn_impl(m.config)
             if getattr(m.config, "output_attentions", False):
                 report.notes.append(f"{name or '<model>'}: config.output_attentions=True: attention weights are "
@@ -190,6 +197,8 @@ def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, embe
                 report.skip("", "masked-LM head without the BERT layout (bert + cls.predictions.transform/decoder)")
         elif cls_name in _losses.NOT_CE:
             report.skip("", f"loss of {cls_name}: {_losses.NOT_CE[cls_name]}")
+        elif "For" in cls_name and _is_hf_pretrained(model):
+            report.skip("", f"loss of {cls_name}: no mmfast loss patch for this head (stock loss kept)")
         if kind is not None:
             _losses.install(model, kind)
             model.__dict__[BACKEND_ATTR] = backend
