@@ -132,12 +132,12 @@ def _concat_embed_backward_op(grad_out: Tensor, features: List[Tensor], type_emb
 @_concat_embed_backward_op.register_fake
 def _(grad_out, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, mean, rstd, dropout_p, seed,
       backend):
-    empty = grad_out.new_empty((0,), dtype=_acc_dtype(features[0].dtype))
+    empty = lambda: grad_out.new_empty((0,), dtype=_acc_dtype(features[0].dtype))
     grads = [torch.empty_like(f) for f in features]
-    grads.append(torch.empty_like(type_emb) if type_emb is not None else empty)
+    grads.append(torch.empty_like(type_emb) if type_emb is not None else empty())
     grads += [torch.empty_like(p) for p in pos_tables]
-    grads.append(torch.empty_like(ln_weight) if ln_weight is not None else empty.clone())
-    grads.append(torch.empty_like(ln_bias) if ln_bias is not None else empty.clone())
+    grads.append(torch.empty_like(ln_weight) if ln_weight is not None else empty())
+    grads.append(torch.empty_like(ln_bias) if ln_bias is not None else empty())
     return grads
 
 

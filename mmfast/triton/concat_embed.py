@@ -1,10 +1,11 @@
 """Fused feature concatenation, Triton face (kernel contract: mmfast/ops/concat_embed.py).
 
-Forward: one program per output token row (one launch per modality, M <= 4): load the feature row,
-add the position and type rows in float32, LayerNorm, dropout, store into the row's place in the
-concatenated output. One read of every input, one write of the output.
+Forward: one program per tile of output token rows (ROWS rows x BLOCK_D, ~4096 values; one launch
+per modality, M <= 4): load the feature rows, add the position and type rows in float32, LayerNorm,
+dropout, store into the rows' place in the concatenated output. One read of every input, one write
+of the output.
 
-Backward: one program per (block of LB positions, chunk of BB batch rows) of a modality. It
+Backward: one program per (tile of consecutive positions, chunk of BB batch rows) of a modality. It
 recomputes x from the inputs (no saved activations beyond mean/rstd), writes the feature gradient
 rows, and accumulates in float32 registers: the position-gradient row of each of its positions
 (summed over its batch chunk) and one partial sum each for the LayerNorm weight, bias and type
@@ -21,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-_LB = 8   # positions per backward program
-_BB = 16  # batch rows per backward program
+_BB = 16  # batch rows per backward program (positions per program: the tile's rows)
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _fmix32(h):
 
 @triton.jit
 def _keep(SEED, idx, thresh):
-    """Dropout keep mask for flat output indices ``idx`` (int64)."""
+    """Dropout keep mask for flat output indices ``idx`` (int64). (Inlined by hand in _bwd_kernel.)"""
     s = tl.load(SEED)
     k0 = s.to(tl.uint32)
     k1 = (s >> 32).to(tl.uint32)
@@ -46,90 +46,118 @@ def _keep(SEED, idx, thresh):
 
 
 @triton.jit
-def _load_x(F, POS, TYPE, frow, l, cols, cmask, D, HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr):
-    x = tl.load(F + frow * D + cols, mask=cmask, other=0.0).to(tl.float32)
+def _load_x(F, POS, TYPE, frow, l, cols, m2, D, HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr):
+    """x = features + position + type for a tile of rows: frow, l (ROWS,) int64; cols (BLOCK_D,)."""
+    x = tl.load(F + frow[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
     if HAS_POS:
-        x += tl.load(POS + l * D + cols, mask=cmask, other=0.0)
+        x += tl.load(POS + l[:, None] * D + cols[None, :], mask=m2, other=0.0)
     if HAS_TYPE:
-        x += tl.load(TYPE + cols, mask=cmask, other=0.0)
+        x += tl.load(TYPE + cols, mask=cols < D, other=0.0)[None, :]
     return x
 
 
 @triton.jit
-def _fwd_kernel(F, POS, TYPE, W, BIAS, OUT, MEAN, RSTD, SEED, L, Ltot, off, D, eps, scale, thresh,
+def _fwd_kernel(F, POS, TYPE, W, BIAS, OUT, MEAN, RSTD, SEED, B, L, Ltot, off, D, eps, scale, thresh,
                 HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_LN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
-    frow = tl.program_id(0).to(tl.int64)  # row of this modality's (B * L, D) features
+                DROPOUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # ROWS rows of this modality's (B * L, D) features per program
+    frow = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = frow < B * L
     b = frow // L
     l = frow % L
-    orow = b * Ltot + off + l  # row of the concatenated output
+    orow = b * Ltot + off + l  # rows of the concatenated output
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    x = _load_x(F, POS, TYPE, frow, l, cols, cmask, D, HAS_POS, HAS_TYPE)
+    m2 = rmask[:, None] & cmask[None, :]
+    x = _load_x(F, POS, TYPE, frow, l, cols, m2, D, HAS_POS, HAS_TYPE)
     if HAS_LN:
-        mean = tl.sum(x, axis=0) / D
-        xc = tl.where(cmask, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / D
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(m2, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / D
         rstd = 1.0 / tl.sqrt(var + eps)
-        tl.store(MEAN + orow, mean)
-        tl.store(RSTD + orow, rstd)
-        x = xc * rstd * tl.load(W + cols, mask=cmask, other=0.0)
+        tl.store(MEAN + orow, mean, mask=rmask)
+        tl.store(RSTD + orow, rstd, mask=rmask)
+        x = xc * rstd[:, None] * tl.load(W + cols, mask=cmask, other=0.0)[None, :]
         if HAS_BIAS:
-            x += tl.load(BIAS + cols, mask=cmask, other=0.0)
+            x += tl.load(BIAS + cols, mask=cmask, other=0.0)[None, :]
     if DROPOUT:
-        x = tl.where(_keep(SEED, orow * D + cols, thresh), x * scale, 0.0)
-    tl.store(OUT + orow * D + cols, x.to(OUT.dtype.element_ty), mask=cmask)
+        x = tl.where(_keep(SEED, orow[:, None] * D + cols[None, :], thresh), x * scale, 0.0)
+    tl.store(OUT + orow[:, None] * D + cols[None, :], x.to(OUT.dtype.element_ty), mask=m2)
 
 
 @triton.jit
 def _bwd_kernel(GO, F, POS, TYPE, W, MEAN, RSTD, SEED, GF, PPOS, PW, PB, PT, B, L, Ltot, off, D, scale, thresh,
                 HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_LN: tl.constexpr, DROPOUT: tl.constexpr,
-                LB: tl.constexpr, BB: tl.constexpr, BLOCK_D: tl.constexpr):
+                LT: tl.constexpr, BB: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Program (pl, pb): a tile of LT consecutive positions (contiguous rows), for batch rows
+    # [pb*BB, pb*BB+BB) one after another. Accumulators stay 2-D (one row per position) and are
+    # reduced once at the end. No nested @triton.jit calls (tl.sum is one) inside the loop beyond
+    # the two LayerNorm row sums: the interpreter pays ~1 ms per call.
     pl = tl.program_id(0)
     pb = tl.program_id(1)
     nl = tl.num_programs(0)
+    l = pl.to(tl.int64) * LT + tl.arange(0, LT)
+    lmask = l < L
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
+    m2 = lmask[:, None] & cmask[None, :]
     if HAS_LN:
         w = tl.load(W + cols, mask=cmask, other=0.0)
-    acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc_t = tl.zeros([BLOCK_D], dtype=tl.float32)
-    l0 = pl.to(tl.int64) * LB
-    b0 = pb.to(tl.int64) * BB
-    for li in range(0, LB):
-        l = l0 + li
-        if l < L:
-            acc_p = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for bi in range(0, BB):
-                b = b0 + bi
-                if b < B:
-                    frow = b * L + l
-                    orow = b * Ltot + off + l
-                    g = tl.load(GO + orow * D + cols, mask=cmask, other=0.0).to(tl.float32)
-                    if DROPOUT:
-                        g = tl.where(_keep(SEED, orow * D + cols, thresh), g * scale, 0.0)
-                    if HAS_LN:
-                        x = _load_x(F, POS, TYPE, frow, l, cols, cmask, D, HAS_POS, HAS_TYPE)
-                        rstd = tl.load(RSTD + orow)
-                        xhat = tl.where(cmask, (x - tl.load(MEAN + orow)) * rstd, 0.0)
-                        acc_w += g * xhat
-                        acc_b += g
-                        gh = g * w
-                        c1 = tl.sum(gh, axis=0) / D
-                        c2 = tl.sum(gh * xhat, axis=0) / D
-                        g = tl.where(cmask, rstd * (gh - c1 - xhat * c2), 0.0)
-                    tl.store(GF + frow * D + cols, g.to(GF.dtype.element_ty), mask=cmask)
-                    acc_p += g
-                    acc_t += g
-            if HAS_POS:
-                tl.store(PPOS + (pb.to(tl.int64) * L + l) * D + cols, acc_p, mask=cmask)
+        # x = features + pos + type; the pos and type rows do not depend on the batch row
+        xadd = tl.zeros([LT, BLOCK_D], dtype=tl.float32)
+        if HAS_POS:
+            xadd += tl.load(POS + l[:, None] * D + cols[None, :], mask=m2, other=0.0)
+        if HAS_TYPE:
+            xadd += tl.load(TYPE + cols, mask=cmask, other=0.0)[None, :]
+    if DROPOUT:
+        s = tl.load(SEED)
+        k0 = s.to(tl.uint32)
+        k1 = (s >> 32).to(tl.uint32)
+    acc_g = tl.zeros([LT, BLOCK_D], dtype=tl.float32)   # sum over b of d/dx: position/type grads
+    acc_w = tl.zeros([LT, BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([LT, BLOCK_D], dtype=tl.float32)
+    b_start = pb.to(tl.int64) * BB
+    b_end = tl.minimum(b_start + BB, B)
+    for b in range(b_start, b_end):
+        frow = b * L + l
+        orow = b * Ltot + off + l
+        g = tl.load(GO + orow[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        if DROPOUT:  # _keep, inlined
+            idx = orow[:, None] * D + cols[None, :]
+            h = idx.to(tl.uint32) ^ k0
+            h = h ^ (h >> 16)
+            h = h * 0x85EBCA6B
+            h = h ^ (h >> 13)
+            h = h * 0xC2B2AE35
+            h = h ^ (h >> 16)
+            h = h ^ (idx >> 32).to(tl.uint32) ^ k1
+            h = h ^ (h >> 16)
+            h = h * 0x85EBCA6B
+            h = h ^ (h >> 13)
+            h = h * 0xC2B2AE35
+            h = h ^ (h >> 16)
+            g = tl.where((h >> 8).to(tl.int32) >= thresh, g * scale, 0.0)
+        if HAS_LN:
+            x = tl.load(F + frow[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32) + xadd
+            rstd = tl.load(RSTD + orow, mask=lmask, other=0.0)
+            mean = tl.load(MEAN + orow, mask=lmask, other=0.0)
+            xhat = tl.where(m2, (x - mean[:, None]) * rstd[:, None], 0.0)
+            acc_w += g * xhat
+            acc_b += g
+            gh = g * w[None, :]
+            c1 = tl.sum(gh, axis=1) / D
+            c2 = tl.sum(gh * xhat, axis=1) / D
+            g = tl.where(m2, rstd[:, None] * (gh - c1[:, None] - xhat * c2[:, None]), 0.0)
+        tl.store(GF + frow[:, None] * D + cols[None, :], g.to(GF.dtype.element_ty), mask=m2)
+        acc_g += g
+    if HAS_POS:
+        tl.store(PPOS + (pb.to(tl.int64) * L + l[:, None]) * D + cols[None, :], acc_g, mask=m2)
     prog = (pb.to(tl.int64) * nl + pl) * D
     if HAS_LN:
-        tl.store(PW + prog + cols, acc_w, mask=cmask)
-        tl.store(PB + prog + cols, acc_b, mask=cmask)
+        tl.store(PW + prog + cols, tl.sum(acc_w, axis=0), mask=cmask)
+        tl.store(PB + prog + cols, tl.sum(acc_b, axis=0), mask=cmask)
     if HAS_TYPE:
-        tl.store(PT + prog + cols, acc_t, mask=cmask)
+        tl.store(PT + prog + cols, tl.sum(acc_g, axis=0), mask=cmask)
 
 
 def _dropout_args(dropout_p: float):
@@ -157,8 +185,10 @@ def _check(features, pos_tables, pos_index, seed, dropout_p):
 
 
 def _launch_cfg(D: int):
+    """(BLOCK_D, rows per tile, warps): tiles of ~4096 float32 values keep registers in check."""
     block = triton.next_power_of_2(max(int(D), 16))
-    return block, (4 if block <= 1024 else 8)
+    rows = max(1, min(16, 4096 // block))
+    return block, rows, (4 if block <= 1024 else 8)
 
 
 def concat_embed_forward(features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, eps, dropout_p, seed):
@@ -174,19 +204,19 @@ def concat_embed_forward(features, type_emb, pos_tables, pos_index, ln_weight, l
     if B == 0 or D == 0:
         return out, mean, rstd
     scale, thresh = _dropout_args(dropout_p)
-    block, warps = _launch_cfg(D)
+    block, rows, warps = _launch_cfg(D)
     dummy = out  # never read: the matching constexpr flag is off
     off = 0
     for m, f in enumerate(features):
         L = f.shape[1]
         k = pos_index[m]
-        _fwd_kernel[(B * L,)](
+        _fwd_kernel[(triton.cdiv(B * L, rows),)](
             f, pos_tables[k] if k >= 0 else dummy, type_emb[m] if type_emb is not None else dummy,
             ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy, out,
             mean if has_ln else dummy, rstd if has_ln else dummy, seed if dropout_p > 0 else dummy,
-            L, Ltot, off, D, float(eps), scale, thresh,
+            B, L, Ltot, off, D, float(eps), scale, thresh,
             HAS_POS=k >= 0, HAS_TYPE=type_emb is not None, HAS_LN=has_ln, HAS_BIAS=ln_bias is not None,
-            DROPOUT=dropout_p > 0, BLOCK_D=block, num_warps=warps)
+            DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_D=block, num_warps=warps)
         off += L
     return out, mean, rstd
 
@@ -201,7 +231,7 @@ def concat_embed_backward(grad_out, features, type_emb, pos_tables, pos_index, l
     go = grad_out.contiguous()
     has_ln, has_type = ln_weight is not None, type_emb is not None
     scale, thresh = _dropout_args(dropout_p)
-    block, warps = _launch_cfg(D)
+    block, rows, warps = _launch_cfg(D)
     gfeat = [torch.empty_like(f) for f in features]
     gpos = [None] * len(pos_tables)
     parts_w, parts_b, parts_t = [], [], []
@@ -210,7 +240,7 @@ def concat_embed_backward(grad_out, features, type_emb, pos_tables, pos_index, l
     for m, f in enumerate(features):
         L = f.shape[1]
         k = pos_index[m]
-        nlb = triton.cdiv(L, _LB)
+        nlb = triton.cdiv(L, rows)
         ppos = torch.empty((nbc, L, D), dtype=torch.float32, device=dev) if k >= 0 else None
         pw = torch.empty((nbc * nlb, D), dtype=torch.float32, device=dev) if has_ln else None
         pb = torch.empty((nbc * nlb, D), dtype=torch.float32, device=dev) if has_ln else None
@@ -222,7 +252,7 @@ def concat_embed_backward(grad_out, features, type_emb, pos_tables, pos_index, l
                 ln_weight if has_ln else dummy, mean if has_ln else dummy, rstd if has_ln else dummy,
                 seed if dropout_p > 0 else dummy, gfeat[m], ppos if k >= 0 else dummy, pw if has_ln else dummy,
                 pb if has_ln else dummy, pt if has_type else dummy, B, L, Ltot, off, D, scale, thresh,
-                HAS_POS=k >= 0, HAS_TYPE=has_type, HAS_LN=has_ln, DROPOUT=dropout_p > 0, LB=_LB, BB=_BB,
+                HAS_POS=k >= 0, HAS_TYPE=has_type, HAS_LN=has_ln, DROPOUT=dropout_p > 0, LT=rows, BB=_BB,
                 BLOCK_D=block, num_warps=warps)
         if k >= 0:  # stage 2 for the position table: sum over batch chunks; rows >= L get zero
             table = pos_tables[k]
@@ -233,13 +263,13 @@ def concat_embed_backward(grad_out, features, type_emb, pos_tables, pos_index, l
         parts_b.append(pb)
         parts_t.append(pt)
         off += L
-    empty = torch.empty((0,), dtype=torch.float32, device=dev)
+    empty = lambda: torch.empty((0,), dtype=torch.float32, device=dev)  # distinct: outputs may not alias
     if has_type:  # stage 2: one row per modality, unused rows zero
         gtype = torch.zeros_like(type_emb)
         for m, pt in enumerate(parts_t):
             gtype[m] = pt.sum(0)
     else:
-        gtype = empty
-    gw = torch.cat(parts_w).sum(0) if has_ln else empty
-    gb = torch.cat(parts_b).sum(0) if ln_bias is not None else empty.clone()
+        gtype = empty()
+    gw = torch.cat(parts_w).sum(0) if has_ln else empty()
+    gb = torch.cat(parts_b).sum(0) if ln_bias is not None else empty()
     return gfeat + [gtype] + gpos + [gw, gb]
