@@ -15,7 +15,7 @@ loop). float32 inputs use IEEE-precision dots unless torch.backends.cuda.matmul.
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 import triton
@@ -269,26 +269,83 @@ def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
-def fwd_config(Lq: int, Lk: int, block_d: int) -> dict:
-    """Block sizes by shape. Short queries (cross-modal text -> image, Lq <= 64) get a query block
-    just covering Lq (no wasted rows) and wide key blocks; long sequences the usual flash tiles."""
+def _cfg(bm, bn, warps, stages):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+
+
+def fwd_configs(Lq: int, Lk: int, block_d: int) -> list[dict]:
+    """Forward candidates, the shape heuristic first. Short queries (cross-modal text -> image,
+    Lq <= 64) get a query block just covering Lq (no wasted rows: a 40-token text is one block of
+    64, not half of a 128 block) and wide key blocks; long sequences the usual flash tiles."""
+    bn_cap = _pow2_at_least(Lk, 16)
     if Lq <= 64:
         bm = _pow2_at_least(Lq, 16)
-        bn = 128 if block_d <= 64 else 64
-        warps = 4
+        first = _cfg(bm, min(128 if block_d <= 64 else 64, bn_cap), 4, 3 if block_d <= 64 else 2)
+        alts = [_cfg(bm, 64, 4, 2), _cfg(bm, 128, 8, 3), _cfg(max(16, bm // 2), 128, 4, 3), _cfg(bm, 32, 4, 2)]
     else:
-        bm = 128 if block_d <= 64 else 64
-        bn = 64
-        warps = 4 if block_d <= 64 else 8
-    bn = min(bn, _pow2_at_least(Lk, 16))
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": 3 if block_d <= 64 else 2}
+        first = _cfg(128 if block_d <= 64 else 64, 64, 4 if block_d <= 64 else 8, 3 if block_d <= 64 else 2)
+        alts = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(64, 32, 4, 3), _cfg(128, 32, 4, 3)]
+    out = [first]
+    for c in alts:
+        c["BLOCK_N"] = min(c["BLOCK_N"], bn_cap)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def bwd_configs(Lq: int, Lk: int, block_d: int) -> list[dict]:
+    """dK/dV programs own a key block and sweep queries; dQ programs the reverse (one config for
+    the three backward kernels)."""
+    bm_cap, bn_cap = _pow2_at_least(Lq, 16), _pow2_at_least(Lk, 16)
+    first = _cfg(min(64, bm_cap), min(64 if block_d <= 64 else 32, bn_cap), 4, 2)
+    alts = [_cfg(64, 64, 4, 3), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(128, 64, 8, 2), _cfg(32, 32, 4, 2)]
+    out = [first]
+    for c in alts:
+        c["BLOCK_M"], c["BLOCK_N"] = min(c["BLOCK_M"], bm_cap), min(c["BLOCK_N"], bn_cap)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def fwd_config(Lq: int, Lk: int, block_d: int) -> dict:
+    return fwd_configs(Lq, Lk, block_d)[0]
 
 
 def bwd_config(Lq: int, Lk: int, block_d: int) -> dict:
-    """dK/dV programs own a key block and sweep queries; dQ programs the reverse."""
-    bm = min(64, _pow2_at_least(Lq, 16))
-    bn = min(64 if block_d <= 64 else 32, _pow2_at_least(Lk, 16))
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
+    return bwd_configs(Lq, Lk, block_d)[0]
+
+
+def _autotuning() -> bool:
+    """On a GPU the candidates are timed once per shape bucket (MMFAST_ATTN_AUTOTUNE=0: always the
+    heuristic first candidate). The interpreter always uses the heuristic."""
+    return not dispatch.triton_interpreting() and os.environ.get("MMFAST_ATTN_AUTOTUNE", "1") != "0"
+
+
+_tuned: dict = {}
+
+
+def _choose(key: tuple, candidates: list[dict], run) -> dict:
+    """The fastest candidate for ``key`` (timed with ``run(cfg)``, which overwrites its outputs);
+    a candidate that fails to compile (e.g. out of shared memory) is skipped."""
+    if len(candidates) == 1 or not _autotuning():
+        return candidates[0]
+    if key not in _tuned:
+        from triton.testing import do_bench
+
+        best, best_ms = candidates[0], float("inf")
+        for cfg in candidates:
+            try:
+                ms = do_bench(lambda: run(cfg), warmup=3, rep=15)
+            except Exception:  # noqa: BLE001 (a config the compiler or the GPU rejects)
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        _tuned[key] = best
+    return _tuned[key]
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -329,17 +386,21 @@ def attention_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
     if Lk == 0:  # no key at all: every row is fully masked
         return out.zero_(), lse.zero_()
     block_d = _pow2_at_least(D, 16)
-    cfg = fwd_config(Lq, Lk, block_d)
     mask, smb, smn, has_mask = _mask_args(key_padding_mask, q)
     dropout = dropout_p > 0
-    num_m = triton.cdiv(Lq, cfg["BLOCK_M"])
-    _attn_fwd_kernel[(num_m * B * H,)](
-        q, k, v, out, lse, mask, seed if dropout else q,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smn,
-        H, Lq, Lk, D, num_m, float(scale) * _LOG2E, float(dropout_p),
-        HAS_MASK=has_mask, CAUSAL=bool(causal), DROPOUT=dropout, PREC=_precision(q.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, **_launch_opts(cfg),
-    )
+
+    def run(cfg):
+        num_m = triton.cdiv(Lq, cfg["BLOCK_M"])
+        _attn_fwd_kernel[(num_m * B * H,)](
+            q, k, v, out, lse, mask, seed if dropout else q,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smn,
+            H, Lq, Lk, D, num_m, float(scale) * _LOG2E, float(dropout_p),
+            HAS_MASK=has_mask, CAUSAL=bool(causal), DROPOUT=dropout, PREC=_precision(q.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, **_launch_opts(cfg),
+        )
+
+    key = ("fwd", q.dtype, block_d, has_mask, bool(causal), dropout, _bucket(Lq), _bucket(Lk), _bucket(B * H))
+    run(_choose(key, fwd_configs(Lq, Lk, block_d), run))
     return out, lse
 
 
@@ -353,24 +414,28 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, caus
     if B * H == 0 or Lq == 0 or Lk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = _pow2_at_least(D, 16)
-    cfg = bwd_config(Lq, Lk, block_d)
-    # delta_i = sum_d dO_i O_i = sum_j P~_ij dP~_ij (also with dropout: O is the dropped output)
-    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    num_m = triton.cdiv(Lq, cfg["BLOCK_M"])
-    _attn_bwd_delta_kernel[(num_m * B * H,)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq, D, num_m,
-        PREC=_precision(q.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=block_d, **_launch_opts(cfg))
     mask, smb, smn, has_mask = _mask_args(key_padding_mask, q)
     dropout = dropout_p > 0
-    common = dict(HAS_MASK=has_mask, CAUSAL=bool(causal), DROPOUT=dropout, PREC=_precision(q.dtype),
-                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, **_launch_opts(cfg))
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), smb, smn)
     seed_arg = seed if dropout else q
-    num_n = triton.cdiv(Lk, cfg["BLOCK_N"])
-    _attn_bwd_dkdv_kernel[(num_n * B * H,)](
-        q, k, v, grad_out, lse, delta, dk, dv, mask, seed_arg, *strides,
-        H, Lq, Lk, D, num_n, float(scale) * _LOG2E, float(scale), float(dropout_p), **common)
-    _attn_bwd_dq_kernel[(num_m * B * H,)](
-        q, k, v, grad_out, lse, delta, dq, mask, seed_arg, *strides,
-        H, Lq, Lk, D, num_m, float(scale) * _LOG2E, float(scale), float(dropout_p), **common)
+    # delta_i = sum_d dO_i O_i = sum_j P~_ij dP~_ij (also with dropout: O is the dropped output)
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+
+    def run(cfg):
+        common = dict(HAS_MASK=has_mask, CAUSAL=bool(causal), DROPOUT=dropout, PREC=_precision(q.dtype),
+                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d, **_launch_opts(cfg))
+        num_m = triton.cdiv(Lq, cfg["BLOCK_M"])
+        _attn_bwd_delta_kernel[(num_m * B * H,)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Lq, D, num_m,
+            PREC=_precision(q.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=block_d, **_launch_opts(cfg))
+        num_n = triton.cdiv(Lk, cfg["BLOCK_N"])
+        _attn_bwd_dkdv_kernel[(num_n * B * H,)](
+            q, k, v, grad_out, lse, delta, dk, dv, mask, seed_arg, *strides,
+            H, Lq, Lk, D, num_n, float(scale) * _LOG2E, float(scale), float(dropout_p), **common)
+        _attn_bwd_dq_kernel[(num_m * B * H,)](
+            q, k, v, grad_out, lse, delta, dq, mask, seed_arg, *strides,
+            H, Lq, Lk, D, num_m, float(scale) * _LOG2E, float(scale), float(dropout_p), **common)
+
+    key = ("bwd", q.dtype, block_d, has_mask, bool(causal), dropout, _bucket(Lq), _bucket(Lk), _bucket(B * H))
+    run(_choose(key, bwd_configs(Lq, Lk, block_d), run))
     return dq, dk, dv
