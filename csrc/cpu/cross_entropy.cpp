@@ -241,11 +241,11 @@ double ce_row_f64(const double* x, double* g, int64_t t, double scale, int64_t C
 
 // ------------------------------------------------------------------ driver
 // grad: nullptr (loss only), a separate (N, C) buffer, or the logits themselves (in place).
-template <typename scalar_t>
+template <typename scalar_t, typename loss_t>
 void cross_entropy_rows(const scalar_t* x_base, int64_t x_stride, scalar_t* g_base, int64_t g_stride,
                         int64_t N, int64_t C, const int64_t* t_ptr, const float* weight,
                         int64_t ignore_index, double label_smoothing, const float* grad_scale,
-                        int64_t grad_scale_stride, float* loss_ptr) {
+                        int64_t grad_scale_stride, loss_t* loss_ptr) {
   double weight_total = static_cast<double>(C);
   if (weight) {
     weight_total = 0;
@@ -272,7 +272,7 @@ void cross_entropy_rows(const scalar_t* x_base, int64_t x_stride, scalar_t* g_ba
                        " is outside [0, ", C, ") and is not ignore_index=", ignore_index);
       const float scale = grad_scale ? grad_scale[i * grad_scale_stride] : 1.f;
       if constexpr (std::is_same_v<scalar_t, double>) {
-        loss_ptr[i] = static_cast<float>(ce_row_f64(x, g, t, scale, C, weight, weight_total, label_smoothing));
+        loss_ptr[i] = ce_row_f64(x, g, t, scale, C, weight, weight_total, label_smoothing);
       } else if constexpr (std::is_same_v<scalar_t, float>) {
         loss_ptr[i] = row_fn(x, g, t, scale, params);
       } else {
@@ -322,16 +322,22 @@ Checked check_inputs(const at::Tensor& logits, const at::Tensor& target, const s
   return c;
 }
 
+at::ScalarType loss_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 void launch(const at::Tensor& logits, at::Tensor* grad, const Checked& c, int64_t ignore_index,
             double label_smoothing, at::Tensor& loss) {
   const int64_t N = logits.size(0), C = logits.size(1);
   if (N == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cpu", [&] {
-    cross_entropy_rows<scalar_t>(
+    // float64 logits get a float64 loss (gradcheck-able); everything else a float32 loss
+    using loss_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    cross_entropy_rows<scalar_t, loss_t>(
         logits.const_data_ptr<scalar_t>(), logits.stride(0), grad ? grad->data_ptr<scalar_t>() : nullptr,
         grad ? grad->stride(0) : 0, N, C, c.target.const_data_ptr<int64_t>(),
         c.weight.defined() ? c.weight.const_data_ptr<float>() : nullptr, ignore_index, label_smoothing,
-        c.scale.defined() ? c.scale.const_data_ptr<float>() : nullptr, c.scale_stride, loss.data_ptr<float>());
+        c.scale.defined() ? c.scale.const_data_ptr<float>() : nullptr, c.scale_stride, loss.data_ptr<loss_t>());
   });
 }
 
@@ -341,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
     const std::optional<at::Tensor>& grad_scale) {
   const Checked c = check_inputs(logits, target, weight, grad_scale);
   const int64_t N = logits.size(0), C = logits.size(1);
-  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
+  at::Tensor loss = at::empty({N}, logits.options().dtype(loss_dtype(logits)));
   at::Tensor grad = compute_grad ? at::empty({N, C}, logits.options()) : at::empty({0}, logits.options());
   launch(logits, compute_grad ? &grad : nullptr, c, ignore_index, label_smoothing, loss);
   return {loss, grad};
@@ -351,7 +357,7 @@ at::Tensor cross_entropy_forward_inplace_cpu(const at::Tensor& logits, const at:
                                              const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                              double label_smoothing, const std::optional<at::Tensor>& grad_scale) {
   const Checked c = check_inputs(logits, target, weight, grad_scale);
-  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(loss_dtype(logits)));
   at::Tensor grad = logits;  // each row is read completely before its gradient is written
   launch(logits, &grad, c, ignore_index, label_smoothing, loss);
   return loss;

@@ -69,6 +69,11 @@ def _reduction_denominator(target: Tensor, weight: Optional[Tensor], ignore_inde
     return (weight.gather(0, target.clamp(0, max(C - 1, 0))) * valid).sum(dtype=torch.float32)
 
 
+def _loss_dtype(x: Tensor) -> torch.dtype:
+    """Faces return float32 losses (float64 for float64 inputs, which only the CPU face takes)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _reduce(rows: Tensor, reduction: str, denom: Optional[Tensor]) -> Tensor:
     if reduction == "none":
         return rows
@@ -78,10 +83,19 @@ def _reduce(rows: Tensor, reduction: str, denom: Optional[Tensor]) -> Tensor:
 
 
 def _unit_upstream(grad_loss: Tensor) -> bool:
-    """True when the upstream gradient is exactly 1 and checking costs nothing: an eager CPU
-    scalar (never under tracing, where the value is unknown, and never on a GPU: no host sync)."""
-    return (type(grad_loss) is Tensor and grad_loss.device.type == "cpu" and grad_loss.numel() == 1
-            and not torch.compiler.is_compiling() and float(grad_loss) == 1.0)
+    """True when a backward may hand out its saved gradient itself instead of a scaled copy: the
+    upstream gradient is exactly 1 and checking costs nothing (an eager CPU scalar: never under
+    tracing, where the value is unknown, nor on a GPU, where reading it is a host sync), and the
+    graph is freed after this backward (no retain_graph). The receiver may then own the buffer
+    (AccumulateGrad steals it as .grad and later adds into it): with retain_graph the saved
+    gradient must stay intact for the next backward, so a copy is made then."""
+    if not (type(grad_loss) is Tensor and grad_loss.device.type == "cpu" and grad_loss.numel() == 1
+            and not torch.compiler.is_compiling()):
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or keep_graph():
+        return False
+    return float(grad_loss) == 1.0
 
 
 @torch.library.custom_op("mmfast::cross_entropy", mutates_args=())
@@ -100,24 +114,28 @@ def _cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
 @_cross_entropy_op.register_fake
 def _(logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad, backend):
     N, C = logits.shape
-    loss = logits.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
+    loss = logits.new_empty((N,) if reduction == "none" else (), dtype=_loss_dtype(logits))
     grad = logits.new_empty((N, C) if compute_grad else (0,))
     return loss, grad
 
 
 def _ce_setup_context(ctx, inputs, output):
+    # The gradient outputs are never differentiated: without this autograd would materialise
+    # zeros the size of each of them as their incoming gradient (a full extra pass).
+    ctx.set_materialize_grads(False)
     ctx.reduction = inputs[5]
     ctx.save_for_backward(output[1])
 
 
 def _ce_backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:  # only the (non-differentiable) gradient output was used
+        return None, None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     if ctx.reduction == "none":
         dlogits = grad * grad_loss.to(grad.dtype)[:, None]
     elif _unit_upstream(grad_loss):
         # loss.backward() on the CPU: the saved gradient already is the answer. Returning it saves
-        # a full read+write pass over N x C. Safe: autograd never writes into incoming gradients,
-        # and AccumulateGrad copies it while the graph (retain_graph) still holds it.
+        # a full read+write pass over N x C (see _unit_upstream for why this is safe).
         dlogits = grad
     else:
         dlogits = grad * grad_loss.to(grad.dtype)
@@ -142,7 +160,7 @@ def _cross_entropy_inplace_op(logits: Tensor, target: Tensor, weight: Optional[T
 
 @_cross_entropy_inplace_op.register_fake
 def _(logits, target, weight, ignore_index, label_smoothing, reduction, backend):
-    return logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=torch.float32)
+    return logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(logits))
 
 
 class _CrossEntropyInplace(torch.autograd.Function):
@@ -150,12 +168,15 @@ class _CrossEntropyInplace(torch.autograd.Function):
     def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, backend):
         loss = _cross_entropy_inplace_op(logits, target, weight, ignore_index, label_smoothing, reduction, backend)
         ctx.mark_dirty(logits)
+        ctx.set_materialize_grads(False)  # no zero-filled N x C gradient for the overwritten logits
         ctx.save_for_backward(logits)  # now the gradient; a later in-place write to it is caught
         ctx.reduction = reduction
         return loss, logits
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_overwritten_logits):
+        if grad_loss is None:
+            return None, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             grad = grad * grad_loss.to(grad.dtype)[:, None]
@@ -273,7 +294,7 @@ def _lce_chunks(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[T
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    loss = torch.zeros(N, dtype=torch.float32, device=dev)
+    loss = torch.zeros(N, dtype=_loss_dtype(hidden), device=dev)
     dh = torch.zeros_like(hidden) if compute_grad else hidden.new_empty((0,))
     dW = torch.zeros_like(weight) if compute_grad else weight.new_empty((0,))
     db = torch.zeros_like(bias) if (compute_grad and bias is not None) else weight.new_empty((0,))
@@ -338,7 +359,7 @@ def _linear_cross_entropy_op(hidden: Tensor, weight: Tensor, target: Tensor, bia
 def _(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, compute_grad, backend):
     N = hidden.shape[0]
     grads = compute_grad and reduction != "none"
-    loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
+    loss = hidden.new_empty((N,) if reduction == "none" else (), dtype=_loss_dtype(hidden))
     dh = torch.empty_like(hidden) if grads else hidden.new_empty((0,))
     dW = torch.empty_like(weight) if grads else weight.new_empty((0,))
     db = torch.empty_like(bias) if (grads and bias is not None) else weight.new_empty((0,))
@@ -362,6 +383,9 @@ def _(hidden, weight, target, bias, grad_rows, ignore_index, label_smoothing, ba
 
 
 def _lce_setup_context(ctx, inputs, output):
+    # The gradient outputs are never differentiated: without this autograd would materialise
+    # zeros the size of each of them as their incoming gradient (a full extra pass).
+    ctx.set_materialize_grads(False)
     hidden, weight, target, bias, ignore_index, label_smoothing, reduction, compute_grad, backend = inputs
     ctx.reduction, ctx.has_bias = reduction, bias is not None
     if reduction == "none":
@@ -372,6 +396,8 @@ def _lce_setup_context(ctx, inputs, output):
 
 
 def _lce_backward(ctx, grad_loss, _g1, _g2, _g3):
+    if grad_loss is None:
+        return None, None, None, None, None, None, None, None, None
     if ctx.reduction == "none":
         hidden, weight, target, bias = ctx.saved_tensors
         dh, dW, db = _linear_cross_entropy_backward_op(hidden, weight, target, bias, grad_loss, *ctx.args)
@@ -463,7 +489,7 @@ def _contrastive_impl(img: Tensor, txt: Tensor, scale: Tensor, label_smoothing: 
     f32 = img.dtype != torch.float64
     acc = torch.float32 if f32 else torch.float64
     tile = N if N < _CONTRASTIVE_TILE_FROM else _CONTRASTIVE_TILE
-    zero_loss = torch.zeros((), dtype=torch.float32, device=dev)
+    zero_loss = torch.zeros((), dtype=_loss_dtype(img), device=dev)
     if N == 0:
         empty = (torch.zeros_like(img), torch.zeros_like(txt), torch.zeros_like(scale)) if compute_grad else \
             (img.new_empty((0,)), txt.new_empty((0,)), scale.new_empty((0,)))
@@ -496,7 +522,7 @@ def _contrastive_impl(img: Tensor, txt: Tensor, scale: Tensor, label_smoothing: 
     lse_c = col_m + torch.log(col_s)
     loss_r = lse_r - (1 - eps) * diag - eps / N * rowsum
     loss_c = lse_c - (1 - eps) * diag - eps / N * colsum
-    loss = ((loss_r.sum() + loss_c.sum()) / (2 * N)).to(torch.float32)
+    loss = ((loss_r.sum() + loss_c.sum()) / (2 * N)).to(_loss_dtype(img))
     if not compute_grad:
         return loss, img.new_empty((0,)), txt.new_empty((0,)), scale.new_empty((0,))
 
@@ -541,17 +567,22 @@ def _contrastive_op(image_features: Tensor, text_features: Tensor, logit_scale: 
 
 @_contrastive_op.register_fake
 def _(image_features, text_features, logit_scale, label_smoothing, compute_grad, backend):
-    loss = image_features.new_empty((), dtype=torch.float32)
+    loss = image_features.new_empty((), dtype=_loss_dtype(image_features))
     if compute_grad:
         return loss, torch.empty_like(image_features), torch.empty_like(text_features), torch.empty_like(logit_scale)
     return loss, image_features.new_empty((0,)), text_features.new_empty((0,)), logit_scale.new_empty((0,))
 
 
 def _contrastive_setup_context(ctx, inputs, output):
+    # The gradient outputs are never differentiated: without this autograd would materialise
+    # zeros the size of each of them as their incoming gradient (a full extra pass).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output[1:])
 
 
 def _contrastive_backward(ctx, grad_loss, _g1, _g2, _g3):
+    if grad_loss is None:
+        return None, None, None, None, None, None
     grads = ctx.saved_tensors
     if not _unit_upstream(grad_loss):
         grads = tuple(g * grad_loss.to(g.dtype) for g in grads)

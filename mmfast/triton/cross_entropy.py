@@ -80,14 +80,16 @@ def _ce_kernel(x_ptr, x_stride, g_ptr, g_stride, t_ptr, w_ptr, loss_ptr, scale_p
             scale = tl.load(scale_ptr + rows * scale_stride, mask=row_ok, other=0.0)
         else:
             scale = tl.full([ROWS], 1.0, tl.float32)
-        coef = (a + eps / C * wtot) * scale
+        # p_j = exp(x_j - max) / sum: x_j - max is exact, x_j - lse would lose digits at |x| ~ 1e4
+        m_fin = tl.where(m == float("-inf"), 0.0, m)
+        coef = (a + eps / C * wtot) * scale / tl.where(active, s, 1.0)  # s = 0 (all -inf): NaN, as torch
         g_row = g_ptr + rows * g_stride
         for c0 in range(0, C, BLOCK):
             cols = c0 + tl.arange(0, BLOCK).to(tl.int64)
             cm = cols < C
             mask = active[:, None] & cm[None, :]
             x = tl.load(x_row[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            g = tl.exp(x - lse[:, None]) * coef[:, None]
+            g = tl.exp(x - m_fin[:, None]) * coef[:, None]
             if SMOOTH:
                 if HAS_WEIGHT:
                     w = tl.load(w_ptr + cols, mask=cm, other=0.0)
@@ -106,7 +108,7 @@ def _launch_config(N: int, C: int) -> tuple[int, int, int]:
     if triton_interpreting():
         # numpy executes a whole block at once: big blocks, few programs.
         block = min(block_c, 32768)
-        rows = max(1, min(64, 65536 // block, triton.next_power_of_2(max(N, 1))))
+        rows = max(1, min(4096, (1 << 18) // block, triton.next_power_of_2(max(N, 1))))
         return rows, block, 1
     if C >= 2048:
         return 1, min(block_c, 8192), 8 if C <= 16384 else 16

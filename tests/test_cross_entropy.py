@@ -1,0 +1,255 @@
+"""cross_entropy: the correctness rule for the C++ CPU face and the Triton face (interpreter on a
+CPU machine) across reductions, ignore_index, class weights, label smoothing, vocabulary sizes,
+edge cases (+-inf / +-1e4 logits, all targets ignored, empty input, bad targets), the opt-in
+in-place gradient, opcheck and torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmfast
+from mmfast import dispatch, testing
+from mmfast.ops.cross_entropy import _cross_entropy_inplace_op, _cross_entropy_op
+
+BACKENDS = [b for b in ("cpu", "triton") if dispatch.availability("cross_entropy", b, "cpu", torch.float32) is None]
+pytestmark = pytest.mark.skipif(not BACKENDS, reason="neither the C++ extension nor Triton is available")
+
+VARIANTS = {  # name: (ignore some targets, class weights, label smoothing)
+    "plain": (False, False, 0.0),
+    "ignore": (True, False, 0.0),
+    "weight": (False, True, 0.0),
+    "smooth": (False, False, 0.1),
+    "all": (True, True, 0.2),
+}
+
+
+def _case(N, C, dtype, variant, seed=0):
+    ignore, weighted, eps = VARIANTS[variant]
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, C, generator=gen) * 3).to(dtype)
+    t = torch.randint(0, C, (N,), generator=gen)
+    if ignore:
+        t[torch.rand(N, generator=gen) < 0.4] = -100
+    w = torch.rand(C, generator=gen) + 0.5 if weighted else None
+    return x, t, w, eps
+
+
+def _check(backend, x, t, w, eps, reduction, name, **kw):
+    def kernel(x, t):
+        return mmfast.ops.cross_entropy(x, t, weight=w, label_smoothing=eps, reduction=reduction, backend=backend, **kw)
+
+    def reference(x, t):
+        ww = None if w is None else w.to(x.dtype)
+        return F.cross_entropy(x, t, weight=ww, label_smoothing=eps, reduction=reduction)
+
+    testing.check_op(kernel, reference, [x, t], grad_inputs=[0], name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("N,C", [(1, 7), (113, 1000), (4096, 7)])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_rule_small_vocab(backend, dtype, N, C, variant):
+    x, t, w, eps = _case(N, C, dtype, variant)
+    for reduction in ("mean", "sum", "none"):
+        _check(backend, x, t, w, eps, reduction, f"{backend} {N}x{C} {dtype} {variant} {reduction}")
+
+
+# The interpreter needs ~1 s per 3.4M-element call, so the Triton face gets two of the cases.
+_BERT_CASES = [(b, dt, v, r) for b in BACKENDS for dt in (torch.float32, torch.float16) for v in ("plain", "all")
+               for r in ("mean", "none")
+               if b == "cpu" or (dt, v, r) in ((torch.float32, "all", "mean"), (torch.float16, "plain", "none"))]
+
+
+@pytest.mark.parametrize("backend,dtype,variant,reduction", _BERT_CASES)
+def test_rule_bert_vocab(backend, dtype, variant, reduction):
+    """V = 30522 (BERT's vocabulary: not a multiple of any block), odd N."""
+    x, t, w, eps = _case(113, 30522, dtype, variant, seed=1)
+    _check(backend, x, t, w, eps, reduction, f"{backend} 113x30522 {dtype} {variant} {reduction}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rule_one_row_bert_vocab_and_3d(backend):
+    x, t, w, eps = _case(1, 30522, torch.float32, "smooth", seed=2)
+    _check(backend, x, t, w, eps, "mean", "1x30522")
+    # (N, C, d) logits as torch allows, non-contiguous along C after movedim
+    x3 = testing.randn(3, 11, 5, seed=3, scale=2.0)
+    t3 = torch.randint(0, 11, (3, 5))
+    t3[0, 1] = -100
+    for red in ("mean", "none"):
+        _check(backend, x3, t3, None, 0.05, red, f"3d {red}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_extreme_logits(backend, dtype):
+    """+-1e4 logits (the max-shift must be exact) and -inf entries (masked classes, including at
+    the target: loss inf) give what torch gives; rows with +inf or only -inf are NaN, as in torch."""
+    x, t, w, eps = _case(9, 37, dtype, "plain", seed=4)
+    x[0, :5] = 1e4
+    x[1, 3] = -1e4
+    x[2, ::2] = float("-inf")
+    t[2] = 1
+    for reduction in ("sum", "none"):
+        for smooth in (0.0, 0.1):
+            _check(backend, x, t, None, smooth, reduction, f"big {reduction} {smooth}")
+    xi = x.clone()
+    xi[3, t[3]] = float("-inf")  # target masked out: infinite loss, finite gradient
+    xi[4, 7] = float("inf")      # +inf: NaN row
+    xi[5] = float("-inf")        # only -inf: NaN row
+    with testing.poisoned_outputs():
+        out = mmfast.ops.cross_entropy(xi, t, reduction="none", backend=backend)
+    ref = F.cross_entropy(xi.double(), t, reduction="none")
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(torch.isinf(out), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    assert torch.allclose(out[fin].double(), ref[fin], rtol=1e-3, atol=1e-3)
+    xg = xi.clone().requires_grad_(True)
+    xr = xi.double().requires_grad_(True)
+    (g,) = torch.autograd.grad(mmfast.ops.cross_entropy(xg, t, reduction="none", backend=backend)[[0, 1, 2, 3, 6]].sum(), xg)
+    (gr,) = torch.autograd.grad(F.cross_entropy(xr, t, reduction="none")[[0, 1, 2, 3, 6]].sum(), xr)
+    rows = [0, 1, 2, 3, 6]  # finite rows (NaN rows give NaN gradients even under a zero upstream)
+    assert torch.allclose(g[rows].double(), gr[rows], atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored_and_empty(backend):
+    x = testing.randn(6, 13).requires_grad_(True)
+    t = torch.full((6,), -100)
+    for reduction in ("mean", "sum", "none"):
+        out = mmfast.ops.cross_entropy(x, t, reduction=reduction, backend=backend)
+        ref = F.cross_entropy(x, t, reduction=reduction)
+        torch.testing.assert_close(out, ref, equal_nan=True)  # mean: NaN (0/0), like torch
+        if reduction != "mean":
+            (g,) = torch.autograd.grad(out.sum(), x)
+            assert torch.equal(g, torch.zeros_like(x))
+    e = torch.randn(0, 13, requires_grad=True)
+    te = torch.zeros(0, dtype=torch.long)
+    for reduction in ("mean", "sum", "none"):
+        out = mmfast.ops.cross_entropy(e, te, reduction=reduction, backend=backend)
+        torch.testing.assert_close(out, F.cross_entropy(e, te, reduction=reduction), equal_nan=True)
+    (g,) = torch.autograd.grad(mmfast.ops.cross_entropy(e, te, reduction="sum", backend=backend), e)
+    assert g.shape == e.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [7, -1, 10**10])
+def test_out_of_range_target_is_an_error(backend, bad):
+    x = testing.randn(4, 7)
+    t = torch.tensor([0, 1, bad, 2])
+    with pytest.raises(RuntimeError, match="argument 'target'.*outside \\[0, 7\\)"):
+        mmfast.ops.cross_entropy(x, t, backend=backend)
+    with pytest.raises(RuntimeError, match="argument 'target'"):
+        mmfast.ops.cross_entropy(x.clone().requires_grad_(True) * 1, t, backend=backend, inplace_backward=True)
+
+
+def test_triton_kernel_poisons_out_of_range_rows():
+    """The kernel itself (below the host check) writes NaN, never a finite wrong loss, and reads nothing
+    out of bounds for a bad target."""
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton unavailable")
+    from mmfast.triton import cross_entropy as tce
+
+    x = testing.randn(3, 7)
+    t = torch.tensor([1, 9, -3])
+    loss = torch.empty(3)
+    g = torch.empty(3, 7)
+    tce._ce_kernel[(3,)](x, 7, g, 7, t, loss, loss, loss, 0, 3, 7, -100, 0.0, HAS_WEIGHT=False, SMOOTH=False,
+                         HAS_SCALE=False, COMPUTE_GRAD=True, ROWS=1, BLOCK=8)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+    assert torch.isfinite(g[0]).all() and torch.isnan(g[1:]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward(backend):
+    z = testing.randn(37, 101, seed=5, scale=2.0).requires_grad_(True)
+    t = torch.randint(0, 101, (37,))
+    t[::3] = -100
+    for reduction in ("mean", "sum", "none"):
+        y = z * 1.5
+        ptr = y.data_ptr()
+        loss = mmfast.ops.cross_entropy(y, t, label_smoothing=0.1, reduction=reduction, backend=backend,
+                                        inplace_backward=True)
+        up = torch.rand_like(loss) + 0.5
+        (g,) = torch.autograd.grad(loss, z, up)
+        zr = z.detach().double().requires_grad_(True)
+        ref = F.cross_entropy(zr * 1.5, t, label_smoothing=0.1, reduction=reduction)
+        (gr,) = torch.autograd.grad(ref, zr, up.double())
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g.double(), gr, rtol=1e-4, atol=1e-6)
+        assert y.data_ptr() == ptr  # the gradient went into the logits buffer
+    # misuse is caught by the version counter, never silently wrong (Liger-Kernel #272)
+    y = torch.tanh(z)  # tanh saves its output for backward
+    loss = mmfast.ops.cross_entropy(y, t, backend=backend, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    y = z * 2
+    loss = mmfast.ops.cross_entropy(y, t, backend=backend, inplace_backward=True)
+    y.add_(1)  # touching the overwritten logits afterwards
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(ValueError, match="argument 'logits'"):
+        mmfast.ops.cross_entropy(z, t, backend=backend, inplace_backward=True)
+
+
+def test_cpu_unit_upstream_shortcut_keeps_retain_graph_correct():
+    """Backward with upstream grad 1 hands out the saved gradient itself: a second backward
+    (retain_graph) and accumulation must still give exact results."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("C++ extension unavailable")
+    x = testing.randn(9, 31, seed=6).requires_grad_(True)
+    t = torch.randint(0, 31, (9,))
+    loss = mmfast.ops.cross_entropy(x, t, backend="cpu")
+    loss.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    loss.backward(retain_graph=True)
+    ref = torch.autograd.grad(F.cross_entropy(x, t), x)[0]
+    torch.testing.assert_close(g1, ref)
+    torch.testing.assert_close(x.grad, 2 * ref)
+    (loss * 3).backward()  # upstream 3 through the same graph: a scaled copy
+    torch.testing.assert_close(x.grad, 5 * ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x = testing.randn(9, 13, seed=7).requires_grad_(True)
+    t = torch.randint(0, 13, (9,))
+    t[2] = -100
+    w = torch.rand(13) + 0.1
+    for red in ("mean", "sum", "none"):
+        torch.library.opcheck(_cross_entropy_op, (x, t, w, -100, 0.1, red, True, backend))
+        torch.library.opcheck(_cross_entropy_op, (x.detach(), t, None, -100, 0.0, red, False, backend))
+        torch.library.opcheck(_cross_entropy_inplace_op, (x.detach().clone(), t, w, -100, 0.1, red, backend),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    x = testing.randn(16, 50, seed=8).requires_grad_(True)
+    t = torch.randint(0, 50, (16,))
+    f = torch.compile(lambda x, t: mmfast.ops.cross_entropy(x, t, label_smoothing=0.1, backend=backend) * 2,
+                      fullgraph=True, backend="aot_eager")
+    loss = f(x, t)
+    (g,) = torch.autograd.grad(loss, x)
+    ref = F.cross_entropy(x, t, label_smoothing=0.1) * 2
+    (gr,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(g, gr)
+
+
+def test_gradcheck_float64_cpu():
+    if "cpu" not in BACKENDS:
+        pytest.skip("C++ extension unavailable")
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 6, -100, 3, 2])
+    w = torch.rand(7) + 0.5
+    torch.autograd.gradcheck(
+        lambda x: mmfast.ops.cross_entropy(x, t, weight=w, label_smoothing=0.2, reduction="none", backend="cpu"), (x,))
+
+
+def test_module_matches_torch():
+    m = mmfast.nn.CrossEntropyLoss(weight=torch.rand(11) + 0.5, ignore_index=3, label_smoothing=0.1)
+    ref = torch.nn.CrossEntropyLoss(weight=m.weight, ignore_index=3, label_smoothing=0.1)
+    x = testing.randn(8, 11, seed=9).requires_grad_(True)
+    t = torch.randint(0, 11, (8,))
+    torch.testing.assert_close(m(x, t), ref(x, t))
+    assert isinstance(m, torch.nn.CrossEntropyLoss)
