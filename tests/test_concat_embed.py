@@ -364,9 +364,32 @@ def test_compile_fullgraph(dropout_p):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES + [(2, (40, 577), 768, "tPlb", 8), (4, (40, 197, 1, 9), 1024, "tplb", 4),
-                                          (2, (30, 197), 776, "tPlb", 3)], ids=str)
+                                          (2, (30, 197), 770, "tPlb", 3),  # D % 8 != 0: scalar path
+                                          (2, (5, 3), 768, "tPlb", 37)], ids=str)  # several batch chunks
 def test_gpu_faces_rule(backend, dtype, case):
     run_rule(backend, case, dtype, "cuda")
+
+
+@pytest.mark.cuda
+def test_gpu_wide_rows_go_to_triton():
+    case = (1, (7,), 2048, "tplb", 2)
+    run_rule("triton", case, torch.bfloat16, "cuda")
+    f = [torch.randn(2, 7, 2048, device="cuda")]
+    with pytest.raises(RuntimeError, match="hidden sizes up to 1024"):
+        concat_embed(f, backend="cuda")
+    torch.testing.assert_close(concat_embed(f)[0], reference(f)[0])
+
+
+@pytest.mark.cuda
+def test_gpu_vector_path_with_misaligned_view():
+    """A feature view starting at an odd element offset must take the scalar path, not fault."""
+    base = torch.randn(2 * 40 * 768 + 1, device="cuda", dtype=torch.bfloat16)
+    f = base[1:].view(2, 40, 768)
+    w = torch.randn(768, device="cuda")
+    for backend in ("cuda", "triton"):
+        out = concat_embed([f], ln_weight=w, eps=1e-5, backend=backend)[0]
+        ref = reference([f.float()], ln_weight=w, eps=1e-5)[0]
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.cuda

@@ -38,6 +38,7 @@ from mmfast import _extension, dispatch
 from mmfast import reference as _ref
 
 _MAX_MODALITIES = 4
+_CUDA_MAX_D = 1024  # kMaxD in csrc/cuda/concat_embed.cu
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 dispatch.register_op(dispatch.OpSpec(
@@ -299,7 +300,10 @@ def concat_embed(features, *, type_embeddings=None, pos_embeddings=None, ln_weig
     """
     _check_args(features, type_embeddings, pos_embeddings, ln_weight, ln_bias, eps, dropout_p, masks)
     f0 = features[0]
-    be = dispatch.resolve("concat_embed", backend, f0.device.type, f0.dtype)
+    # The CUDA face keeps a row in registers (D <= 1024); larger rows go to Triton.
+    limits = (("cuda", f"the CUDA face supports hidden sizes up to {_CUDA_MAX_D}, got {f0.shape[2]}"),) \
+        if f0.shape[2] > _CUDA_MAX_D else ()
+    be = dispatch.resolve("concat_embed", backend, f0.device.type, f0.dtype, limits)
     if be == "torch":
         return _ref.concat_embed(list(features), type_embeddings=type_embeddings, pos_embeddings=pos_embeddings,
                                  ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, dropout_p=dropout_p, masks=masks)

@@ -1,0 +1,577 @@
+// Fused feature concatenation, CUDA face. Same contract and formulas as csrc/cpu/concat_embed.cpp.
+//
+// Forward: one warp per output row (kWarps rows per block). Each lane holds up to 32 values of the
+// row in registers (D <= 1024), loaded as 16-byte vectors when D and every base pointer allow it
+// (scalar loads with bounds checks otherwise): x = features + position + type in float32, warp
+// reductions for the LayerNorm mean and (two-pass) variance, dropout from the shared hash, one
+// vector store. One read of every input and one write of the output.
+//
+// Backward: one launch per modality; block (i, j) has kWarps warps, warp w owning position
+// l = i*kWarps + w for batch rows [j*kBatchChunk, j*kBatchChunk + kBatchChunk). A warp recomputes x
+// from the inputs, writes the feature-gradient rows and keeps float32 register accumulators; the
+// position-gradient partial per (batch chunk, position) and one per-block partial each for the
+// LayerNorm weight, bias and type embedding (summed across warps through shared memory in warp
+// order) go to global memory; stage 2 sums them with at::sum. Deterministic, no atomics.
+// Launched on the current stream with a device guard; no host synchronisation.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace mmfast {
+namespace {
+
+constexpr int kMaxM = 4;
+constexpr int kWarps = 4;         // rows (forward) or positions (backward) per block
+constexpr int kMaxD = 1024;       // registers per lane: kMaxD / 32 values
+constexpr int kBatchChunk = 16;   // batch rows per backward block
+
+// float32 / float16 / bfloat16 only (no float64 instantiations: compile time).
+#define MMFAST_DISPATCH_CE_TYPES(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+struct Args {
+  const void* feat[kMaxM];
+  const float* pos[kMaxM];
+  int64_t L[kMaxM];
+  int64_t off[kMaxM + 1];
+  const float* type;
+  const float* w;
+  const float* bias;
+  const int64_t* seed;
+  int64_t B, Ltot, D;
+  int M;
+  float eps, scale;
+  uint32_t thresh;
+  bool dropout, vec;
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+__device__ __forceinline__ uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+__device__ __forceinline__ bool dropout_keep(uint64_t idx, uint32_t k0, uint32_t k1, uint32_t thresh) {
+  uint32_t h = fmix32(static_cast<uint32_t>(idx) ^ k0);
+  h = fmix32(h ^ static_cast<uint32_t>(idx >> 32) ^ k1);
+  return (h >> 8) >= thresh;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// VEC values of row `p` starting at column col0 (0 beyond D).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_row(const T* p, int64_t col0, int64_t D, bool vec, float* out) {
+  if (vec) {
+    if (col0 < D) {
+      const Vec<T, VEC> a = *reinterpret_cast<const Vec<T, VEC>*>(p + col0);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out[e] = static_cast<float>(a.v[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out[e] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = col0 + e < D ? static_cast<float>(p[col0 + e]) : 0.f;
+  }
+}
+
+// float32 parameter rows: VEC/4 16-byte loads in vector mode (col0 is a multiple of 4 there).
+template <int VEC>
+__device__ __forceinline__ void load_param(const float* p, int64_t col0, int64_t D, bool vec, float* out) {
+  if (vec && VEC % 4 == 0) {
+    if (col0 < D) {
+#pragma unroll
+      for (int q = 0; q < VEC / 4; ++q) {
+        const float4 a = *reinterpret_cast<const float4*>(p + col0 + 4 * q);
+        out[4 * q] = a.x;
+        out[4 * q + 1] = a.y;
+        out[4 * q + 2] = a.z;
+        out[4 * q + 3] = a.w;
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out[e] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = col0 + e < D ? p[col0 + e] : 0.f;
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_row(T* p, int64_t col0, int64_t D, bool vec, const float* v) {
+  if (vec) {
+    if (col0 < D) {
+      Vec<T, VEC> a;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) a.v[e] = static_cast<T>(v[e]);
+      *reinterpret_cast<Vec<T, VEC>*>(p + col0) = a;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e)
+      if (col0 + e < D) p[col0 + e] = static_cast<T>(v[e]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32) concat_embed_fwd_kernel(Args a, T* __restrict__ out,
+                                                                       float* __restrict__ mean_out,
+                                                                       float* __restrict__ rstd_out) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int CH = kMaxD / (32 * VEC);
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (r >= a.B * a.Ltot) return;  // the whole warp leaves together
+  const int64_t b = r / a.Ltot, t = r - b * a.Ltot;
+  int m = 0;
+  while (m + 1 < a.M && t >= a.off[m + 1]) ++m;
+  const int64_t l = t - a.off[m], D = a.D;
+  const T* f = static_cast<const T*>(a.feat[m]) + (b * a.L[m] + l) * D;
+  const float* pe = a.pos[m] ? a.pos[m] + l * D : nullptr;
+  const float* te = a.type ? a.type + m * D : nullptr;
+
+  float x[CH][VEC];
+  float tmp[VEC];
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
+    load_row<T, VEC>(f, col0, D, a.vec, x[c]);
+    if (pe) {
+      load_param<VEC>(pe, col0, D, a.vec, tmp);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) x[c][e] += tmp[e];
+    }
+    if (te) {
+      load_param<VEC>(te, col0, D, a.vec, tmp);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) x[c][e] += tmp[e];
+    }
+  }
+  if (a.w) {
+    float s = 0.f;
+#pragma unroll
+    for (int c = 0; c < CH; ++c)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s += x[c][e];  // columns >= D hold 0
+    const float mean = warp_sum(s) / static_cast<float>(D);
+    float q = 0.f;
+#pragma unroll
+    for (int c = 0; c < CH; ++c)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int64_t col = (static_cast<int64_t>(c) * 32 + lane) * VEC + e;
+        const float d = col < D ? x[c][e] - mean : 0.f;
+        q += d * d;
+      }
+    const float rstd = 1.f / sqrtf(warp_sum(q) / static_cast<float>(D) + a.eps);
+    if (lane == 0) {
+      mean_out[r] = mean;
+      rstd_out[r] = rstd;
+    }
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
+      float wv[VEC], bv[VEC];
+      load_param<VEC>(a.w, col0, D, a.vec, wv);
+      if (a.bias) load_param<VEC>(a.bias, col0, D, a.vec, bv);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) x[c][e] = (x[c][e] - mean) * rstd * wv[e] + (a.bias ? bv[e] : 0.f);
+    }
+  }
+  uint32_t k0 = 0, k1 = 0;
+  if (a.dropout) {
+    const uint64_t s = static_cast<uint64_t>(*a.seed);
+    k0 = static_cast<uint32_t>(s);
+    k1 = static_cast<uint32_t>(s >> 32);
+  }
+  T* o = out + r * D;
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
+    if (a.dropout) {
+      const uint64_t base = static_cast<uint64_t>(r * D + col0);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) x[c][e] = dropout_keep(base + e, k0, k1, a.thresh) ? x[c][e] * a.scale : 0.f;
+    }
+    store_row<T, VEC>(o, col0, D, a.vec, x[c]);
+  }
+}
+
+// Sums a per-warp accumulator over the block's warps (in warp order) into dst[0..D).
+template <int CH, int VEC>
+__device__ __forceinline__ void block_partial(float (&acc)[CH][VEC], float* smem, float* dst, int64_t D) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int c = 0; c < CH; ++c)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) smem[warp * kMaxD + (c * 32 + lane) * VEC + e] = acc[c][e];
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += smem[w * kMaxD + j];
+    dst[j] = s;
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32) concat_embed_bwd_kernel(
+    Args a, int m, const T* __restrict__ gout, const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
+    T* __restrict__ gfeat, float* __restrict__ ppos, float* __restrict__ pw, float* __restrict__ pb,
+    float* __restrict__ pt) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int CH = kMaxD / (32 * VEC);
+  __shared__ float smem[kWarps * kMaxD];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  const int64_t D = a.D, L = a.L[m];
+  const int64_t l = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const bool valid = l < L;  // invalid warps still join the block reductions (with zeros)
+  const bool ln = a.w != nullptr;
+  const T* feat = static_cast<const T*>(a.feat[m]);
+  const float* pe = (a.pos[m] && valid) ? a.pos[m] + l * D : nullptr;
+  const float* te = a.type ? a.type + m * D : nullptr;
+
+  // Accumulators in registers; the weight, position and type rows are re-read each batch row
+  // (they stay in L1) to keep register pressure down.
+  float acc_g[CH][VEC], acc_w[CH][VEC], acc_b[CH][VEC];
+#pragma unroll
+  for (int c = 0; c < CH; ++c)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc_g[c][e] = acc_w[c][e] = acc_b[c][e] = 0.f;
+  uint32_t k0 = 0, k1 = 0;
+  if (a.dropout) {
+    const uint64_t s = static_cast<uint64_t>(*a.seed);
+    k0 = static_cast<uint32_t>(s);
+    k1 = static_cast<uint32_t>(s >> 32);
+  }
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kBatchChunk;
+  const int64_t b1 = b0 + kBatchChunk < a.B ? b0 + kBatchChunk : a.B;
+  if (valid) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t orow = b * a.Ltot + a.off[m] + l, frow = b * L + l;
+      float g[CH][VEC];
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
+        load_row<T, VEC>(gout + orow * D, col0, D, a.vec, g[c]);
+        if (a.dropout) {
+          const uint64_t base = static_cast<uint64_t>(orow * D + col0);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) g[c][e] = dropout_keep(base + e, k0, k1, a.thresh) ? g[c][e] * a.scale : 0.f;
+        }
+      }
+      if (ln) {
+        const float mean = mean_in[orow], rstd = rstd_in[orow];
+        float xh[CH][VEC];
+        float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+          const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
+          float wv[VEC], tmp[VEC];
+          load_row<T, VEC>(feat + frow * D, col0, D, a.vec, xh[c]);
+          if (pe) {
+            load_param<VEC>(pe, col0, D, a.vec, tmp);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) xh[c][e] += tmp[e];
+          }
+          if (te) {
+            load_param<VEC>(te, col0, D, a.vec, tmp);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) xh[c][e] += tmp[e];
+          }
+          load_param<VEC>(a.w, col0, D, a.vec, wv);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const bool in = col0 + e < D;
+            xh[c][e] = in ? (xh[c][e] - mean) * rstd : 0.f;
+            acc_w[c][e] += g[c][e] * xh[c][e];
+            acc_b[c][e] += g[c][e];
+            g[c][e] *= wv[e];  // d/d(x-hat)
+            s1 += g[c][e];
+            s2 += g[c][e] * xh[c][e];
+          }
+        }
+        const float c1 = warp_sum(s1) / static_cast<float>(D), c2 = warp_sum(s2) / static_cast<float>(D);
+#pragma unroll
+        for (int c = 0; c < CH; ++c)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) g[c][e] = rstd * (g[c][e] - c1 - xh[c][e] * c2);
+      }
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
+        store_row<T, VEC>(gfeat + frow * D, col0, D, a.vec, g[c]);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc_g[c][e] += col0 + e < D ? g[c][e] : 0.f;
+      }
+    }
+    if (ppos) {
+      float* dst = ppos + (static_cast<int64_t>(blockIdx.y) * L + l) * D;
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+        const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+          if (col0 + e < D) dst[col0 + e] = acc_g[c][e];
+      }
+    }
+  }
+  const int64_t prog = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * D;
+  if (ln) {
+    block_partial<CH, VEC>(acc_w, smem, pw + prog, D);
+    block_partial<CH, VEC>(acc_b, smem, pb + prog, D);
+  }
+  if (pt) block_partial<CH, VEC>(acc_g, smem, pt + prog, D);
+}
+
+inline uint32_t dropout_threshold(double p) {
+  const double t = std::floor(p * 16777216.0 + 0.5);
+  return t >= 16777216.0 ? 16777216u : static_cast<uint32_t>(t);
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Argument checks (as in the CPU face) and the kernel arguments.
+Args make_args(const std::vector<at::Tensor>& feats, const std::optional<at::Tensor>& type_emb,
+               const std::vector<at::Tensor>& pos, at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight,
+               const std::optional<at::Tensor>& ln_bias, double eps, double dropout_p,
+               const std::optional<at::Tensor>& seed) {
+  Args a{};
+  const int64_t M = static_cast<int64_t>(feats.size());
+  MMFAST_CHECK_ARG(M >= 1 && M <= kMaxM, "features", "expected 1 to ", kMaxM, " modalities, got ", M);
+  MMFAST_CHECK_ARG(static_cast<int64_t>(pos_index.size()) == M, "pos_index", "expected ", M, " entries, got ",
+                   pos_index.size());
+  const at::Tensor& f0 = feats[0];
+  check_dim(f0, "features", 3);
+  MMFAST_CHECK_ARG(f0.is_cuda(), "features", "expected CUDA tensors, got ", f0.device());
+  const auto st = f0.scalar_type();
+  MMFAST_CHECK_ARG(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "features",
+                   "the CUDA face supports float32, float16 and bfloat16, got ", st);
+  a.M = static_cast<int>(M);
+  a.B = f0.size(0);
+  a.D = f0.size(2);
+  MMFAST_CHECK_ARG(a.D <= kMaxD, "features", "the CUDA face supports hidden sizes up to ", kMaxD, ", got ", a.D,
+                   " (use the Triton face)");
+  const int vec_elems = 16 / static_cast<int>(f0.element_size());
+  bool vec = a.D % vec_elems == 0;
+  auto check_param = [&](const at::Tensor& t, const char* name) {
+    MMFAST_CHECK_ARG(t.scalar_type() == at::kFloat, name, "expected float32, got ", t.scalar_type());
+    MMFAST_CHECK_ARG(t.is_contiguous(), name, "expected a contiguous tensor");
+    check_same_device(t, f0, name);
+    vec = vec && aligned16(t.const_data_ptr());
+  };
+  bool used[kMaxM] = {};
+  for (int64_t m = 0; m < M; ++m) {
+    const at::Tensor& f = feats[m];
+    check_dim(f, "features", 3);
+    MMFAST_CHECK_ARG(f.size(0) == a.B && f.size(2) == a.D, "features", "modality ", m, " has shape ", f.sizes(),
+                     ", expected (", a.B, ", L, ", a.D, ")");
+    MMFAST_CHECK_ARG(f.scalar_type() == f0.scalar_type(), "features", "modality ", m, " has dtype ", f.scalar_type(),
+                     ", expected ", f0.scalar_type());
+    MMFAST_CHECK_ARG(f.is_contiguous(), "features", "modality ", m, " is not contiguous");
+    MMFAST_CHECK_ARG(f.size(1) >= 1, "features", "modality ", m, " has no tokens");
+    check_same_device(f, f0, "features");
+    a.feat[m] = f.const_data_ptr();
+    vec = vec && aligned16(a.feat[m]);
+    a.L[m] = f.size(1);
+    a.off[m + 1] = a.off[m] + a.L[m];
+    const int64_t k = pos_index[m];
+    a.pos[m] = nullptr;
+    if (k >= 0) {
+      MMFAST_CHECK_ARG(k < static_cast<int64_t>(pos.size()) && !used[k], "pos_index", "entry ", m, " = ", k,
+                       " is out of range or repeated");
+      used[k] = true;
+      const at::Tensor& t = pos[k];
+      check_dim(t, "pos_tables", 2);
+      MMFAST_CHECK_ARG(t.size(1) == a.D && t.size(0) >= a.L[m], "pos_tables", "table of modality ", m, " has shape ",
+                       t.sizes(), ", expected (>= ", a.L[m], ", ", a.D, ")");
+      check_param(t, "pos_tables");
+      a.pos[m] = t.const_data_ptr<float>();
+    }
+  }
+  a.Ltot = a.off[M];
+  if (type_emb.has_value()) {
+    check_dim(*type_emb, "type_emb", 2);
+    MMFAST_CHECK_ARG(type_emb->size(0) >= M && type_emb->size(1) == a.D, "type_emb", "expected shape (>= ", M, ", ",
+                     a.D, "), got ", type_emb->sizes());
+    check_param(*type_emb, "type_emb");
+    a.type = type_emb->const_data_ptr<float>();
+  }
+  if (ln_weight.has_value()) {
+    MMFAST_CHECK_ARG(ln_weight->dim() == 1 && ln_weight->size(0) == a.D, "ln_weight", "expected shape (", a.D,
+                     ",), got ", ln_weight->sizes());
+    check_param(*ln_weight, "ln_weight");
+    a.w = ln_weight->const_data_ptr<float>();
+  }
+  if (ln_bias.has_value()) {
+    MMFAST_CHECK_ARG(ln_weight.has_value(), "ln_bias", "given without ln_weight");
+    MMFAST_CHECK_ARG(ln_bias->dim() == 1 && ln_bias->size(0) == a.D, "ln_bias", "expected shape (", a.D, ",), got ",
+                     ln_bias->sizes());
+    check_param(*ln_bias, "ln_bias");
+    a.bias = ln_bias->const_data_ptr<float>();
+  }
+  MMFAST_CHECK_ARG(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p", "expected a probability in [0, 1], got ",
+                   dropout_p);
+  a.eps = static_cast<float>(eps);
+  if (dropout_p > 0.0) {
+    MMFAST_CHECK_ARG(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() >= 1, "seed",
+                     "dropout_p > 0 needs a (1,) int64 seed tensor");
+    check_same_device(*seed, f0, "seed");
+    a.dropout = true;
+    a.seed = seed->const_data_ptr<int64_t>();  // read on the device: no host sync
+    a.thresh = dropout_threshold(dropout_p);
+    a.scale = dropout_p < 1.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 0.f;
+  }
+  a.vec = vec;
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_embed_forward_cuda(
+    at::TensorList features, const std::optional<at::Tensor>& type_emb, at::TensorList pos_tables,
+    at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+    double eps, double dropout_p, const std::optional<at::Tensor>& seed) {
+  MMFAST_CHECK_ARG(!features.empty(), "features", "expected at least one modality");
+  const std::vector<at::Tensor> feats(features.begin(), features.end());
+  const std::vector<at::Tensor> pos(pos_tables.begin(), pos_tables.end());
+  const c10::cuda::CUDAGuard guard(feats[0].device());
+  Args a = make_args(feats, type_emb, pos, pos_index, ln_weight, ln_bias, eps, dropout_p, seed);
+  const auto f32 = feats[0].options().dtype(at::kFloat);
+  at::Tensor out = at::empty({a.B, a.Ltot, a.D}, feats[0].options());
+  const std::vector<int64_t> stats = a.w ? std::vector<int64_t>{a.B, a.Ltot} : std::vector<int64_t>{0};
+  at::Tensor mean = at::empty(stats, f32), rstd = at::empty(stats, f32);
+  a.vec = a.vec && aligned16(out.const_data_ptr());
+  const int64_t rows = a.B * a.Ltot;
+  if (rows == 0 || a.D == 0) return {out, mean, rstd};
+  const int64_t blocks = (rows + kWarps - 1) / kWarps;
+  MMFAST_CHECK_ARG(blocks < (int64_t(1) << 31), "features", "too many rows (", rows, ")");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  MMFAST_DISPATCH_CE_TYPES(out.scalar_type(), "concat_embed_forward_cuda", [&] {
+    concat_embed_fwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(
+        a, out.data_ptr<scalar_t>(), a.w ? mean.data_ptr<float>() : nullptr, a.w ? rstd.data_ptr<float>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, mean, rstd};
+}
+
+std::vector<at::Tensor> concat_embed_backward_cuda(
+    const at::Tensor& grad_out, at::TensorList features, const std::optional<at::Tensor>& type_emb,
+    at::TensorList pos_tables, at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight,
+    const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  MMFAST_CHECK_ARG(!features.empty(), "features", "expected at least one modality");
+  const std::vector<at::Tensor> feats(features.begin(), features.end());
+  const std::vector<at::Tensor> pos(pos_tables.begin(), pos_tables.end());
+  const c10::cuda::CUDAGuard guard(feats[0].device());
+  Args a = make_args(feats, type_emb, pos, pos_index, ln_weight, ln_bias, 0.0, dropout_p, seed);
+  MMFAST_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({a.B, a.Ltot, a.D}), "grad_out", "expected shape (", a.B, ", ",
+                   a.Ltot, ", ", a.D, "), got ", grad_out.sizes());
+  MMFAST_CHECK_ARG(grad_out.scalar_type() == feats[0].scalar_type(), "grad_out", "expected dtype ",
+                   feats[0].scalar_type(), ", got ", grad_out.scalar_type());
+  check_same_device(grad_out, feats[0], "grad_out");
+  const at::Tensor go = grad_out.contiguous();
+  at::Tensor mean_c, rstd_c;
+  if (a.w) {
+    MMFAST_CHECK_ARG(mean.numel() == a.B * a.Ltot && mean.scalar_type() == at::kFloat, "mean", "expected ",
+                     a.B * a.Ltot, " float32 values from the forward, got ", mean.sizes());
+    MMFAST_CHECK_ARG(rstd.numel() == a.B * a.Ltot && rstd.scalar_type() == at::kFloat, "rstd", "expected ",
+                     a.B * a.Ltot, " float32 values from the forward, got ", rstd.sizes());
+    check_same_device(mean, feats[0], "mean");
+    check_same_device(rstd, feats[0], "rstd");
+    mean_c = mean.contiguous();
+    rstd_c = rstd.contiguous();
+  }
+  const auto f32 = feats[0].options().dtype(at::kFloat);
+  std::vector<at::Tensor> gfeat;
+  for (const auto& f : feats) {
+    gfeat.push_back(at::empty_like(f));
+    a.vec = a.vec && aligned16(gfeat.back().const_data_ptr());
+  }
+  a.vec = a.vec && aligned16(go.const_data_ptr());
+  std::vector<at::Tensor> gpos(pos.size());
+  std::vector<at::Tensor> parts_w, parts_b;
+  at::Tensor gtype = type_emb.has_value() ? at::zeros_like(*type_emb) : at::empty({0}, f32);
+  const int64_t nbc = (a.B + kBatchChunk - 1) / kBatchChunk;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int m = 0; m < a.M; ++m) {
+    const int64_t L = a.L[m], nl = (L + kWarps - 1) / kWarps;
+    const int64_t k = pos_index[m];
+    at::Tensor ppos = k >= 0 ? at::empty({nbc, L, a.D}, f32) : at::Tensor();
+    at::Tensor pw = a.w ? at::empty({nbc * nl, a.D}, f32) : at::Tensor();
+    at::Tensor pb = a.w ? at::empty({nbc * nl, a.D}, f32) : at::Tensor();
+    at::Tensor pt = a.type ? at::empty({nbc * nl, a.D}, f32) : at::Tensor();
+    if (nbc > 0 && a.D > 0) {
+      MMFAST_CHECK_ARG(nl < (int64_t(1) << 31) && nbc < 65536, "features", "too many positions or batch rows");
+      const dim3 grid(static_cast<unsigned>(nl), static_cast<unsigned>(nbc));
+      MMFAST_DISPATCH_CE_TYPES(go.scalar_type(), "concat_embed_backward_cuda", [&] {
+        concat_embed_bwd_kernel<scalar_t><<<grid, kWarps * 32, 0, stream>>>(
+            a, m, go.const_data_ptr<scalar_t>(), a.w ? mean_c.const_data_ptr<float>() : nullptr,
+            a.w ? rstd_c.const_data_ptr<float>() : nullptr, gfeat[m].data_ptr<scalar_t>(),
+            k >= 0 ? ppos.data_ptr<float>() : nullptr, a.w ? pw.data_ptr<float>() : nullptr,
+            a.w ? pb.data_ptr<float>() : nullptr, a.type ? pt.data_ptr<float>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    // Stage 2 (deterministic torch reductions over the partials).
+    if (k >= 0) {
+      gpos[k] = at::zeros_like(pos[k]);
+      if (nbc > 0) gpos[k].narrow(0, 0, L).copy_(at::sum(ppos, {0}));
+    }
+    if (a.type && nbc > 0) gtype.select(0, m).copy_(at::sum(pt, {0}));
+    if (a.w) {
+      parts_w.push_back(pw);
+      parts_b.push_back(pb);
+    }
+  }
+  std::vector<at::Tensor> grads(gfeat.begin(), gfeat.end());
+  grads.push_back(gtype);
+  for (auto& g : gpos) grads.push_back(g);
+  if (a.w) {
+    grads.push_back(nbc > 0 ? at::sum(at::cat(parts_w), {0}) : at::zeros({a.D}, f32));
+    grads.push_back(a.bias ? (nbc > 0 ? at::sum(at::cat(parts_b), {0}) : at::zeros({a.D}, f32)) : at::empty({0}, f32));
+  } else {
+    grads.push_back(at::empty({0}, f32));
+    grads.push_back(at::empty({0}, f32));
+  }
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmfast_C, CUDA, m) {
+  m.impl("concat_embed_forward", &concat_embed_forward_cuda);
+  m.impl("concat_embed_backward", &concat_embed_backward_cuda);
+}
+
+}  // namespace mmfast
