@@ -50,7 +50,7 @@ class CaptionerModel(FusionModel):
                      caches=caches)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, pixel_values: Tensor = None,
-                labels: Optional[Tensor] = None, **unused) -> FusionOutput:
+                labels: Optional[Tensor] = None) -> FusionOutput:
         """``labels`` (B, L): the tokens to predict, aligned with ``input_ids`` (-100 = ignore); the
         loss predicts position t+1 from positions <= t. Without labels, returns the logits."""
         if pixel_values is None:

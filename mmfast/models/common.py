@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -61,6 +61,20 @@ class Kernels:
     def concat_embed(self, features, type_embeddings=None, pos_embeddings=None, ln_weight=None, ln_bias=None,
                      eps=1e-12, dropout_p=0.0, masks=None):
         if self.fused:
+            # Under autocast the modalities arrive in different dtypes (LayerNorm gives float32, a
+            # conv gives bfloat16) and torch.cat would promote; a custom op is not autocast, so
+            # bring every tensor to one dtype the way the eager cat would.
+            dt = _autocast_dtype(features[0].device.type)
+            if dt is None:
+                dt = features[0].dtype
+                for f in features[1:]:
+                    dt = torch.promote_types(dt, f.dtype)
+            cast = lambda t: t if t is None or t.dtype == dt else t.to(dt)
+            features = [cast(f) for f in features]
+            if type_embeddings is not None:
+                type_embeddings = cast(type_embeddings)
+            if pos_embeddings is not None:
+                pos_embeddings = [cast(p) for p in pos_embeddings]
             return ops.concat_embed(features, type_embeddings=type_embeddings, pos_embeddings=pos_embeddings,
                                     ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, dropout_p=dropout_p, masks=masks,
                                     backend=self.backend["concat_embed"])
@@ -115,17 +129,24 @@ class Kernels:
                 + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
 
 
+def _autocast_dtype(device_type: str):
+    """The autocast dtype when autocast is on for ``device_type``, else None."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cuda":  # torch < 2.4
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
 def _autocast_like_linear(hidden, weight, bias):
     """Under autocast, F.linear would run in the autocast dtype; a custom op is not autocast, so
     cast its operands the same way (the eager twin then does the same arithmetic)."""
-    dev = hidden.device.type
-    if torch.is_autocast_enabled(dev) if hasattr(torch, "get_autocast_dtype") else torch.is_autocast_enabled():
-        dt = torch.get_autocast_dtype(dev) if hasattr(torch, "get_autocast_dtype") else torch.get_autocast_gpu_dtype()
+    dt = _autocast_dtype(hidden.device.type)
+    if dt is None and hidden.dtype != weight.dtype:
+        dt = hidden.dtype
+    if dt is not None:
         hidden, weight = hidden.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
-    elif hidden.dtype != weight.dtype:
-        weight = weight.to(hidden.dtype)
-        bias = None if bias is None else bias.to(hidden.dtype)
     return hidden, weight, bias
 
 
@@ -405,7 +426,7 @@ class TextTower(nn.Module):
         return hidden
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                token_type_ids: Optional[Tensor] = None, output_hidden_states: bool = False, **unused):
+                token_type_ids: Optional[Tensor] = None, output_hidden_states: bool = False, return_dict: bool = True):
         from transformers.modeling_outputs import BaseModelOutput
 
         if self.cross_from == 0:
@@ -413,8 +434,9 @@ class TextTower(nn.Module):
         hidden = self.embed(input_ids, token_type_ids)
         all_hidden = [hidden] if output_hidden_states else None
         hidden = self.run(hidden, as_bool_mask(attention_mask), 0, self.cross_from, all_hidden=all_hidden)
-        return BaseModelOutput(last_hidden_state=hidden,
-                               hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+        out = BaseModelOutput(last_hidden_state=hidden,
+                              hidden_states=tuple(all_hidden) if all_hidden is not None else None)
+        return out if return_dict else out.to_tuple()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,7 +673,7 @@ class FusionModel(nn.Module):
         t = self.task
         if t == "mlm":
             inputs["input_ids"], inputs["labels"] = self._example_mlm(ids, mask, gen)
-        elif t == "pretrain":
+        elif t == "pretrain" and getattr(self, "mlm_head", None) is not None:
             inputs["mlm_labels"] = self._example_mlm(ids, mask, gen)[1]
         elif t == "itm":
             inputs["labels"] = torch.randint(0, 2, (B,), generator=gen)

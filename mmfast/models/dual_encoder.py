@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmfast.models.common import FusionModel, FusionOutput, TextTower, ZooConfig, as_bool_mask, build_vit
+from mmfast.models.common import FusionModel, FusionOutput, TextTower, ZooConfig, build_vit
 from mmfast.models.heads import ContrastiveHead, check_labels, classifier_head
 
 
@@ -44,7 +44,7 @@ class DualEncoderModel(FusionModel):
         return torch.nn.functional.normalize(self.contrastive.vision_proj(image[:, 0]), dim=-1)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, pixel_values: Tensor = None,
-                labels: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None, **unused) -> FusionOutput:
+                labels: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None) -> FusionOutput:
         if pixel_values is None:
             raise ValueError("mmfast.models: dual_encoder needs 'pixel_values'")
         k, c = self.kernels, self.cfg
