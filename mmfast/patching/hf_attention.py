@@ -99,17 +99,26 @@ def mmfast_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
     return out.transpose(1, 2).contiguous(), None
 
 
-def mmfast_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
-                mask_function=None, attention_mask: Optional[Tensor] = None, allow_is_causal_skip: bool = True,
-                allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, device="cpu", **kwargs):
+def mmfast_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Optional[int] = None, q_offset=0,
+                kv_offset: int = 0, mask_function=None, attention_mask: Optional[Tensor] = None,
+                allow_is_causal_skip: bool = True, allow_is_bidirectional_skip: bool = False, use_vmap: bool = False,
+                device="cpu", **kwargs):
     """HF mask-interface function: a (B, 1, Lq, Lk) bool mask (True = attend) tagged with its
     decomposition, or None for full bidirectional attention without padding when HF allows it."""
     from transformers import masking_utils as mu
 
+    if q_length is None:
+        # Older transformers describe queries by `cache_position` instead of (q_length, q_offset):
+        # build HF's exact SDPA mask (never skipped); attention decomposes it once per forward.
+        sdpa = mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
+        return sdpa(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
+                    mask_function=mask_function if mask_function is not None else mu.causal_mask_function,
+                    attention_mask=attention_mask, allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+                    use_vmap=use_vmap, device=device, **kwargs)
     if mask_function is None:
         mask_function = mu.causal_mask_function
     causal = mask_function is mu.causal_mask_function
-    plain = causal or mask_function is mu.bidirectional_mask_function
+    plain = causal or mask_function is getattr(mu, "bidirectional_mask_function", None)
     # Causal is expressible when key j is visible to query i iff j + kv_offset <= i + q_offset,
     # i.e. bottom-right alignment: q_offset - kv_offset == kv_length - q_length.
     offsets_ok = isinstance(q_offset, int) and isinstance(kv_offset, int) and (
@@ -121,8 +130,13 @@ def mmfast_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_o
                             device=device)
     kpm = None
     if attention_mask is not None:
-        padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-        kpm = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
+        # The 2-D mask covers keys [0, kv_offset + kv_length); shorter ones (static caches) are
+        # padded with "masked", as HF does.
+        end = kv_offset + kv_length
+        padding = attention_mask
+        if padding.shape[-1] < end:
+            padding = torch.nn.functional.pad(padding, (0, end - padding.shape[-1]))
+        kpm = padding[:, kv_offset:end].to(device=device, dtype=torch.bool)
         if kpm.shape[0] != batch_size:
             kpm = kpm.expand(batch_size, kv_length)
         kpm = kpm.contiguous()
