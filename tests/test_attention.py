@@ -287,7 +287,10 @@ GPU_BACKENDS = ["triton", "cuda"]
 @pytest.mark.parametrize("D", [32, 64, 80, 96, 128])
 @pytest.mark.parametrize("mask", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gpu_matrix(backend, dtype, Lq, Lk, D, mask, causal):
+def test_gpu_matrix(monkeypatch, backend, dtype, Lq, Lk, D, mask, causal):
+    # the heuristic configs here (timing candidates for ~200 buckets would take minutes); every
+    # candidate is checked by test_gpu_triton_every_config_candidate
+    monkeypatch.setenv("MMFAST_ATTN_AUTOTUNE", "0")
     check(backend, 2, 3, Lq, Lk, D, dtype, mask, causal, device="cuda", noncontig=(D == 64))
 
 
@@ -383,3 +386,24 @@ def test_triton_config_chooser(monkeypatch):
     assert T._choose(("k",), cands, run) == {"BLOCK_M": 32}
     assert T._choose(("k",), cands, run) == {"BLOCK_M": 32}  # cached: not timed again
     assert ran == [16, 128, 32, 64]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("Lq,Lk,D", [(40, 197, 64), (577, 577, 128), (197, 40, 80)])
+def test_gpu_triton_every_config_candidate(monkeypatch, Lq, Lk, D):
+    import mmfast.triton.attention as T
+
+    bd = max(16, 1 << (D - 1).bit_length())
+    n = max(len(T.fwd_configs(Lq, Lk, bd)), len(T.bwd_configs(Lq, Lk, bd)))
+    for i in range(n):
+        monkeypatch.setattr(T, "_choose", lambda key, cands, run, i=i: cands[min(i, len(cands) - 1)])
+        check("triton", 2, 3, Lq, Lk, D, torch.bfloat16, True, True, device="cuda")
+
+
+@pytest.mark.cuda
+def test_gpu_triton_autotuned_path():
+    import mmfast.triton.attention as T
+
+    assert T._autotuning()
+    check("triton", 4, 12, 40, 197, 64, torch.bfloat16, True, False, device="cuda")
+    check("triton", 4, 12, 40, 197, 64, torch.bfloat16, True, False, device="cuda")  # cached choice

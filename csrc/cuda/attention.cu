@@ -55,7 +55,7 @@ struct Layout {
   static constexpr int kAcc = kRows * kLdO * 4;
   // All sizes are multiples of 32 bytes, so consecutive regions keep wmma's 256-bit alignment.
   static constexpr int kFwdBytes = 3 * kTile + kScore + kProb + kAcc;
-  static constexpr int kBwdBytes = 4 * kTile + 2 * kScore + kProb + 2 * kRows * 4;
+  static constexpr int kBwdBytes = 4 * kTile + 2 * kScore + 2 * kProb + 2 * kRows * 4;
 };
 
 template <typename T>
@@ -313,12 +313,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Params p)
   T* dOs = reinterpret_cast<T*>(smem + 3 * Ly::kTile);
   float* STs = reinterpret_cast<float*>(smem + 4 * Ly::kTile);                // S^T: keys x queries
   float* dPTs = reinterpret_cast<float*>(smem + 4 * Ly::kTile + Ly::kScore);  // dP^T
-  T* PTs = reinterpret_cast<T*>(smem + 4 * Ly::kTile + 2 * Ly::kScore);       // P^T, then reused
-  float* lse_s = reinterpret_cast<float*>(smem + 4 * Ly::kTile + 2 * Ly::kScore + Ly::kProb);
+  T* PTs = reinterpret_cast<T*>(smem + 4 * Ly::kTile + 2 * Ly::kScore);               // P^T
+  T* dSTs = reinterpret_cast<T*>(smem + 4 * Ly::kTile + 2 * Ly::kScore + Ly::kProb);  // dS^T
+  float* lse_s = reinterpret_cast<float*>(smem + 4 * Ly::kTile + 2 * Ly::kScore + 2 * Ly::kProb);
   float* delta_s = lse_s + kRows;
-  // dS^T (16-bit) shares the dP^T region: each lane overwrites only what it has read
-  T* dSTs = reinterpret_cast<T*>(dPTs);
-  constexpr int kLdDS = 2 * kLdS;  // dS^T row stride in elements (same byte stride as dP^T)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t tile = blockIdx.x % p.num_tiles, bh = blockIdx.x / p.num_tiles;
@@ -378,20 +376,16 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Params p)
       const float* srow = STs + rb * kLdS + half * 32;
       const float* dprow = dPTs + rb * kLdS + half * 32;
       T* prow = PTs + rb * kLdP + half * 32;
-      T* dsrow = dSTs + rb * kLdDS + half * 32;
-      float ds_vals[32];  // fully unrolled loops keep this in registers
-#pragma unroll
+      T* dsrow = dSTs + rb * kLdP + half * 32;
+#pragma unroll 8
       for (int c = 0; c < 32; ++c) {
         const int qi = half * 32 + c;
         const int64_t i = m0 + qi;
         const bool ok = kok && i < p.Lq && (!p.causal || j <= i + p.Lk - p.Lq);
         const float pv = ok ? exp2f(srow[c] * p.qk_scale - lse_s[qi]) : 0.f;
         prow[c] = Cvt<T>::from_f(pv);
-        ds_vals[c] = pv * (dprow[c] - delta_s[qi]);
+        dsrow[c] = Cvt<T>::from_f(pv * (dprow[c] - delta_s[qi]));
       }
-      __syncwarp();  // the lane pair sharing this row has read all of its dP^T before overwriting
-#pragma unroll
-      for (int c = 0; c < 32; ++c) dsrow[c] = Cvt<T>::from_f(ds_vals[c]);
     }
     __syncwarp();
     // dV_w += P^T dO, dK_w += dS^T Q   (16 keys x 64 queries) x (64 queries x DP)
@@ -399,7 +393,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Params p)
     for (int kt = 0; kt < kCols / 16; ++kt) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fp, fds;
       wmma::load_matrix_sync(fp, PTs + warp * 16 * kLdP + kt * 16, kLdP);
-      wmma::load_matrix_sync(fds, dSTs + warp * 16 * kLdDS + kt * 16, kLdDS);
+      wmma::load_matrix_sync(fds, dSTs + warp * 16 * kLdP + kt * 16, kLdP);
 #pragma unroll
       for (int dt = 0; dt < DP / 16; ++dt) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
