@@ -40,10 +40,12 @@ def _print_info(info: dict) -> None:
 
 
 def _add_train_args(p) -> None:
-    p.add_argument("--model", required=True, help="zoo model name, e.g. single_stream_tiny (see `mmfast models`)")
+    p.add_argument("--model", required=True, help="zoo model name, e.g. single_stream_tiny (see `mmfast models`), or "
+                                                  "hf_bert_token_classification (with --task ner)")
     p.add_argument("--task", default=None, help="vqa | itm | itc | caption | mlm | classification | pretrain "
                                                 "(default: the model's default task)")
-    p.add_argument("--data", required=True, help="'shapes' (synthetic ShapesDataset) or a FILE.jsonl")
+    p.add_argument("--data", required=True, help="'shapes' (synthetic ShapesDataset) or a FILE.jsonl; NER: "
+                                                 "'ner-synthetic' or a {tokens, tags} FILE.jsonl")
     p.add_argument("--eval-data", default=None, help="held-out FILE.jsonl (with --data FILE.jsonl)")
     p.add_argument("--steps", type=int, required=True, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="per process and micro-step")
@@ -94,16 +96,15 @@ def _parse_overrides(items) -> dict:
 
 
 def cmd_train(args) -> int:
-    import os
 
     import torch
 
-    from mmfast.models import create_model
-    from mmfast.train import TrainConfig, Trainer
     from mmfast.train import workflows as W
 
     if args.text_pretrained == "minilm":
         args.text_pretrained = str(W.minilm_dir())
+    if args.model == W.HF_NER_MODEL or args.task == "ner":
+        return _train_ner(args)
     overrides = _parse_overrides(args.set)
     from mmfast.models.registry import _classes  # the architectures default tasks, without building a model
 
@@ -126,17 +127,65 @@ def cmd_train(args) -> int:
            "answers": getattr(train_ds, "answers", None) and list(train_ds.answers)}
     torch.manual_seed(args.seed)
     model = W.build_model(run)
-    classification = task in ("vqa", "itm", "classification")
-    cfg = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-                      warmup_steps=args.warmup if args.warmup is not None else args.steps // 20,
-                      max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      max_grad_norm=args.clip or None, precision=args.precision, compile=args.compile,
-                      eval_every=args.eval_every if eval_ds is not None else 0,
-                      eval_metric=args.eval_metric or ("accuracy" if classification else "loss"),
-                      early_stopping_patience=args.patience, out_dir=args.out, checkpoint_every=args.checkpoint_every,
-                      resume=args.resume, seed=args.seed, num_workers=args.workers, device=args.device,
-                      progress=not args.no_progress, log_every=max(1, min(50, args.steps // 20)))
-    trainer = Trainer(model, train_ds, eval_ds, cfg, run_info=run)
+    cfg = _config(args, task in ("vqa", "itm", "classification"), eval_ds is not None)
+    return _fit(args, model, train_ds, eval_ds, cfg, run, task)
+
+
+def _config(args, classification: bool, has_eval: bool):
+    from mmfast.train import TrainConfig
+
+    return TrainConfig(lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                       warmup_steps=args.warmup if args.warmup is not None else args.steps // 20,
+                       max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       max_grad_norm=args.clip or None, precision=args.precision, compile=args.compile,
+                       eval_every=args.eval_every if has_eval else 0,
+                       eval_metric=args.eval_metric or ("accuracy" if classification else "loss"),
+                       early_stopping_patience=args.patience, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+                       resume=args.resume, seed=args.seed, num_workers=args.workers, device=args.device,
+                       progress=not args.no_progress, log_every=max(1, min(50, args.steps // 20)))
+
+
+def _train_ner(args) -> int:
+    """NER: a stock HF BertForTokenClassification (MiniLM weights by default), patched by mmfast.patch."""
+    import torch
+
+    from mmfast.train import workflows as W
+
+    if args.model != W.HF_NER_MODEL or (args.task or "ner") != "ner":
+        raise ValueError(f"NER trains --model {W.HF_NER_MODEL} with --task ner, got --model {args.model} "
+                         f"--task {args.task}")
+    pretrained = args.text_pretrained or str(W.minilm_dir())
+    tokenizer = args.tokenizer if args.tokenizer != "auto" else pretrained
+    train_ds, eval_ds = W.ner_data(args.data, tokenizer, args.train_size, args.eval_size, args.seed, args.eval_data)
+    run = {"model": W.HF_NER_MODEL, "task": "ner", "fused": not args.eager, "tags": list(train_ds.tags),
+           "text_pretrained": pretrained, "tokenizer": str(tokenizer),
+           "data": {"kind": "ner", "path": args.data, "size": args.train_size, "seed": args.seed},
+           "eval_data": {"kind": "ner", "path": args.eval_data or args.data, "size": args.eval_size,
+                         "seed": args.seed, "split": "val"}}
+    torch.manual_seed(args.seed)
+    model, report = W.build_ner_model(run)
+    run["hf_config"] = {k: v for k, v in model.config.to_dict().items() if k not in ("id2label", "label2id")}
+    if report is not None:
+        print(report, flush=True)
+
+    def eval_fn(m, loader, device, autocast):
+        r = W.evaluate_ner(m, loader.dataset, run["tags"], loader.batch_size, device)
+        return {"accuracy": r["accuracy"], "entity_token_f1": r["entity_token_f1"], "macro_f1": r["macro_f1"]}
+
+    cfg = _config(args, True, eval_ds is not None)
+    if args.eval_metric is None:
+        cfg.eval_metric = "entity_token_f1"
+    return _fit(args, model, train_ds, eval_ds, cfg, run, "ner", eval_fn=eval_fn)
+
+
+def _fit(args, model, train_ds, eval_ds, cfg, run, task, eval_fn=None) -> int:
+    import os
+
+    import torch
+
+    from mmfast.train import Trainer
+
+    trainer = Trainer(model, train_ds, eval_ds, cfg, run_info=run, eval_fn=eval_fn)
     if trainer.is_main:
         n = sum(p.numel() for p in model.parameters())
         print(f"[train] {args.model} ({'eager' if args.eager else 'fused'}, {n / 1e6:.2f}M params) task={task} "
@@ -178,6 +227,11 @@ def cmd_eval(args) -> int:
 
     from mmfast.train import workflows as W
 
+    from mmfast.train import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.find_checkpoint(args.checkpoint)
+    if ckpt is not None and ckpt_io.load_run_info(ckpt).get("task") == "ner":
+        return _eval_ner(args, ckpt)
     model, run, ckpt = W.load_run(args.checkpoint)
     spec = run.get("eval_data") or run["data"]
     if args.data and args.data != "shapes":
@@ -196,6 +250,33 @@ def cmd_eval(args) -> int:
         print(json.dumps(m))
     else:
         print(f"[eval] {run['model']} task={run['task']} checkpoint={ckpt} on {len(dataset)} examples")
+        _print_eval(m)
+    return 0
+
+
+def _eval_ner(args, ckpt) -> int:
+    from mmfast.train import checkpoint as ckpt_io
+    from mmfast.train import workflows as W
+
+    run = ckpt_io.load_run_info(ckpt)
+    model, _ = W.build_ner_model({**run, "text_pretrained": None})
+    ckpt_io.load_weights(model, ckpt)
+    data = args.data or run["eval_data"]["path"]
+    if data == "ner-synthetic":
+        from mmfast.data.ner import SyntheticNER
+
+        ds = SyntheticNER(args.eval_size or run["eval_data"]["size"], run["tokenizer"], split=args.split,
+                          seed=run["eval_data"]["seed"])
+    else:
+        from mmfast.data.ner import TokenTagJsonl
+
+        ds = TokenTagJsonl(data, run["tokenizer"], tags=run["tags"])
+    m = W.evaluate_ner(model, ds, run["tags"], args.batch_size, "cpu" if args.device == "auto" else args.device)
+    m["checkpoint"] = str(ckpt)
+    if args.json:
+        print(json.dumps(m))
+    else:
+        print(f"[eval] {run['model']} (mmfast-patched) task=ner checkpoint={ckpt} on {len(ds)} sentences")
         _print_eval(m)
     return 0
 

@@ -3,6 +3,8 @@ minutes), ``ImageTextJsonl`` (your own image-text pairs) and ``collate``."""
 
 from mmfast.data.collate import collate
 from mmfast.data.jsonl import ImageTextJsonl, load_tokenizer
+from mmfast.data.ner import NER_TAGS, SyntheticNER, TokenTagJsonl
 from mmfast.data.shapes import ANSWERS, QUESTION_TYPES, ShapesDataset, ShapesTokenizer
 
-__all__ = ["ANSWERS", "QUESTION_TYPES", "ImageTextJsonl", "ShapesDataset", "ShapesTokenizer", "collate", "load_tokenizer"]
+__all__ = ["ANSWERS", "NER_TAGS", "QUESTION_TYPES", "ImageTextJsonl", "ShapesDataset", "ShapesTokenizer", "SyntheticNER",
+           "TokenTagJsonl", "collate", "load_tokenizer"]

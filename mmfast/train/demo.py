@@ -3,6 +3,7 @@ held-out VQA accuracy rising, then measure fused vs eager training throughput of
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,10 @@ def run_demo(model=None, steps=None, batch_size=None, lr=None, seed: int = 0, ou
 
     t0 = time.perf_counter()
     gpu = torch.cuda.is_available()
+    if not gpu:
+        # a model this small gains little from intra-op threads, and on a busy machine (a shared CI box)
+        # two OpenMP threads waiting on each other made a step 40x slower than one thread
+        torch.set_num_threads(int(os.environ.get("MMFAST_DEMO_THREADS", "1")))
     device = torch.device("cuda" if gpu else "cpu")
     d = dict(GPU_DEFAULTS if gpu else CPU_DEFAULTS)
     if model is not None and model != d["model"]:

@@ -129,3 +129,53 @@ def evaluate_run(model, run: dict, dataset, batch_size=64, device="cpu") -> dict
     for batch, out in M.predict(model, dataset, batch_size, device):
         loss_sum, n = loss_sum + out.loss.float().item() * len(batch["input_ids"]), n + len(batch["input_ids"])
     return {"task": task, "loss": loss_sum / max(n, 1), "n": n}
+
+
+# ------------------------------------------------------------------------------------------------
+# NER: a stock Hugging Face BertForTokenClassification, patched by mmfast.patch
+HF_NER_MODEL = "hf_bert_token_classification"
+
+
+def build_ner_model(run: dict, patch: bool = True):
+    """A stock ``transformers.BertForTokenClassification`` (from ``text_pretrained`` or the saved config),
+    then ``mmfast.patch(model)`` unless the run is eager. Returns (model, patch report or None)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import BertConfig, BertForTokenClassification
+
+    tags = run["tags"]
+    labels = {"num_labels": len(tags), "id2label": dict(enumerate(tags)), "label2id": {t: i for i, t in enumerate(tags)}}
+    if run.get("text_pretrained"):
+        model = BertForTokenClassification.from_pretrained(run["text_pretrained"], **labels)
+    else:
+        model = BertForTokenClassification(BertConfig(**{**run["hf_config"], **labels}))
+    report = None
+    if patch and run.get("fused", True):
+        import mmfast
+
+        report = mmfast.patch(model)
+    return model, report
+
+
+def ner_data(data: str, tokenizer, train_size: int, eval_size: int, seed: int, eval_data=None):
+    from mmfast.data.ner import SyntheticNER, TokenTagJsonl
+
+    if data == "ner-synthetic":
+        return (SyntheticNER(train_size, tokenizer, seed=seed), SyntheticNER(eval_size, tokenizer, split="val", seed=seed))
+    train = TokenTagJsonl(data, tokenizer)
+    return train, (TokenTagJsonl(eval_data, tokenizer, tags=train.tags) if eval_data else None)
+
+
+def evaluate_ner(model, dataset, tags, batch_size=64, device="cpu") -> dict:
+    """Token-level (first sub-token of each word) precision/recall/F1 per tag."""
+    from mmfast.train import metrics as M
+
+    preds, labels = [], []
+    model.to(device)
+    for batch, out in M.predict(model, dataset, batch_size, device):
+        keep = batch["labels"] != -100
+        preds.append(out.logits.argmax(-1)[keep].cpu())
+        labels.append(batch["labels"][keep].cpu())
+    r = M.classification_report(torch.cat(preds), torch.cat(labels), tags)
+    entity = [v for k, v in r["per_class"].items() if k != "O" and v["support"]]
+    r["entity_token_f1"] = sum(v["f1"] for v in entity) / max(1, len(entity))
+    return {"task": "ner", **r}
