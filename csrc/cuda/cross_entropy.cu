@@ -1,6 +1,9 @@
 // Softmax cross-entropy, CUDA face. One thread block per row: pass 1 reads the row once with an
-// online max/sum-exp (plus the sums label smoothing needs), pass 2 writes the scaled gradient.
+// online max/sum-exp (plus the sums label smoothing needs), pass 2 writes the scaled gradient,
+// either into a new (N, C) tensor or over the logits themselves (cross_entropy_forward_inplace:
+// every thread reads x[j] before it writes g[j] for the same j, and a block owns its row).
 // Same formulas as csrc/cpu/cross_entropy.cpp. Launched on the current stream; no host sync.
+// Compiled on a machine without a GPU: not yet run (see tests/test_cross_entropy_gpu.py).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -70,13 +73,14 @@ __device__ float block_sum(float v) {
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(
-    const scalar_t* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ target,
+    const scalar_t* logits, int64_t row_stride, const int64_t* __restrict__ target,
     const float* __restrict__ weight, int64_t C, int64_t ignore_index, float eps,
     const float* __restrict__ grad_scale, int64_t grad_scale_stride, float* __restrict__ loss,
-    scalar_t* __restrict__ grad) {
+    scalar_t* grad, int64_t grad_row_stride) {
+  // No __restrict__ on logits/grad: they alias in the in-place variant.
   const int64_t row = blockIdx.x;  // int64 offsets: N*C may exceed 2^31
   const scalar_t* x = logits + row * row_stride;
-  scalar_t* g = grad ? grad + row * C : nullptr;
+  scalar_t* g = grad ? grad + row * grad_row_stride : nullptr;
   const int64_t t = target[row];
 
   if (t == ignore_index) {
@@ -112,16 +116,22 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(
   const float lse = (s.max == -INFINITY ? 0.f : s.max) + logf(s.sum_exp);
   const float w_t = weight ? weight[t] : 1.f;
   const float a = (1.f - eps) * w_t;
+  const float x_t = static_cast<float>(x[t]);  // every thread reads it before anyone overwrites x
+  __syncthreads();
   if (threadIdx.x == 0) {
-    float l = a * (lse - static_cast<float>(x[t]));
+    float l = a * (lse - x_t);
     if (eps != 0.f) l += eps / C * (weight_total * lse - s.sum_wx);
     loss[row] = l;
   }
   if (!g) return;
   const float scale = grad_scale ? grad_scale[row * grad_scale_stride] : 1.f;
   const float b = eps / C * weight_total;
+  // p_j = exp(x_j - max) / sum: x_j - max is exact, x_j - lse loses digits when |x| ~ 1e4.
+  // A row of only -inf gives 0 * inf = NaN, as torch does.
+  const float shift = s.max == -INFINITY ? 0.f : s.max;
+  const float inv_sum = 1.f / s.sum_exp;
   for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-    const float p = expf(static_cast<float>(x[j]) - lse);
+    const float p = expf(static_cast<float>(x[j]) - shift) * inv_sum;
     float gj = (a + b) * p;
     if (eps != 0.f) gj -= eps / C * (weight ? weight[j] : 1.f);
     if (j == t) gj -= a;
@@ -129,10 +139,13 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, bool compute_grad,
-    const std::optional<at::Tensor>& grad_scale) {
+struct Checked {
+  at::Tensor target, weight, scale;
+  int64_t scale_stride = 0;
+};
+
+Checked check_inputs(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& grad_scale) {
   check_dim(logits, "logits", 2);
   check_dim(target, "target", 1);
   MMFAST_CHECK_ARG(logits.stride(1) == 1 || logits.size(1) <= 1, "logits",
@@ -144,46 +157,75 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(
   check_same_device(target, logits, "target");
   MMFAST_CHECK_ARG(logits.scalar_type() != at::kDouble, "logits",
                    "float64 is not supported by the CUDA kernel (use backend='torch')");
-  const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), C = logits.size(1);
-  at::Tensor target_c = target.contiguous();
-  at::Tensor weight_c, scale_c;
+  Checked c;
+  c.target = target.contiguous();
   if (weight.has_value()) {
-    weight_c = weight->contiguous();
-    MMFAST_CHECK_ARG(weight_c.dim() == 1 && weight_c.size(0) == C && weight_c.scalar_type() == at::kFloat,
-                     "weight", "expected a float32 tensor of shape (", C, ",), got ", weight_c.sizes(),
-                     " ", weight_c.scalar_type());
-    check_same_device(weight_c, logits, "weight");
+    c.weight = weight->contiguous();
+    MMFAST_CHECK_ARG(c.weight.dim() == 1 && c.weight.size(0) == C && c.weight.scalar_type() == at::kFloat,
+                     "weight", "expected a float32 tensor of shape (", C, ",), got ", c.weight.sizes(),
+                     " ", c.weight.scalar_type());
+    check_same_device(c.weight, logits, "weight");
   }
-  int64_t scale_stride = 0;
   if (grad_scale.has_value()) {
-    scale_c = grad_scale->contiguous();
-    MMFAST_CHECK_ARG(scale_c.scalar_type() == at::kFloat && (scale_c.numel() == 1 || scale_c.numel() == N),
+    c.scale = grad_scale->contiguous();
+    MMFAST_CHECK_ARG(c.scale.scalar_type() == at::kFloat && (c.scale.numel() == 1 || c.scale.numel() == N),
                      "grad_scale", "expected float32 with 1 or ", N, " elements");
-    scale_stride = scale_c.numel() == 1 ? 0 : 1;
+    check_same_device(c.scale, logits, "grad_scale");
+    c.scale_stride = c.scale.numel() == 1 ? 0 : 1;
   }
-  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty({N, C}, logits.options()) : at::empty({0}, logits.options());
-  if (N == 0) return {loss, grad};
-  MMFAST_CHECK_ARG(C > 0, "logits", "expected at least one class, got shape ", logits.sizes());
-  MMFAST_CHECK_ARG(N <= 2147483647LL, "logits", "at most 2^31-1 rows are supported, got ", N);
+  if (N > 0) {
+    MMFAST_CHECK_ARG(C > 0, "logits", "expected at least one class, got shape ", logits.sizes());
+    MMFAST_CHECK_ARG(N <= 2147483647LL, "logits", "at most 2^31-1 rows are supported, got ", N);
+  }
+  return c;
+}
 
+void launch(const at::Tensor& logits, at::Tensor* grad, const Checked& c, int64_t ignore_index,
+            double label_smoothing, at::Tensor& loss) {
+  const int64_t N = logits.size(0), C = logits.size(1);
+  if (N == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cuda", [&] {
     cross_entropy_forward_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-        logits.const_data_ptr<scalar_t>(), logits.stride(0), target_c.const_data_ptr<int64_t>(),
-        weight.has_value() ? weight_c.const_data_ptr<float>() : nullptr, C, ignore_index,
-        static_cast<float>(label_smoothing), grad_scale.has_value() ? scale_c.const_data_ptr<float>() : nullptr,
-        scale_stride, loss.data_ptr<float>(), compute_grad ? grad.data_ptr<scalar_t>() : nullptr);
+        logits.const_data_ptr<scalar_t>(), logits.stride(0), c.target.const_data_ptr<int64_t>(),
+        c.weight.defined() ? c.weight.const_data_ptr<float>() : nullptr, C, ignore_index,
+        static_cast<float>(label_smoothing), c.scale.defined() ? c.scale.const_data_ptr<float>() : nullptr,
+        c.scale_stride, loss.data_ptr<float>(), grad ? grad->data_ptr<scalar_t>() : nullptr,
+        grad ? grad->stride(0) : 0);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, bool compute_grad,
+    const std::optional<at::Tensor>& grad_scale) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Checked c = check_inputs(logits, target, weight, grad_scale);
+  const int64_t N = logits.size(0), C = logits.size(1);
+  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty({N, C}, logits.options()) : at::empty({0}, logits.options());
+  launch(logits, compute_grad ? &grad : nullptr, c, ignore_index, label_smoothing, loss);
   return {loss, grad};
+}
+
+at::Tensor cross_entropy_forward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                              const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                              double label_smoothing, const std::optional<at::Tensor>& grad_scale) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const Checked c = check_inputs(logits, target, weight, grad_scale);
+  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+  at::Tensor grad = logits;
+  launch(logits, &grad, c, ignore_index, label_smoothing, loss);
+  return loss;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mmfast_C, CUDA, m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward_cuda);
+  m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace_cuda);
 }
 
 }  // namespace mmfast

@@ -520,8 +520,9 @@ def _contrastive_impl(img: Tensor, txt: Tensor, scale: Tensor, label_smoothing: 
         if tile == N:
             kept = (S, L)
     lse_c = col_m + torch.log(col_s)
-    loss_r = lse_r - (1 - eps) * diag - eps / N * rowsum
-    loss_c = lse_c - (1 - eps) * diag - eps / N * colsum
+    # (lse - L_ii) + eps * (L_ii - mean_j L_ij): exact 0 where torch's is (N = 1), no cancellation
+    loss_r = (lse_r - diag) + eps * (diag - rowsum / N)
+    loss_c = (lse_c - diag) + eps * (diag - colsum / N)
     loss = ((loss_r.sum() + loss_c.sum()) / (2 * N)).to(_loss_dtype(img))
     if not compute_grad:
         return loss, img.new_empty((0,)), txt.new_empty((0,)), scale.new_empty((0,))
