@@ -177,7 +177,7 @@ def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, embe
                     undo.append(("class", name, type(m)))
                     m.__class__ = timm_vit.MMFastTimmAttention
                     set_backend(name, m)
-                    report.add(name, "attention: timm.layers.Attention (fused qkv) -> mmfast.ops.attention")
+                    report.add(name, "attention: timm.layers.Attention, fused qkv (class swap) -> mmfast.ops.attention")
                     swapped_names.add(name)
                     ops_used.add("attention")
 

@@ -100,21 +100,21 @@ if _ViltSelfAttention is not None:
     class MMFastViltSelfAttention(_SelfAttentionMixin, _ViltSelfAttention):
         pass
 
-    SWAPS[_ViltSelfAttention] = (MMFastViltSelfAttention, "attention (ViLT self-attention, mmfast.ops.attention)")
+    SWAPS[_ViltSelfAttention] = (MMFastViltSelfAttention, "attention: ViLT self-attention (class swap) -> mmfast.ops.attention")
 
 if _VisualBertSelfAttention is not None:
     class MMFastVisualBertSelfAttention(_SelfAttentionMixin, _VisualBertSelfAttention):
         pass
 
     SWAPS[_VisualBertSelfAttention] = (MMFastVisualBertSelfAttention,
-                                       "attention (VisualBERT self-attention, mmfast.ops.attention)")
+                                       "attention: VisualBERT self-attention (class swap) -> mmfast.ops.attention")
 
 if _LxmertAttention is not None:
     class MMFastLxmertAttention(_CrossAttentionMixin, _LxmertAttention):
         pass
 
     SWAPS[_LxmertAttention] = (MMFastLxmertAttention,
-                               "attention (LXMERT self/cross-attention, mmfast.ops.attention)")
+                               "attention: LXMERT self/cross-attention (class swap) -> mmfast.ops.attention")
 
 
 if _ViltEmbeddings is not None:
@@ -148,6 +148,6 @@ if _ViltEmbeddings is not None:
             return embeddings, masks
 
     SWAPS[_ViltEmbeddings] = (MMFastViltEmbeddings,
-                              "embeddings (ViLT text+image merge through mmfast.ops.concat_embed)")
+                              "embeddings: ViLT text+image merge (class swap) -> mmfast.ops.concat_embed")
 
 EMBEDDING_CLASSES = tuple(c for c in (_ViltEmbeddings,) if c is not None)
