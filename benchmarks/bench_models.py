@@ -11,9 +11,15 @@ Each architecture runs its training objective: single_stream, cross_attention an
 Recorded per case (``extra_info``): samples/s, ratio to the eager twin, peak extra GPU memory.
 
     pytest benchmarks/bench_models.py --benchmark-json=models.json
+
+Environment: ``MMFAST_BENCH_MODELS_ARCHS=dual_encoder,captioner`` runs only those architectures;
+``MMFAST_BENCH_MODELS_COMPILE=0`` skips the torch.compile cases (inductor compiles a base model's
+forward+backward in tens of seconds per architecture and mode).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -30,6 +36,11 @@ TASK = {"single_stream": "pretrain", "cross_attention": "pretrain", "co_attentio
         "dual_encoder": "itc", "captioner": "caption"}
 IMPLS = ["eager", "mmfast", "compile"]
 SMOKE_COMPILE = {"dual_encoder"}
+ARCHS = [a for a in os.environ.get("MMFAST_BENCH_MODELS_ARCHS", ",".join(mm.ARCHS)).split(",") if a]
+COMPILE = os.environ.get("MMFAST_BENCH_MODELS_COMPILE", "1") != "0"
+_unknown = sorted(set(ARCHS) - set(mm.ARCHS))
+if _unknown:
+    raise ValueError(f"MMFAST_BENCH_MODELS_ARCHS names unknown architectures {_unknown}; known: {list(mm.ARCHS)}")
 
 _cache: dict = {}
 
@@ -43,8 +54,9 @@ def _models(arch: str) -> dict:
             torch.cuda.empty_cache()
         over = {} if SMOKE else {"text_len": TEXT_LEN, "img_size": IMG}
         torch.manual_seed(0)
-        fused = mm.create_model(f"{arch}_{SIZE}", task=TASK[arch], **over).to(DEVICE)
-        eager = mm.create_model(f"{arch}_{SIZE}", task=TASK[arch], fused=False, **over).to(DEVICE)
+        with torch.device(DEVICE):  # initialise on the GPU directly (base models init slowly on CPU)
+            fused = mm.create_model(f"{arch}_{SIZE}", task=TASK[arch], **over)
+            eager = mm.create_model(f"{arch}_{SIZE}", task=TASK[arch], fused=False, **over)
         eager.load_state_dict(fused.state_dict())
         _cache.update(arch=arch, mmfast=fused, eager=eager, inputs=fused.example_inputs(BATCH))
     return _cache
@@ -91,8 +103,10 @@ def _step_fn(arch: str, impl: str, mode: str):
 
 @pytest.mark.parametrize("mode", ["train", "infer"])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("arch", list(mm.ARCHS))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_model_step(benchmark, arch, impl, mode):
+    if impl == "compile" and not COMPILE:
+        pytest.skip("MMFAST_BENCH_MODELS_COMPILE=0")
     if SMOKE and impl == "compile" and arch not in SMOKE_COMPILE:
         pytest.skip(f"smoke mode compiles only {sorted(SMOKE_COMPILE)} (tracing cost on CPU)")
     fn = _step_fn(arch, impl, mode)

@@ -641,11 +641,11 @@ class FusionModel(nn.Module):
         c, L = self.cfg, self.cfg.text_len
         # ordinary word ids: above the special tokens (and BERT's [unused] block when the vocabulary is real)
         low = 1000 if c.vocab_size > 2000 else c.mask_token_id + 1
-        ids = torch.randint(low, c.vocab_size, (B, L), generator=gen)
-        lengths = torch.full((B,), L)
+        ids = torch.randint(low, c.vocab_size, (B, L), generator=gen, device="cpu")
+        lengths = torch.full((B,), L, device="cpu")
         if B > 1:
             lengths[-1] = max(3, int(L * 0.6))
-        pos = torch.arange(L)[None, :]
+        pos = torch.arange(L, device="cpu")[None, :]
         ids[:, 0] = c.cls_token_id
         ids[pos == (lengths[:, None] - 1)] = c.sep_token_id
         mask = pos < lengths[:, None]
@@ -656,17 +656,19 @@ class FusionModel(nn.Module):
         """BERT masking (all selected tokens become [MASK]); at least one per sample."""
         c = self.cfg
         special = (ids == c.cls_token_id) | (ids == c.sep_token_id) | (mask == 0)
-        sel = (torch.rand(ids.shape, generator=gen) < c.mlm_probability) & ~special
-        sel[torch.arange(ids.shape[0]), 1] = True  # position 1 is always a word
+        sel = (torch.rand(ids.shape, generator=gen, device="cpu") < c.mlm_probability) & ~special
+        sel[:, 1] = True  # position 1 is always a word
         labels = ids.masked_fill(~sel, -100)
         return ids.masked_fill(sel, c.mask_token_id), labels
 
     def _example_pixels(self, B: int, gen: torch.Generator):
         c = self.cfg
-        return torch.randn(B, 3, c.img_size, c.img_size, generator=gen)
+        return torch.randn(B, 3, c.img_size, c.img_size, generator=gen, device="cpu")
 
     def example_inputs(self, batch_size: int = 2, seed: int = 0) -> dict:
-        gen = torch.Generator().manual_seed(seed)
+        """A valid input dict for this model's task, labels included, on the model's device and dtype
+        (text: [CLS] words [SEP], the last sample padded; pixels: standard normal)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
         B = batch_size
         ids, mask = self._example_text(B, gen)
         inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": self._example_pixels(B, gen)}
@@ -676,9 +678,9 @@ class FusionModel(nn.Module):
         elif t == "pretrain" and getattr(self, "mlm_head", None) is not None:
             inputs["mlm_labels"] = self._example_mlm(ids, mask, gen)[1]
         elif t == "itm":
-            inputs["labels"] = torch.randint(0, 2, (B,), generator=gen)
+            inputs["labels"] = torch.randint(0, 2, (B,), generator=gen, device="cpu")
         elif t in ("vqa", "classification"):
-            inputs["labels"] = torch.randint(0, self.num_labels, (B,), generator=gen)
+            inputs["labels"] = torch.randint(0, self.num_labels, (B,), generator=gen, device="cpu")
         elif t == "caption":
             inputs["labels"] = ids.masked_fill(mask == 0, -100)
         dev, dt = self._device(), self._dtype()
