@@ -174,6 +174,23 @@ def test_dropout_mask_statistics_and_backward_consistency(backend, causal):
     testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], name=f"{backend} dropout")
 
 
+@pytest.mark.parametrize("backend", _dropout_backends())
+def test_broadcast_grad_out_and_empty_batch(backend):
+    """out.sum() hands the backward a zero-stride gradient; B = 0 gives empty results."""
+    q, k, v, m = make_inputs(2, 2, 9, 21, 32, torch.float32, mask=True)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    g = torch.autograd.grad(attention(q, k, v, key_padding_mask=m, causal=True, backend=backend).sum(), (q, k, v))
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    r = torch.autograd.grad(R.attention(q64, k64, v64, key_padding_mask=m, causal=True).sum(), (q64, k64, v64))
+    for a, b in zip(g, r):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    e = torch.randn(0, 2, 5, 16, requires_grad=True)
+    out = attention(e, e, e, backend=backend)
+    assert out.shape == (0, 2, 5, 16)
+    (ge,) = torch.autograd.grad(out.sum(), e)
+    assert ge.shape == e.shape
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument errors name the argument
 
