@@ -320,6 +320,6 @@ def test_training_parity_steps():
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses[i].append(float(loss))
+            losses[i].append(float(loss.detach()))
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-5)
     assert losses[0][-1] != losses[0][0]  # the weights did move

@@ -413,8 +413,11 @@ class TextTower(nn.Module):
         return self.encoder.layer
 
     def embed(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, past_length: int = 0) -> Tensor:
-        return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
-                               past_key_values_length=past_length)
+        position_ids = None
+        if past_length:  # decoding with a cache: positions continue after the cached prefix
+            L = input_ids.shape[1]
+            position_ids = torch.arange(past_length, past_length + L, device=input_ids.device)[None, :]
+        return self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
 
     def run(self, hidden: Tensor, mask: Optional[Tensor], start: int, end: int, encoder_hidden_states=None,
             encoder_mask=None, caches=None, all_hidden: Optional[list] = None) -> Tensor:
