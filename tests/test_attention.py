@@ -238,6 +238,12 @@ def test_bad_dropout_device_and_backend():
             attention(**_bad(key_padding_mask=torch.ones(2, 9, dtype=torch.bool, device="meta")))
 
 
+def test_interpreter_refuses_bfloat16():
+    q, k, v, m = make_inputs(1, 2, 5, 9, 16, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bfloat16 tl.dot is broken"):
+        attention(q, k, v, backend="triton")
+
+
 def test_torch_backend_takes_any_head_dim():
     q, k, v, m = make_inputs(1, 2, 5, 9, 12, torch.float32, mask=True)
     out = attention(q, k, v, key_padding_mask=m, backend="torch")
