@@ -21,16 +21,18 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
     Subclasses torch's class so ``isinstance`` checks and state_dict (the ``weight`` buffer) match."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-                 label_smoothing=0.0, *, backend="auto"):
+                 label_smoothing=0.0, *, backend="auto", inplace_backward=False):
         super().__init__(weight, size_average, ignore_index, reduce, _legacy_reduction(size_average, reduce, reduction),
                          label_smoothing)
         self.backend = backend
+        self.inplace_backward = inplace_backward  # see mmfast.ops.cross_entropy: opt-in, overwrites the logits
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if target.is_floating_point():  # probability targets: only torch has them
             return super().forward(input, target)
         return ops.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                                 label_smoothing=self.label_smoothing, reduction=self.reduction, backend=self.backend)
+                                 label_smoothing=self.label_smoothing, reduction=self.reduction, backend=self.backend,
+                                 inplace_backward=self.inplace_backward)
 
 
 class LinearCrossEntropyLoss(nn.Module):
