@@ -75,6 +75,7 @@ def _add_train_args(p) -> None:
                                                        "BERT's vocabulary); jsonl: a local tokenizer directory")
     p.add_argument("--train-size", type=int, default=20000, help="shapes: training examples")
     p.add_argument("--eval-size", type=int, default=1000, help="shapes: held-out examples")
+    p.add_argument("--max-objects", type=int, default=4, help="shapes: objects per image, 2..4")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. --set hidden_size=128 (repeatable)")
     p.add_argument("--skip-bad", action="store_true", help="jsonl: drop bad lines with a warning instead of failing")
@@ -114,7 +115,7 @@ def cmd_train(args) -> int:
     train_spec, eval_spec, overrides = W.data_specs(
         args.data, task, args.model, eval_data=args.eval_data, tokenizer=args.tokenizer,
         text_pretrained=args.text_pretrained, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
-        overrides=overrides, skip_bad=args.skip_bad)
+        overrides=overrides, skip_bad=args.skip_bad, max_objects=args.max_objects)
     train_ds = W.build_data(train_spec)
     if eval_spec is not None and train_spec["kind"] == "jsonl" and task == "vqa":
         eval_spec["answers"] = train_ds.answers  # the label space is the training set's

@@ -13,12 +13,13 @@ import torch
 
 # Per device: a model and a budget that reach >= 70 % held-out accuracy (majority answer: ~11 %).
 # CPU figures were tuned on a 2-core machine to finish in well under 5 minutes.
-CPU_DEFAULTS = dict(model="single_stream_tiny", steps=900, batch_size=64, lr=2e-3, train_size=12000,
-                    overrides={"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
-                               "vision_width": 128, "vision_heads": 4})
-GPU_DEFAULTS = dict(model="single_stream_tiny", steps=1500, batch_size=128, lr=2e-3, train_size=50000,
-                    overrides={"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
-                               "vision_width": 128, "vision_heads": 4})
+# The board is 3 x 3 cells of one 8-px patch each (24 px images), up to 3 objects.
+_TINY_128 = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "vision_width": 128,
+             "vision_heads": 4, "vision_depth": 3, "img_size": 24}
+CPU_DEFAULTS = dict(model="single_stream_tiny", steps=1200, batch_size=64, lr=3e-3, train_size=20000, max_objects=3,
+                    overrides=_TINY_128)
+GPU_DEFAULTS = dict(model="single_stream_tiny", steps=2000, batch_size=128, lr=3e-3, train_size=50000, max_objects=3,
+                    overrides=_TINY_128)
 
 
 def _say(quiet: bool, *parts) -> None:
@@ -90,10 +91,10 @@ def run_demo(model=None, steps=None, batch_size=None, lr=None, seed: int = 0, ou
     train_spec, eval_spec, overrides = W.data_specs("shapes", "vqa", name, tokenizer="compact",
                                                     train_size=d["train_size"], eval_size=1000, seed=seed,
                                                     overrides=d["overrides"])
-    train = ShapesDataset(train_spec["size"], task="vqa", split="train", seed=seed, image_size=train_spec["image_size"],
-                          grid=train_spec["grid"], tokenizer="compact", cache=True)
-    held_out = ShapesDataset(1000, task="vqa", split="val", seed=seed, image_size=train_spec["image_size"],
-                             grid=train_spec["grid"], tokenizer="compact", cache=True)
+    max_objects = d.get("max_objects", 4) if not model or model == d["model"] else 4
+    train_spec["max_objects"] = eval_spec["max_objects"] = max_objects
+    train = W.build_data({**train_spec, "cache": True})
+    held_out = W.build_data({**eval_spec, "cache": True})
     torch.manual_seed(seed)
     net = create_model(name, task="vqa", num_labels=len(train.answers), **overrides)
     n_params = sum(p.numel() for p in net.parameters())

@@ -42,7 +42,7 @@ def build_data(spec: dict):
 
 
 def data_specs(data: str, task: str, model_name: str, *, eval_data=None, tokenizer="auto", text_pretrained=None,
-               train_size=20000, eval_size=1000, seed=0, overrides=None, skip_bad=False):
+               train_size=20000, eval_size=1000, seed=0, overrides=None, skip_bad=False, max_objects=4):
     """(train spec, eval spec, model overrides) for ``--data shapes`` or ``--data FILE.jsonl``."""
     overrides = dict(overrides or {})
     cfg = _model_cfg(model_name, overrides)
@@ -59,7 +59,7 @@ def data_specs(data: str, task: str, model_name: str, *, eval_data=None, tokeniz
         patches = cfg.img_size // cfg.patch_size
         grid = patches if 2 <= patches <= 8 else 4  # one object cell = one patch where that fits
         base = {"kind": "shapes", "task": SHAPES_TASKS[task], "seed": seed, "image_size": cfg.img_size, "grid": grid,
-                "tokenizer": tokenizer}
+                "tokenizer": tokenizer, "max_objects": max_objects}
         return ({**base, "size": train_size, "split": "train"}, {**base, "size": eval_size, "split": "val"}, overrides)
     path = Path(data)
     if path.suffix != ".jsonl" or not path.is_file():
