@@ -251,6 +251,10 @@ def test_single_stream_loads_bert_embeddings():
     sd = load_file(str(d / "model.safetensors"))
     assert torch.equal(m.text_embeddings.word_embeddings.weight, sd["embeddings.word_embeddings.weight"])
     assert m.text_encoder is None
+    # BLIP's recipe: BERT initialises the decoder; its cross-attention stays as initialised
+    c = mm.create_model("captioner_small", text_pretrained=d, vision_depth=1)
+    k = "encoder.layer.5.attention.self.query.weight"
+    assert torch.equal(c.text_decoder.state_dict()[k], sd[k])
 
 
 # ---------------------------------------------------------------------------------------------
