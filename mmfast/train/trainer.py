@@ -274,10 +274,11 @@ class Trainer:
             window_steps, window_tokens, window_loss = window_steps + 1, window_tokens + step_tokens, window_loss + loss_value
             if self.step % cfg.log_every == 0 or self.step == stop_at:
                 dt = max(time.perf_counter() - t_window, 1e-9)
-                record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3), "loss": window_loss / window_steps,
+                record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3),
+                          "loss": window_loss / window_steps,
                           "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                           "samples_per_s": window_steps * samples_per_step / dt, "tokens_per_s": window_tokens / dt,
-                          "elapsed_s": time.perf_counter() - t_start}
+                          "train_s": time.perf_counter() - t_start}
                 self._log(record)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}",
@@ -285,12 +286,15 @@ class Trainer:
                 t_window, window_steps, window_tokens, window_loss = time.perf_counter(), 0, 0.0, 0.0
             if bar is not None:
                 bar.update(1)
+            t_pause = time.perf_counter()  # evaluation and checkpoints do not count as training time
             if self.eval_dataset is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._eval_and_maybe_stop()
             if cfg.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+            paused = time.perf_counter() - t_pause
+            t_window, t_start = t_window + paused, t_start + paused
 
-        seconds = time.perf_counter() - t_start
+        seconds = time.perf_counter() - t_start  # training only
         final_eval = None
         if self.eval_dataset is not None and not (cfg.eval_every and self.step % cfg.eval_every == 0):
             final_eval = self._eval_and_maybe_stop()
