@@ -42,10 +42,18 @@ inline uint32_t fmix32(uint32_t h) {
   return h;
 }
 
-inline bool dropout_keep(uint64_t idx, uint32_t k0, uint32_t k1, uint32_t thresh) {
-  uint32_t h = fmix32(static_cast<uint32_t>(idx) ^ k0);
-  h = fmix32(h ^ static_cast<uint32_t>(idx >> 32) ^ k1);
-  return (h >> 8) >= thresh;
+// Keep mask of n consecutive flat indices starting at base, as acc_t multipliers (scale or 0).
+// Written as plain loops over 32-bit lanes so the compiler vectorises the hash.
+template <typename acc_t>
+inline void dropout_row(uint64_t base, int64_t n, uint32_t k0, uint32_t k1, uint32_t thresh, acc_t scale,
+                        uint32_t* hbuf, acc_t* x) {
+  const uint32_t lo0 = static_cast<uint32_t>(base), hi0 = static_cast<uint32_t>(base >> 32);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t lo = lo0 + static_cast<uint32_t>(j);  // wraps exactly like the 64-bit index
+    const uint32_t hi = hi0 + (lo < lo0 ? 1u : 0u);
+    hbuf[j] = fmix32(fmix32(lo ^ k0) ^ hi ^ k1);
+  }
+  for (int64_t j = 0; j < n; ++j) x[j] = (hbuf[j] >> 8) >= thresh ? x[j] * scale : acc_t(0);
 }
 
 inline uint32_t dropout_threshold(double p) {
@@ -209,6 +217,7 @@ void forward_kernel(const Plan<acc_t>& p, const scalar_t* const* feats, scalar_t
   const int64_t D = p.D, rows = p.B * p.Ltot;
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(D);
+    std::vector<uint32_t> hbuf(p.dropout ? D : 0);
     acc_t* x = buf.data();
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / p.Ltot, t = r % p.Ltot;
@@ -229,14 +238,10 @@ void forward_kernel(const Plan<acc_t>& p, const scalar_t* const* feats, scalar_t
         }
       }
       scalar_t* o = out + r * D;
-      if (p.dropout) {
-        const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(D);
-        for (int64_t j = 0; j < D; ++j)
-          o[j] = dropout_keep(base + j, p.k0, p.k1, p.thresh) ? static_cast<scalar_t>(x[j] * p.scale)
-                                                               : static_cast<scalar_t>(0);
-      } else {
-        for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(x[j]);
-      }
+      if (p.dropout)
+        dropout_row(static_cast<uint64_t>(r) * static_cast<uint64_t>(D), D, p.k0, p.k1, p.thresh, p.scale,
+                    hbuf.data(), x);
+      for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(x[j]);
     }
   });
 }
@@ -261,6 +266,7 @@ void backward_kernel(const Plan<acc_t>& p, const scalar_t* gout, const scalar_t*
 
   at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf(D), gbuf(D);
+    std::vector<uint32_t> hbuf(p.dropout ? D : 0);
     acc_t* x = xbuf.data();
     acc_t* g = gbuf.data();
     for (int64_t k = begin; k < end; ++k) {
@@ -274,13 +280,10 @@ void backward_kernel(const Plan<acc_t>& p, const scalar_t* gout, const scalar_t*
         for (int64_t b = 0; b < p.B; ++b) {
           const int64_t r = b * p.Ltot + p.off[m] + l;
           const scalar_t* go = gout + r * D;
-          if (p.dropout) {
-            const uint64_t base = static_cast<uint64_t>(r) * static_cast<uint64_t>(D);
-            for (int64_t j = 0; j < D; ++j)
-              g[j] = dropout_keep(base + j, p.k0, p.k1, p.thresh) ? static_cast<acc_t>(go[j]) * p.scale : acc_t(0);
-          } else {
-            for (int64_t j = 0; j < D; ++j) g[j] = static_cast<acc_t>(go[j]);
-          }
+          for (int64_t j = 0; j < D; ++j) g[j] = static_cast<acc_t>(go[j]);
+          if (p.dropout)
+            dropout_row(static_cast<uint64_t>(r) * static_cast<uint64_t>(D), D, p.k0, p.k1, p.thresh, p.scale,
+                        hbuf.data(), g);
           if (ln) {
             load_row<scalar_t, acc_t>(p, feats, m, b, l, x);
             const acc_t mean = mean_in[r], rstd = rstd_in[r];
