@@ -199,6 +199,12 @@ def test_inplace_backward(backend):
         loss.backward()
     with pytest.raises(ValueError, match="argument 'logits'"):
         mmfast.ops.cross_entropy(z, t, backend=backend, inplace_backward=True)
+    # and under torch.compile(fullgraph=True)
+    f = torch.compile(lambda z, t: mmfast.ops.cross_entropy(z * 2, t, backend=backend, inplace_backward=True),
+                      fullgraph=True, backend="aot_eager")
+    (g,) = torch.autograd.grad(f(z, t), z)
+    (gr,) = torch.autograd.grad(F.cross_entropy(z * 2, t), z)
+    torch.testing.assert_close(g, gr)
 
 
 def test_cpu_unit_upstream_shortcut_keeps_retain_graph_correct():
