@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfast import ops
+from mmfast import ops, reference  # reference: the eager formulas the eager twin runs
 
 OP_NAMES = ("attention", "concat_embed", "cross_entropy", "linear_cross_entropy", "contrastive_loss")
 
@@ -78,26 +78,9 @@ class Kernels:
             return ops.concat_embed(features, type_embeddings=type_embeddings, pos_embeddings=pos_embeddings,
                                     ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, dropout_p=dropout_p, masks=masks,
                                     backend=self.backend["concat_embed"])
-        # eager: one add per embedding, a cat, a LayerNorm, a dropout, a mask cat
-        parts = []
-        for m, f in enumerate(features):
-            x = f
-            if pos_embeddings is not None and pos_embeddings[m] is not None:
-                x = x + pos_embeddings[m][: f.shape[1]]
-            if type_embeddings is not None:
-                x = x + type_embeddings[m]
-            parts.append(x)
-        out = torch.cat(parts, dim=1)
-        if ln_weight is not None:
-            out = F.layer_norm(out, (out.shape[-1],), ln_weight, ln_bias, eps)
-        out = F.dropout(out, dropout_p, training=dropout_p > 0)
-        mask = None
-        if masks is not None:
-            B = features[0].shape[0]
-            mask = torch.cat([mk.bool() if mk is not None else
-                              torch.ones(B, f.shape[1], dtype=torch.bool, device=f.device)
-                              for mk, f in zip(masks, features)], dim=1)
-        return out, mask
+        # eager: the reference formula (one add per embedding, a cat, a LayerNorm, a dropout, a mask cat)
+        return reference.concat_embed(features, type_embeddings=type_embeddings, pos_embeddings=pos_embeddings,
+                                      ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, dropout_p=dropout_p, masks=masks)
 
     def cross_entropy(self, logits: Tensor, target: Tensor, ignore_index: int = -100,
                       label_smoothing: float = 0.0) -> Tensor:
@@ -123,10 +106,7 @@ class Kernels:
             dt = torch.promote_types(image_features.dtype, text_features.dtype)
             return ops.contrastive_loss(image_features.to(dt), text_features.to(dt), logit_scale,
                                         label_smoothing=label_smoothing, backend=self.backend["contrastive_loss"])
-        logits = logit_scale * image_features @ text_features.T
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-                + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)) / 2
+        return reference.contrastive_loss(image_features, text_features, logit_scale, label_smoothing=label_smoothing)
 
 
 def _autocast_dtype(device_type: str):
