@@ -13,11 +13,15 @@ only the non-ignored rows, which is all the work that is needed).
     pytest benchmarks/bench_cross_entropy.py --benchmark-json=out.json
 """
 
+import os
+import statistics
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import DEVICE, bench, pick, rotate
+from harness import DEVICE, bench, device_name, pick, rotate, versions
 
 import mmfast
 from mmfast.reference import contrastive_loss as ref_contrastive
@@ -156,3 +160,32 @@ def test_contrastive_loss(benchmark, N, D, impl, mode):
     bench(benchmark, _step(_con_fn, impl, sets, leaves, mode),
           eager=_step(_con_fn, "eager", sets, leaves, mode), op="contrastive_loss", impl=impl, mode=mode,
           case=f"N={N},D={D}", dtype=DTYPE, flops=flops)
+
+
+# ---- the CPU target: C++ cross_entropy vs eager, N=4096, V=30522 float32, fwd+bwd ----------------
+@pytest.mark.skipif(os.environ.get("MMFAST_BENCH_CPU_TARGET") != "1",
+                    reason="opt-in (30 s): MMFAST_BENCH_CPU_TARGET=1")
+def test_cross_entropy_cpu_target(benchmark):
+    """The issue's CPU target (>= 1.5x eager). Interleaved repetitions in one process, median of 7,
+    with the machine's default thread count; the logits are a leaf, so both sides also pay for
+    creating the gradient tensor."""
+    N, V = 4096, 30522
+    x = torch.randn(N, V, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[::7] = -100
+    runs = {"eager": lambda: torch.autograd.grad(F.cross_entropy(x, t), x),
+            "mmfast-cpu": lambda: torch.autograd.grad(mmfast.ops.cross_entropy(x, t, backend="cpu"), x)}
+    times = {k: [] for k in runs}
+    for f in runs.values():
+        f()
+    for _ in range(7):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    benchmark.extra_info.update({"device": device_name(), **versions(), "op": "cross_entropy", "impl": "mmfast-cpu",
+                                 "mode": "fwd+bwd", "case": f"N={N},V={V}", "dtype": "float32",
+                                 "threads": torch.get_num_threads(), "median_ms": med["mmfast-cpu"],
+                                 "eager_ms": med["eager"], "ratio_to_eager": med["eager"] / med["mmfast-cpu"]})
+    benchmark.pedantic(runs["mmfast-cpu"], rounds=1, iterations=1)
