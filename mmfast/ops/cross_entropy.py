@@ -513,13 +513,16 @@ def _contrastive_impl(img: Tensor, txt: Tensor, scale: Tensor, label_smoothing: 
         diag[i0:i1] = L.diagonal(offset=i0)
         rowsum[i0:i1] = L.sum(1)
         colsum += L.sum(0)
+        if tile == N:  # one tile: the column log-sum-exp directly
+            kept = (S, L)
+            lse_c = torch.logsumexp(L, 0)
+            break
         m_new = torch.maximum(col_m, L.max(0).values)
         m_safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
         col_s = col_s * torch.exp(col_m - m_safe) + torch.exp(L - m_safe).sum(0)
         col_m = m_new
-        if tile == N:
-            kept = (S, L)
-    lse_c = col_m + torch.log(col_s)
+    if kept is None:  # merged online across row tiles
+        lse_c = col_m + torch.log(col_s)
     # (lse - L_ii) + eps * (L_ii - mean_j L_ij): exact 0 where torch's is (N = 1), no cancellation
     loss_r = (lse_r - diag) + eps * (diag - rowsum / N)
     loss_c = (lse_c - diag) + eps * (diag - colsum / N)
@@ -539,7 +542,7 @@ def _contrastive_impl(img: Tensor, txt: Tensor, scale: Tensor, label_smoothing: 
             S = sim(i0, i1)
             L = S * s.to(acc)
         dL = grad_tile(L, lse_r[i0:i1], lse_c, i0, eps, N)  # overwrites L
-        d_s += (dL * S).sum()
+        d_s += torch.dot(dL.reshape(-1), S.reshape(-1))  # sum(dL * S) without an N x N temporary
         dL_lp = dL.to(img.dtype)
         d_img[i0:i1] = (dL_lp @ txt) * s.to(img.dtype)
         d_txt += (dL_lp.t() @ img[i0:i1]).to(acc)
