@@ -78,6 +78,19 @@ def test_rule_bert_vocab(backend, dtype, variant, reduction):
     _check(backend, x, t, w, eps, reduction, f"{backend} 113x30522 {dtype} {variant} {reduction}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N,C", [(4096, 1000), (7, 30522)])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_rule_cpu_face_bf16_and_large_batch(dtype, N, C, variant):
+    """The C++ face also takes bfloat16 (the interpreter cannot: tested on the GPU for Triton) and a
+    4096-row batch with a 1000-class vocabulary."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("C++ extension unavailable")
+    x, t, w, eps = _case(N, C, dtype, variant, seed=N)
+    for reduction in ("mean", "none"):
+        _check("cpu", x, t, w, eps, reduction, f"cpu {N}x{C} {dtype} {variant} {reduction}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rule_one_row_bert_vocab_and_3d(backend):
     x, t, w, eps = _case(1, 30522, torch.float32, "smooth", seed=2)
