@@ -234,8 +234,18 @@ def test_cpu_unit_upstream_shortcut_keeps_retain_graph_correct():
     ref = torch.autograd.grad(F.cross_entropy(x, t), x)[0]
     torch.testing.assert_close(g1, ref)
     torch.testing.assert_close(x.grad, 2 * ref)
-    (loss * 3).backward()  # upstream 3 through the same graph: a scaled copy
+    (loss * 3).backward(retain_graph=True)  # upstream 3 through the same graph: a scaled copy
     torch.testing.assert_close(x.grad, 5 * ref)
+    (loss * 3).backward()  # the last backward may scale the saved gradient in place
+    torch.testing.assert_close(x.grad, 8 * ref)
+    for red in ("none", "sum"):  # per-row / scalar upstream, retained then freed
+        x.grad = None
+        out = mmfast.ops.cross_entropy(x, t, reduction=red, backend="cpu")
+        up = torch.rand_like(out) + 0.5
+        out.backward(up, retain_graph=True)
+        out.backward(up)
+        gr = torch.autograd.grad(F.cross_entropy(x, t, reduction=red), x, up)[0]
+        torch.testing.assert_close(x.grad, 2 * gr)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -82,6 +82,23 @@ def _reduce(rows: Tensor, reduction: str, denom: Optional[Tensor]) -> Tensor:
     return rows.sum() / denom  # 0/0 = NaN when every target is ignored, as torch does
 
 
+def _graph_freed() -> bool:
+    """True inside a backward whose graph is freed afterwards (no retain_graph): the gradients
+    saved by the forward are then never read again and may be scaled in place."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
+
+
+def _scaled(grad: Tensor, up: Tensor) -> Tensor:
+    """grad * up: in place on the saved gradient when the graph is freed after this backward (one
+    N x C buffer at peak instead of two; no host sync needed), else a new tensor (retain_graph:
+    the saved gradient must stay intact for the next backward)."""
+    up = up.to(grad.dtype)
+    if not torch.compiler.is_compiling() and type(grad) is Tensor and _graph_freed():
+        return grad.mul_(up)
+    return grad * up
+
+
 def _unit_upstream(grad_loss: Tensor) -> bool:
     """True when a backward may hand out its saved gradient itself instead of a scaled copy: the
     upstream gradient is exactly 1 and checking costs nothing (an eager CPU scalar: never under
@@ -92,10 +109,7 @@ def _unit_upstream(grad_loss: Tensor) -> bool:
     if not (type(grad_loss) is Tensor and grad_loss.device.type == "cpu" and grad_loss.numel() == 1
             and not torch.compiler.is_compiling()):
         return False
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    if keep_graph is None or keep_graph():
-        return False
-    return float(grad_loss) == 1.0
+    return _graph_freed() and float(grad_loss) == 1.0
 
 
 @torch.library.custom_op("mmfast::cross_entropy", mutates_args=())
@@ -132,13 +146,13 @@ def _ce_backward(ctx, grad_loss, _grad_of_grad):
         return None, None, None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     if ctx.reduction == "none":
-        dlogits = grad * grad_loss.to(grad.dtype)[:, None]
+        dlogits = _scaled(grad, grad_loss[:, None])
     elif _unit_upstream(grad_loss):
         # loss.backward() on the CPU: the saved gradient already is the answer. Returning it saves
         # a full read+write pass over N x C (see _unit_upstream for why this is safe).
         dlogits = grad
     else:
-        dlogits = grad * grad_loss.to(grad.dtype)
+        dlogits = _scaled(grad, grad_loss)
     return dlogits, None, None, None, None, None, None, None
 
 
@@ -179,9 +193,9 @@ class _CrossEntropyInplace(torch.autograd.Function):
             return None, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
-            grad = grad * grad_loss.to(grad.dtype)[:, None]
+            grad = _scaled(grad, grad_loss[:, None])
         elif not _unit_upstream(grad_loss):
-            grad = grad * grad_loss.to(grad.dtype)
+            grad = _scaled(grad, grad_loss)
         return grad, None, None, None, None, None, None
 
 
@@ -404,7 +418,7 @@ def _lce_backward(ctx, grad_loss, _g1, _g2, _g3):
     else:
         dh, dW, db = ctx.saved_tensors
         if not _unit_upstream(grad_loss):
-            dh, dW, db = (g * grad_loss.to(g.dtype) for g in (dh, dW, db))
+            dh, dW, db = (_scaled(g, grad_loss) for g in (dh, dW, db))
     return dh, dW, None, (db if ctx.has_bias else None), None, None, None, None, None
 
 
@@ -589,7 +603,7 @@ def _contrastive_backward(ctx, grad_loss, _g1, _g2, _g3):
         return None, None, None, None, None, None
     grads = ctx.saved_tensors
     if not _unit_upstream(grad_loss):
-        grads = tuple(g * grad_loss.to(g.dtype) for g in grads)
+        grads = tuple(_scaled(g, grad_loss) for g in grads)
     return grads[0], grads[1], grads[2], None, None, None
 
 
