@@ -108,3 +108,12 @@ def test_token_tag_jsonl_errors(tmp_path):
     p.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["O"]}) + "\n")
     with pytest.raises(ValueError, match=r"t\.jsonl:1: 2 tokens but 1 tags"):
         TokenTagJsonl(p, Tok())
+
+
+def test_demo_json_smoke(tmp_path, capsys):
+    # a few steps only (the full demo's figures are measured separately and stated in the README)
+    assert main(["demo", "--json", "--steps", "10", "--speed-steps", "1", "--out", str(tmp_path / "demo")]) == 0
+    m = _last_json(capsys.readouterr().out)
+    assert {"accuracy", "majority_baseline", "seconds", "fused_speedup"} <= set(m)
+    assert 0 < m["majority_baseline"] <= 0.3 and 0 <= m["accuracy"] <= 1 and m["fused_speedup"] > 0
+    assert (tmp_path / "demo" / "latest").is_file()

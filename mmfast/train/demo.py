@@ -11,14 +11,15 @@ import time
 
 import torch
 
-# Per device: a model and a budget that reach >= 70 % held-out accuracy (majority answer: ~11 %).
-# CPU figures were tuned on a 2-core machine to finish in well under 5 minutes.
-# The board is 3 x 3 cells of one 8-px patch each (24 px images), up to 3 objects.
+# Per device: a model and a budget that reach >= 70 % held-out accuracy (majority answer: ~12 %).
+# ALBEF-style cross-attention (text queries attend to the image tokens) learns this task several times
+# faster per step than the single-stream model (measured: 80 % at step 935 vs 61 % at step 900).
+# The board is 3 x 3 cells of one 8-px patch each (24 px images) with up to 3 objects.
 _TINY_128 = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "vision_width": 128,
-             "vision_heads": 4, "vision_depth": 3, "img_size": 24}
-CPU_DEFAULTS = dict(model="single_stream_tiny", steps=1200, batch_size=64, lr=3e-3, train_size=20000, max_objects=3,
+             "vision_heads": 4, "vision_depth": 2, "num_hidden_layers": 3, "fusion_layer": 1, "img_size": 24}
+CPU_DEFAULTS = dict(model="cross_attention_tiny", steps=1000, batch_size=64, lr=2e-3, train_size=20000, max_objects=3,
                     overrides=_TINY_128)
-GPU_DEFAULTS = dict(model="single_stream_tiny", steps=2000, batch_size=128, lr=3e-3, train_size=50000, max_objects=3,
+GPU_DEFAULTS = dict(model="cross_attention_tiny", steps=1500, batch_size=64, lr=2e-3, train_size=20000, max_objects=3,
                     overrides=_TINY_128)
 
 
@@ -86,7 +87,7 @@ def run_demo(model=None, steps=None, batch_size=None, lr=None, seed: int = 0, ou
         d["overrides"] = {}
     name, steps = model or d["model"], steps or d["steps"]
     batch_size, lr = batch_size or d["batch_size"], lr or d["lr"]
-    speed_steps = speed_steps or (20 if gpu else 5)
+    speed_steps = speed_steps or (20 if gpu else 10)
 
     train_spec, eval_spec, overrides = W.data_specs("shapes", "vqa", name, tokenizer="compact",
                                                     train_size=d["train_size"], eval_size=1000, seed=seed,
@@ -99,7 +100,8 @@ def run_demo(model=None, steps=None, batch_size=None, lr=None, seed: int = 0, ou
     net = create_model(name, task="vqa", num_labels=len(train.answers), **overrides)
     n_params = sum(p.numel() for p in net.parameters())
     majority = held_out.majority_baseline()
-    dev_name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    n_threads = torch.get_num_threads()
+    dev_name = torch.cuda.get_device_name() if gpu else f"CPU ({n_threads} thread{'s' if n_threads != 1 else ''})"
     _say(quiet, f"mmfast demo: {name} ({n_params / 1e6:.2f}M parameters, fused ops) learns visual question answering "
                 f"on ShapesDataset ({train_spec['image_size']} px images, {train_spec['grid']}x{train_spec['grid']} "
                 f"board, questions about colour, shape, count and position) on {dev_name}.")
@@ -109,7 +111,7 @@ def run_demo(model=None, steps=None, batch_size=None, lr=None, seed: int = 0, ou
     run = {"model": name, "task": "vqa", "num_labels": len(train.answers), "fused": True, "overrides": overrides,
            "data": train_spec, "eval_data": eval_spec, "answers": list(train.answers)}
     cfg = TrainConfig(lr=lr, max_steps=steps, batch_size=batch_size, warmup_steps=steps // 20, weight_decay=0.01,
-                      eval_every=max(1, steps // 6), eval_metric="accuracy", eval_batch_size=250, out_dir=run_dir,
+                      eval_every=max(1, steps // 5), eval_metric="accuracy", eval_batch_size=250, out_dir=run_dir,
                       seed=seed, log_every=max(1, steps // 50), progress=True, device=str(device))
     trainer = Trainer(net, train, held_out, cfg, run_info=run)
     summary = trainer.fit()

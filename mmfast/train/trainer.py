@@ -23,6 +23,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -369,8 +370,9 @@ class Trainer:
         if self.is_main and cfg.progress:
             from tqdm.auto import tqdm
 
+            # next to the progress bar (stderr), so stdout stays clean for machine-readable output
             tqdm.write(f"step {self.step:>6}: " + "  ".join(f"eval {k} {v:.4f}" for k, v in metrics.items()
-                                                           if isinstance(v, (int, float))))
+                                                           if isinstance(v, (int, float))), file=sys.stderr)
         value = metrics.get(cfg.eval_metric)
         if value is None:
             raise KeyError(f"TrainConfig.eval_metric={cfg.eval_metric!r} is not among the eval metrics {sorted(metrics)}")
