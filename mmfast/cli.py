@@ -3,6 +3,8 @@
     mmfast info [--json]                       versions, compiled extension, backends per op
     mmfast models [--json]                     the model zoo with parameter counts
     mmfast train --model NAME --task TASK --data shapes|FILE.jsonl --steps N --out DIR ...
+    mmfast train --model hf_bert_token_classification --task ner --data ner-synthetic|FILE.jsonl ...
+                                               (a stock HF BERT, MiniLM weights, patched by mmfast.patch)
     mmfast eval --checkpoint DIR [--data ...] [--json]
     mmfast caption --checkpoint DIR [--image FILE ...]
     mmfast demo [--json]                       train a small fusion model on ShapesDataset, then

@@ -130,7 +130,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)  # dropout etc.; differs per rank, like the data
         if cfg.resume:
             self._resume()
-        elif cfg.out_dir and self.is_main and ckpt_io.find_checkpoint(cfg.out_dir) is not None:
+        elif cfg.out_dir and ckpt_io.find_checkpoint(cfg.out_dir) is not None:  # every rank: all stop alike
             raise FileExistsError(f"out_dir {cfg.out_dir} already holds a checkpoint: resume it (resume=True, "
                                   "--resume) or choose another directory")
 
