@@ -54,8 +54,9 @@ def data_specs(data: str, task: str, model_name: str, *, eval_data=None, tokeniz
         if tokenizer not in ("bert", "compact"):
             raise ValueError(f"--tokenizer: ShapesDataset uses its built-in word tokenizer: 'bert' ids or 'compact' "
                              f"ids, got {tokenizer!r}")
-        if tokenizer == "compact":
-            overrides.update(ShapesTokenizer("compact").model_overrides())
+        if tokenizer == "compact" or cfg.vocab_size < ShapesTokenizer("bert").vocab_size:
+            # compact ids for a small vocabulary; BERT ids need BERT's 30522 rows
+            overrides.update(ShapesTokenizer(tokenizer).model_overrides())
         patches = cfg.img_size // cfg.patch_size
         grid = patches if 2 <= patches <= 8 else 4  # one object cell = one patch where that fits
         base = {"kind": "shapes", "task": SHAPES_TASKS[task], "seed": seed, "image_size": cfg.img_size, "grid": grid,
