@@ -37,8 +37,9 @@ def _print_info(info: dict) -> None:
         for i, (b, status) in enumerate(entry["backends"].items()):
             print(f"{op if i == 0 else '':<22} {b:<8} {status}")
         print(f"{'':<22} {'auto':<8} " + ", ".join(f"{k} -> {b}" for k, b in entry["auto"].items()))
-    print("\n'compiled' = built here but never run on a GPU by our tests; 'verified' = passed the GPU tests"
-          " (mmfast/kernel_table.json, written from benchmark runs).")
+    print("\ncuda 'compiled' = built into mmfast._C but never run on a GPU by our tests; triton 'implemented' ="
+          " tested on the CPU through the Triton interpreter only; 'verified on GPU' = passed the GPU test suite"
+          " (mmfast/kernel_table.json, written from GPU runs). CPU faces run in the CPU test suite.")
 
 
 def _add_train_args(p) -> None:
