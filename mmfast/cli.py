@@ -110,11 +110,9 @@ def cmd_train(args) -> int:
     if args.model == W.HF_NER_MODEL or args.task == "ner":
         return _train_ner(args)
     overrides = _parse_overrides(args.set)
-    from mmfast.models.registry import _classes  # the architectures default tasks, without building a model
+    from mmfast.models import default_task, list_models
 
-    probe = _classes()
-    arch = next((a for a in probe if args.model.startswith(a + "_")), None)
-    task = args.task or (probe[arch].default_task if arch else None)
+    task = args.task or (default_task(args.model) if args.model in list_models() else None)
     train_spec, eval_spec, overrides = W.data_specs(
         args.data, task, args.model, eval_data=args.eval_data, tokenizer=args.tokenizer,
         text_pretrained=args.text_pretrained, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,

@@ -11,7 +11,8 @@ small (MiniLM-L6-H384 + ViT-S/16), base (BERT-base + ViT-B/16 @ 224).
 """
 
 from mmfast.models.common import FusionOutput, Kernels, ZooConfig, CheckpointError, tower_parameter_counts
-from mmfast.models.registry import ARCHS, REFERENCES, config_for, create_model, describe_models, list_models
+from mmfast.models.registry import (ARCHS, REFERENCES, config_for, create_model, default_task, describe_models,
+                                    list_models)
 
 __all__ = ["ARCHS", "CheckpointError", "FusionOutput", "Kernels", "REFERENCES", "ZooConfig", "config_for",
-           "create_model", "describe_models", "list_models", "tower_parameter_counts"]
+           "create_model", "default_task", "describe_models", "list_models", "tower_parameter_counts"]

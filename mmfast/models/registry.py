@@ -51,6 +51,12 @@ def _split(name: str):
     raise ValueError(f"mmfast.models.create_model: unknown model {name!r}; available: {list_models()}")
 
 
+def default_task(name: str) -> str:
+    """The task ``create_model(name)`` builds when none is given (no model is built)."""
+    arch, _ = _split(name)
+    return _classes()[arch].default_task
+
+
 def config_for(name: str, **overrides) -> ZooConfig:
     arch, size = _split(name)
     return ZooConfig(**SIZES[size]).updated(overrides)
