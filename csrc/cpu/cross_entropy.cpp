@@ -31,6 +31,7 @@
 #endif
 
 #include "common.h"
+#include "cross_entropy.h"
 
 namespace mmfast {
 namespace {
@@ -286,47 +287,12 @@ void cross_entropy_rows(const scalar_t* x_base, int64_t x_stride, scalar_t* g_ba
   });
 }
 
-struct Checked {
-  at::Tensor target, weight, scale;
-  int64_t scale_stride = 0;
-};
-
-Checked check_inputs(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& grad_scale) {
-  check_dim(logits, "logits", 2);
-  check_dim(target, "target", 1);
-  MMFAST_CHECK_ARG(logits.stride(1) == 1 || logits.size(1) <= 1, "logits",
-                   "expected unit stride along the class dimension, got strides ", logits.strides());
-  MMFAST_CHECK_ARG(target.size(0) == logits.size(0), "target", "expected ", logits.size(0),
-                   " entries (one per row of logits), got ", target.size(0));
-  MMFAST_CHECK_ARG(target.scalar_type() == at::kLong, "target", "expected int64, got ", target.scalar_type());
-  check_same_device(target, logits, "target");
-  const int64_t N = logits.size(0), C = logits.size(1);
-  Checked c;
-  c.target = target.contiguous();
-  if (weight.has_value()) {
-    c.weight = weight->contiguous();
-    MMFAST_CHECK_ARG(c.weight.dim() == 1 && c.weight.size(0) == C, "weight", "expected shape (", C, ",), got ",
-                     c.weight.sizes());
-    MMFAST_CHECK_ARG(c.weight.scalar_type() == at::kFloat, "weight", "expected float32, got ", c.weight.scalar_type());
-    check_same_device(c.weight, logits, "weight");
-  }
-  if (grad_scale.has_value()) {
-    c.scale = grad_scale->contiguous();
-    MMFAST_CHECK_ARG(c.scale.scalar_type() == at::kFloat, "grad_scale", "expected float32");
-    MMFAST_CHECK_ARG(c.scale.numel() == 1 || c.scale.numel() == N, "grad_scale", "expected 1 or ", N,
-                     " elements, got ", c.scale.numel());
-    c.scale_stride = c.scale.numel() == 1 ? 0 : 1;
-  }
-  if (N > 0) MMFAST_CHECK_ARG(C > 0, "logits", "expected at least one class, got shape ", logits.sizes());
-  return c;
-}
 
 at::ScalarType loss_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void launch(const at::Tensor& logits, at::Tensor* grad, const Checked& c, int64_t ignore_index,
+void launch(const at::Tensor& logits, at::Tensor* grad, const CrossEntropyInputs& c, int64_t ignore_index,
             double label_smoothing, at::Tensor& loss) {
   const int64_t N = logits.size(0), C = logits.size(1);
   if (N == 0) return;
@@ -345,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, bool compute_grad,
     const std::optional<at::Tensor>& grad_scale) {
-  const Checked c = check_inputs(logits, target, weight, grad_scale);
+  const CrossEntropyInputs c = check_cross_entropy_inputs(logits, target, weight, grad_scale);
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options().dtype(loss_dtype(logits)));
   at::Tensor grad = compute_grad ? at::empty({N, C}, logits.options()) : at::empty({0}, logits.options());
@@ -356,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
 at::Tensor cross_entropy_forward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
                                              const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                              double label_smoothing, const std::optional<at::Tensor>& grad_scale) {
-  const Checked c = check_inputs(logits, target, weight, grad_scale);
+  const CrossEntropyInputs c = check_cross_entropy_inputs(logits, target, weight, grad_scale);
   at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(loss_dtype(logits)));
   at::Tensor grad = logits;  // each row is read completely before its gradient is written
   launch(logits, &grad, c, ignore_index, label_smoothing, loss);

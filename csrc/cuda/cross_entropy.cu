@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "cross_entropy.h"
 
 namespace mmfast {
 namespace {
@@ -139,49 +140,19 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(
   }
 }
 
-struct Checked {
-  at::Tensor target, weight, scale;
-  int64_t scale_stride = 0;
-};
 
-Checked check_inputs(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& grad_scale) {
-  check_dim(logits, "logits", 2);
-  check_dim(target, "target", 1);
-  MMFAST_CHECK_ARG(logits.stride(1) == 1 || logits.size(1) <= 1, "logits",
-                   "expected unit stride along the class dimension, got strides ", logits.strides());
-  MMFAST_CHECK_ARG(target.size(0) == logits.size(0), "target", "expected ", logits.size(0),
-                   " entries, got ", target.size(0));
-  MMFAST_CHECK_ARG(target.scalar_type() == at::kLong, "target", "expected int64, got ",
-                   target.scalar_type());
-  check_same_device(target, logits, "target");
+// The shared checks plus what only this face cannot do.
+CrossEntropyInputs check_cuda_inputs(const at::Tensor& logits, const at::Tensor& target,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& grad_scale) {
   MMFAST_CHECK_ARG(logits.scalar_type() != at::kDouble, "logits",
                    "float64 is not supported by the CUDA kernel (use backend='torch')");
-  const int64_t N = logits.size(0), C = logits.size(1);
-  Checked c;
-  c.target = target.contiguous();
-  if (weight.has_value()) {
-    c.weight = weight->contiguous();
-    MMFAST_CHECK_ARG(c.weight.dim() == 1 && c.weight.size(0) == C && c.weight.scalar_type() == at::kFloat,
-                     "weight", "expected a float32 tensor of shape (", C, ",), got ", c.weight.sizes(),
-                     " ", c.weight.scalar_type());
-    check_same_device(c.weight, logits, "weight");
-  }
-  if (grad_scale.has_value()) {
-    c.scale = grad_scale->contiguous();
-    MMFAST_CHECK_ARG(c.scale.scalar_type() == at::kFloat && (c.scale.numel() == 1 || c.scale.numel() == N),
-                     "grad_scale", "expected float32 with 1 or ", N, " elements");
-    check_same_device(c.scale, logits, "grad_scale");
-    c.scale_stride = c.scale.numel() == 1 ? 0 : 1;
-  }
-  if (N > 0) {
-    MMFAST_CHECK_ARG(C > 0, "logits", "expected at least one class, got shape ", logits.sizes());
-    MMFAST_CHECK_ARG(N <= 2147483647LL, "logits", "at most 2^31-1 rows are supported, got ", N);
-  }
-  return c;
+  MMFAST_CHECK_ARG(logits.dim() != 2 || logits.size(0) <= 2147483647LL, "logits",
+                   "at most 2^31-1 rows are supported, got ", logits.size(0));  // grid.x limit
+  return check_cross_entropy_inputs(logits, target, weight, grad_scale);
 }
 
-void launch(const at::Tensor& logits, at::Tensor* grad, const Checked& c, int64_t ignore_index,
+void launch(const at::Tensor& logits, at::Tensor* grad, const CrossEntropyInputs& c, int64_t ignore_index,
             double label_smoothing, at::Tensor& loss) {
   const int64_t N = logits.size(0), C = logits.size(1);
   if (N == 0) return;
@@ -202,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(
     int64_t ignore_index, double label_smoothing, bool compute_grad,
     const std::optional<at::Tensor>& grad_scale) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const Checked c = check_inputs(logits, target, weight, grad_scale);
+  const CrossEntropyInputs c = check_cuda_inputs(logits, target, weight, grad_scale);
   const int64_t N = logits.size(0), C = logits.size(1);
   at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty({N, C}, logits.options()) : at::empty({0}, logits.options());
@@ -214,7 +185,7 @@ at::Tensor cross_entropy_forward_inplace_cuda(const at::Tensor& logits, const at
                                               const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                               double label_smoothing, const std::optional<at::Tensor>& grad_scale) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const Checked c = check_inputs(logits, target, weight, grad_scale);
+  const CrossEntropyInputs c = check_cuda_inputs(logits, target, weight, grad_scale);
   at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
   at::Tensor grad = logits;
   launch(logits, &grad, c, ignore_index, label_smoothing, loss);
