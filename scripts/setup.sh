@@ -35,14 +35,22 @@ $VPY -c "import transformers, timm, pytest" || { echo "[setup] missing dependenc
 if ! $VPY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 fi
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-echo "[setup] building mmfast (MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
-start=$(date +%s)
-build_log=$(mktemp)
-rc=0
-$PIP -e . --no-build-isolation --no-deps > "$build_log" 2>&1 || rc=$?
-grep -v "^WARNING: Location" "$build_log" || true   # the local index's noise
-rm -f "$build_log"
-[ "$rc" = 0 ] || { echo "[setup] build failed (exit $rc)"; exit 1; }
-echo "[setup] build took $(( $(date +%s) - start )) s"
+# Skip the build when mmfast is installed and its extension is newer than every source file
+# (MMFAST_FORCE_BUILD=1 rebuilds anyway).
+so=$(ls mmfast/_C*.so 2>/dev/null | head -1 || true)
+if [ -z "${MMFAST_FORCE_BUILD:-}" ] && [ -n "$so" ] && $VPY -m pip show -q mmfast >/dev/null 2>&1 \
+   && [ -z "$(find csrc setup.py pyproject.toml -newer "$so" -print -quit)" ]; then
+  echo "[setup] mmfast already built and up to date ($so)"
+else
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  echo "[setup] building mmfast (MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
+  start=$(date +%s)
+  build_log=$(mktemp)
+  rc=0
+  $PIP -e . --no-build-isolation --no-deps > "$build_log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$build_log" || true   # the local index's noise
+  rm -f "$build_log"
+  [ "$rc" = 0 ] || { echo "[setup] build failed (exit $rc)"; exit 1; }
+  echo "[setup] build took $(( $(date +%s) - start )) s"
+fi
 $VPY -c "import mmfast, json; e = mmfast.backends()['extension']; print('[setup] mmfast._C:', json.dumps(e))"
