@@ -29,6 +29,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Test shapes are small and gain nothing from a second thread, while OpenMP's barrier spinning
+    on a busy 2-core machine (pytest-xdist runs one worker per core) makes them up to 50x slower.
+    Tests of the kernels' multi-threaded paths set their own thread count inside the test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def devices():
     """Devices to parametrise GPU-capable tests over."""
     return ["cpu"] + (["cuda"] if HAS_CUDA else [])

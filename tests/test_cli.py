@@ -10,12 +10,6 @@ pytest.importorskip("mmfast.models")
 from mmfast.cli import main  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _last_json(out: str) -> dict:

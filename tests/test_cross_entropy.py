@@ -15,14 +15,6 @@ BACKENDS = [b for b in ("cpu", "triton") if dispatch.availability("cross_entropy
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="neither the C++ extension nor Triton is available")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small shapes gain nothing from a second thread, and on a shared, oversubscribed machine
-    OpenMP's barrier spinning makes them up to 50x slower: run this module single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 VARIANTS = {  # name: (ignore some targets, class weights, label smoothing)
     "plain": (False, False, 0.0),

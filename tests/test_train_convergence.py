@@ -15,13 +15,6 @@ CASES = [("single_stream_tiny", "vqa"), ("cross_attention_tiny", "vqa"), ("co_at
          ("dual_encoder_tiny", "itc"), ("captioner_tiny", "caption")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose a lot
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _train(name, task, fused, state=None):
