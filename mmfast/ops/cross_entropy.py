@@ -34,17 +34,19 @@ from mmfast import _extension, dispatch
 from mmfast import reference as _ref
 
 _REDUCTIONS = ("none", "mean", "sum")
+# Dtypes each face of the cross-entropy kernels accepts (shared by every op built on them).
+_CE_DTYPES = {
+    "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
 
 dispatch.register_op(dispatch.OpSpec(
     name="cross_entropy",
     cpp_kernel="cross_entropy_forward",
     triton_module="mmfast.triton.cross_entropy",
-    dtypes={
-        "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        "cuda": (torch.float32, torch.float16, torch.bfloat16),
-        "triton": (torch.float32, torch.float16, torch.bfloat16),
-    },
+    dtypes=_CE_DTYPES,
 ))
 
 
@@ -283,12 +285,7 @@ dispatch.register_op(dispatch.OpSpec(
     name="linear_cross_entropy",
     cpp_kernel="cross_entropy_forward_inplace",
     triton_module="mmfast.triton.cross_entropy",
-    dtypes={
-        "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        "cuda": (torch.float32, torch.float16, torch.bfloat16),
-        "triton": (torch.float32, torch.float16, torch.bfloat16),
-    },
+    dtypes=_CE_DTYPES,
 ))
 
 
@@ -478,11 +475,7 @@ dispatch.register_op(dispatch.OpSpec(
     name="contrastive_loss",
     triton_module="mmfast.triton.cross_entropy",
     cpu_python=True,
-    dtypes={
-        "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        "triton": (torch.float32, torch.float16, torch.bfloat16),
-    },
+    dtypes=_CE_DTYPES,  # no cpp_kernel: the "cuda" entry never applies
 ))
 
 _CONTRASTIVE_TILE_FROM = 8192  # from this batch size on, logits are built TILE rows at a time
