@@ -142,3 +142,20 @@ def test_check_op_catches_an_unwritten_element():
 
     with pytest.raises(AssertionError, match="NaN"):
         testing.check_op(leaky, lambda x: x * 2, [torch.randn(10)])
+
+
+def test_resolve_is_a_compile_constant_like_torch_marks_it():
+    """dispatch marks resolve() the way torch.compiler.assume_constant_result does, without its
+    import cost; if torch changes the marker, this fails (and fullgraph compile tests would too)."""
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert {k: v for k, v in vars(marked).items()} == {"_dynamo_marked_constant": True}
+    assert getattr(dispatch.resolve, "_dynamo_marked_constant", False) is True
+
+
+def test_import_mmfast_stays_light():
+    r = _run("import sys, mmfast; print(sorted(m for m in ('torch._dynamo', 'transformers', 'timm') if m in sys.modules))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
