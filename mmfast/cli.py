@@ -247,11 +247,15 @@ def cmd_eval(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and args.device == "auto" else
                           ("cpu" if args.device == "auto" else args.device))
     m = W.evaluate_run(model, run, dataset, batch_size=args.batch_size, device=device)
+    return _report_eval(m, ckpt, args.json, f"{run['model']} task={run['task']}", f"{len(dataset)} examples")
+
+
+def _report_eval(m: dict, ckpt, as_json: bool, what: str, on: str) -> int:
     m["checkpoint"] = str(ckpt)
-    if args.json:
+    if as_json:
         print(json.dumps(m))
     else:
-        print(f"[eval] {run['model']} task={run['task']} checkpoint={ckpt} on {len(dataset)} examples")
+        print(f"[eval] {what} checkpoint={ckpt} on {on}")
         _print_eval(m)
     return 0
 
@@ -274,13 +278,7 @@ def _eval_ner(args, ckpt) -> int:
 
         ds = TokenTagJsonl(data, run["tokenizer"], tags=run["tags"])
     m = W.evaluate_ner(model, ds, run["tags"], args.batch_size, "cpu" if args.device == "auto" else args.device)
-    m["checkpoint"] = str(ckpt)
-    if args.json:
-        print(json.dumps(m))
-    else:
-        print(f"[eval] {run['model']} (mmfast-patched) task=ner checkpoint={ckpt} on {len(ds)} sentences")
-        _print_eval(m)
-    return 0
+    return _report_eval(m, ckpt, args.json, f"{run['model']} (mmfast-patched) task=ner", f"{len(ds)} sentences")
 
 
 def cmd_caption(args) -> int:

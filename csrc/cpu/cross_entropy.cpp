@@ -43,6 +43,29 @@ struct RowParams {
   float eps;           // label smoothing
 };
 
+// ------------------------------------------------------------------ shared by both float32 rows
+// e_j = exp(x_j - m) for j in [begin, C), stored into g when given, summed into `sum`; with label
+// smoothing also sum_wx += w_j * x_j. Doubles across the row keep 30522-class sums accurate.
+inline void accumulate_exp(const float* x, float* g, int64_t begin, float m, const RowParams& p, double& sum,
+                           double& sum_wx) {
+  for (int64_t j = begin; j < p.C; ++j) {
+    const float xj = x[j];
+    const float e = std::exp(xj - m);
+    if (p.eps != 0.f) sum_wx += static_cast<double>(p.w ? p.w[j] : 1.f) * xj;
+    sum += e;
+    if (g) g[j] = e;
+  }
+}
+
+// loss = (1-eps) w_t (lse - x_t) + eps/C (W lse - sum_j w_j x_j); *a = (1-eps) w_t for the gradient.
+inline float row_loss(float m, double sum, double sum_wx, float x_t, int64_t t, const RowParams& p, float* a) {
+  const float lse = m + static_cast<float>(std::log(sum));
+  *a = (1.f - p.eps) * (p.w ? p.w[t] : 1.f);
+  float loss = *a * (lse - x_t);
+  if (p.eps != 0.f) loss += p.eps / p.C * static_cast<float>(p.weight_total * static_cast<double>(lse) - sum_wx);
+  return loss;
+}
+
 // ------------------------------------------------------------------ portable float32 row
 // g may alias x (in-place); g == nullptr: loss only. t is a valid class index.
 float ce_row_f32_scalar(const float* x, float* g, int64_t t, float scale, const RowParams& p) {
@@ -52,18 +75,9 @@ float ce_row_f32_scalar(const float* x, float* g, int64_t t, float scale, const 
   if (std::isnan(m) || m == -std::numeric_limits<float>::infinity()) m = std::numeric_limits<float>::quiet_NaN();
   const float x_t = x[t];
   double sum = 0, sum_wx = 0;
-  for (int64_t j = 0; j < C; ++j) {
-    const float xj = x[j];
-    const float e = std::exp(xj - m);
-    if (p.eps != 0.f) sum_wx += static_cast<double>(p.w ? p.w[j] : 1.f) * xj;
-    sum += e;
-    if (g) g[j] = e;
-  }
-  const float lse = m + static_cast<float>(std::log(sum));
-  const float w_t = p.w ? p.w[t] : 1.f;
-  const float a = (1.f - p.eps) * w_t;
-  float loss = a * (lse - x_t);
-  if (p.eps != 0.f) loss += p.eps / C * static_cast<float>(p.weight_total * static_cast<double>(lse) - sum_wx);
+  accumulate_exp(x, g, 0, m, p, sum, sum_wx);
+  float a;
+  const float loss = row_loss(m, sum, sum_wx, x_t, t, p, &a);
   if (g) {
     const float c = (a + p.eps / C * p.weight_total) * scale / static_cast<float>(sum);
     const float d = p.eps / C * scale;
@@ -165,19 +179,10 @@ MMFAST_AVX2 float ce_row_f32_avx2(const float* x, float* g, int64_t t, float sca
     sum += hsum256_d(_mm256_add_ps(s0, s1));
     if (smooth) sum_wx += hsum256_d(sw);
   }
-  for (j = C8; j < C; ++j) {
-    const float xj = x[j];
-    const float e = std::exp(xj - m);
-    if (smooth) sum_wx += static_cast<double>(p.w ? p.w[j] : 1.f) * xj;
-    sum += e;
-    if (g) g[j] = e;
-  }
+  accumulate_exp(x, g, C8, m, p, sum, sum_wx);  // the last C % 8 classes
 
-  const float lse = m + static_cast<float>(std::log(sum));
-  const float w_t = p.w ? p.w[t] : 1.f;
-  const float a = (1.f - p.eps) * w_t;
-  float loss = a * (lse - x_t);
-  if (smooth) loss += p.eps / C * static_cast<float>(p.weight_total * static_cast<double>(lse) - sum_wx);
+  float a;
+  const float loss = row_loss(m, sum, sum_wx, x_t, t, p, &a);
   if (!g) return loss;
 
   // pass 3: g = e * c - d * w   (the row is in L2 now)
