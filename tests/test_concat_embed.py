@@ -461,3 +461,23 @@ def test_triton_kernels_compile_for_sm90_without_a_gpu():
     if r.returncode != 0 and ("ptxas" in r.stderr and "not found" in r.stderr.lower()):
         pytest.skip("Triton's NVIDIA backend (ptxas) is not available here")
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not mmfast.backends()["extension"]["loaded"], reason="mmfast._C not built")
+@pytest.mark.parametrize("case,arg", [("d_mismatch", "features"), ("short_pos", "pos_tables"),
+                                      ("bias_only", "ln_bias"), ("type_rows", "type_emb"),
+                                      ("param_dtype", "type_emb")])
+def test_cpp_checks_reject_bad_input_naming_the_argument(case, arg):
+    """The C++ ops validate on their own (csrc/concat_embed.cpp), for callers of torch.ops.mmfast_C."""
+    from mmfast import _extension
+
+    f = [torch.randn(2, 3, 8), torch.randn(2, 5, 8)]
+    args = {
+        "d_mismatch": ([f[0], torch.randn(2, 5, 16)], None, [], [-1, -1], None, None),
+        "short_pos": (f, None, [torch.randn(4, 8)], [-1, 0], None, None),
+        "bias_only": (f, None, [], [-1, -1], None, torch.randn(8)),
+        "type_rows": (f, torch.randn(1, 8), [], [-1, -1], None, None),
+        "param_dtype": (f, torch.randn(2, 8, dtype=torch.float64), [], [-1, -1], None, None),
+    }[case]
+    with pytest.raises(RuntimeError, match=f"argument '{arg}'"):
+        _extension.op("concat_embed_forward")(*args, 1e-12, 0.0, None)

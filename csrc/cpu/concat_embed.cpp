@@ -25,11 +25,12 @@
 #include <vector>
 
 #include "common.h"
+#include "concat_embed.h"
 
 namespace mmfast {
 namespace {
 
-constexpr int64_t kMaxModalities = 4;
+constexpr int64_t kMaxModalities = kConcatEmbedMaxModalities;
 constexpr int64_t kPosBlock = 8;  // positions per backward block
 constexpr int kLanes = 16;        // independent accumulators in row sums (vectorisable, accurate)
 
@@ -105,85 +106,29 @@ struct Inputs {
   std::vector<at::Tensor> feats, pos;
 };
 
-// Shared argument checks (the Python layer checks too, with friendlier messages; these keep any
-// caller of torch.ops.mmfast_C.* from reading out of bounds).
+// Resolves the arguments (checked by check_concat_embed_inputs) into what a row needs.
 template <typename acc_t>
 Plan<acc_t> make_plan(const std::vector<at::Tensor>& features, const std::optional<at::Tensor>& type_emb,
                       const std::vector<at::Tensor>& pos_tables, at::IntArrayRef pos_index,
                       const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
                       double dropout_p, const std::optional<at::Tensor>& seed) {
+  check_concat_embed_inputs(features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, dropout_p, seed,
+                            c10::CppTypeToScalarType<acc_t>::value);
   Plan<acc_t> p;
   p.M = static_cast<int64_t>(features.size());
-  MMFAST_CHECK_ARG(p.M >= 1 && p.M <= kMaxModalities, "features", "expected 1 to ", kMaxModalities,
-                   " modalities, got ", p.M);
-  MMFAST_CHECK_ARG(static_cast<int64_t>(pos_index.size()) == p.M, "pos_index", "expected ", p.M,
-                   " entries, got ", pos_index.size());
-  const at::Tensor& f0 = features[0];
-  check_dim(f0, "features", 3);
-  p.B = f0.size(0);
-  p.D = f0.size(2);
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  auto check_param = [&](const at::Tensor& t, const char* name) {
-    MMFAST_CHECK_ARG(t.scalar_type() == acc_type, name, "expected ", acc_type, ", got ", t.scalar_type());
-    MMFAST_CHECK_ARG(t.is_contiguous(), name, "expected a contiguous tensor");
-    check_same_device(t, f0, name);
-  };
-  bool used[kMaxModalities] = {};
+  p.B = features[0].size(0);
+  p.D = features[0].size(2);
   for (int64_t m = 0; m < p.M; ++m) {
-    const at::Tensor& f = features[m];
-    check_dim(f, "features", 3);
-    MMFAST_CHECK_ARG(f.size(0) == p.B && f.size(2) == p.D, "features", "modality ", m, " has shape ",
-                     f.sizes(), ", expected (", p.B, ", L, ", p.D, ")");
-    MMFAST_CHECK_ARG(f.scalar_type() == f0.scalar_type(), "features", "modality ", m, " has dtype ",
-                     f.scalar_type(), ", expected ", f0.scalar_type());
-    MMFAST_CHECK_ARG(f.is_contiguous(), "features", "modality ", m, " is not contiguous");
-    MMFAST_CHECK_ARG(f.size(1) >= 1, "features", "modality ", m, " has no tokens");
-    check_same_device(f, f0, "features");
-    p.L[m] = f.size(1);
+    p.L[m] = features[m].size(1);
     p.off[m + 1] = p.off[m] + p.L[m];
-    const int64_t k = pos_index[m];
-    p.pos_k[m] = k;
-    if (k >= 0) {
-      MMFAST_CHECK_ARG(k < static_cast<int64_t>(pos_tables.size()) && !used[k], "pos_index",
-                       "entry ", m, " = ", k, " is out of range or repeated");
-      used[k] = true;
-      const at::Tensor& t = pos_tables[k];
-      check_dim(t, "pos_tables", 2);
-      MMFAST_CHECK_ARG(t.size(1) == p.D && t.size(0) >= p.L[m], "pos_tables", "table of modality ", m,
-                       " has shape ", t.sizes(), ", expected (>= ", p.L[m], ", ", p.D, ")");
-      check_param(t, "pos_tables");
-      p.pos[m] = t.const_data_ptr<acc_t>();
-    } else {
-      p.pos[m] = nullptr;
-    }
+    p.pos_k[m] = pos_index[m];
+    p.pos[m] = pos_index[m] >= 0 ? pos_tables[pos_index[m]].const_data_ptr<acc_t>() : nullptr;
   }
   p.Ltot = p.off[p.M];
-  if (type_emb.has_value()) {
-    check_dim(*type_emb, "type_emb", 2);
-    MMFAST_CHECK_ARG(type_emb->size(0) >= p.M && type_emb->size(1) == p.D, "type_emb", "expected shape (>= ",
-                     p.M, ", ", p.D, "), got ", type_emb->sizes());
-    check_param(*type_emb, "type_emb");
-    p.type = type_emb->const_data_ptr<acc_t>();
-  }
-  if (ln_weight.has_value()) {
-    MMFAST_CHECK_ARG(ln_weight->dim() == 1 && ln_weight->size(0) == p.D, "ln_weight", "expected shape (", p.D,
-                     ",), got ", ln_weight->sizes());
-    check_param(*ln_weight, "ln_weight");
-    p.w = ln_weight->const_data_ptr<acc_t>();
-  }
-  if (ln_bias.has_value()) {
-    MMFAST_CHECK_ARG(ln_weight.has_value(), "ln_bias", "given without ln_weight");
-    MMFAST_CHECK_ARG(ln_bias->dim() == 1 && ln_bias->size(0) == p.D, "ln_bias", "expected shape (", p.D,
-                     ",), got ", ln_bias->sizes());
-    check_param(*ln_bias, "ln_bias");
-    p.bias = ln_bias->const_data_ptr<acc_t>();
-  }
-  MMFAST_CHECK_ARG(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p", "expected a probability in [0, 1], got ",
-                   dropout_p);
+  if (type_emb.has_value()) p.type = type_emb->const_data_ptr<acc_t>();
+  if (ln_weight.has_value()) p.w = ln_weight->const_data_ptr<acc_t>();
+  if (ln_bias.has_value()) p.bias = ln_bias->const_data_ptr<acc_t>();
   if (dropout_p > 0.0) {
-    MMFAST_CHECK_ARG(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() >= 1, "seed",
-                     "dropout_p > 0 needs a (1,) int64 seed tensor");
-    check_same_device(*seed, f0, "seed");
     const uint64_t s = static_cast<uint64_t>(seed->contiguous().const_data_ptr<int64_t>()[0]);
     p.dropout = true;
     p.k0 = static_cast<uint32_t>(s);

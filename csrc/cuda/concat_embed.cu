@@ -31,11 +31,12 @@
 #include <vector>
 
 #include "common.h"
+#include "concat_embed.h"
 
 namespace mmfast {
 namespace {
 
-constexpr int kMaxM = 4;
+constexpr int kMaxM = static_cast<int>(kConcatEmbedMaxModalities);
 constexpr int kWarps = 4;         // rows (forward) or positions (backward) per block
 constexpr int kMaxD = 1024;       // registers per lane: kMaxD / 32 values
 constexpr int kBatchChunk = 16;   // batch rows per backward block
@@ -363,92 +364,53 @@ inline uint32_t dropout_threshold(double p) {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Argument checks (as in the CPU face) and the kernel arguments.
+// The CUDA-only checks, the shared ones (check_concat_embed_inputs), and the kernel arguments.
 Args make_args(const std::vector<at::Tensor>& feats, const std::optional<at::Tensor>& type_emb,
                const std::vector<at::Tensor>& pos, at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight,
                const std::optional<at::Tensor>& ln_bias, double eps, double dropout_p,
                const std::optional<at::Tensor>& seed) {
-  Args a{};
-  const int64_t M = static_cast<int64_t>(feats.size());
-  MMFAST_CHECK_ARG(M >= 1 && M <= kMaxM, "features", "expected 1 to ", kMaxM, " modalities, got ", M);
-  MMFAST_CHECK_ARG(static_cast<int64_t>(pos_index.size()) == M, "pos_index", "expected ", M, " entries, got ",
-                   pos_index.size());
   const at::Tensor& f0 = feats[0];
-  check_dim(f0, "features", 3);
-  MMFAST_CHECK_ARG(f0.is_cuda(), "features", "expected CUDA tensors, got ", f0.device());
+  MMFAST_CHECK_ARG(f0.dim() != 3 || f0.is_cuda(), "features", "expected CUDA tensors, got ", f0.device());
   const auto st = f0.scalar_type();
   MMFAST_CHECK_ARG(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "features",
                    "the CUDA face supports float32, float16 and bfloat16, got ", st);
+  check_concat_embed_inputs(feats, type_emb, pos, pos_index, ln_weight, ln_bias, dropout_p, seed, at::kFloat);
+  Args a{};
+  const int64_t M = static_cast<int64_t>(feats.size());
   a.M = static_cast<int>(M);
   a.B = f0.size(0);
   a.D = f0.size(2);
   MMFAST_CHECK_ARG(a.D <= kMaxD, "features", "the CUDA face supports hidden sizes up to ", kMaxD, ", got ", a.D,
                    " (use the Triton face)");
+  // 16-byte vector loads need D to fill whole vectors and every row pointer 16-byte aligned.
   const int vec_elems = 16 / static_cast<int>(f0.element_size());
   bool vec = a.D % vec_elems == 0;
-  auto check_param = [&](const at::Tensor& t, const char* name) {
-    MMFAST_CHECK_ARG(t.scalar_type() == at::kFloat, name, "expected float32, got ", t.scalar_type());
-    MMFAST_CHECK_ARG(t.is_contiguous(), name, "expected a contiguous tensor");
-    check_same_device(t, f0, name);
-    vec = vec && aligned16(t.const_data_ptr());
-  };
-  bool used[kMaxM] = {};
   for (int64_t m = 0; m < M; ++m) {
-    const at::Tensor& f = feats[m];
-    check_dim(f, "features", 3);
-    MMFAST_CHECK_ARG(f.size(0) == a.B && f.size(2) == a.D, "features", "modality ", m, " has shape ", f.sizes(),
-                     ", expected (", a.B, ", L, ", a.D, ")");
-    MMFAST_CHECK_ARG(f.scalar_type() == f0.scalar_type(), "features", "modality ", m, " has dtype ", f.scalar_type(),
-                     ", expected ", f0.scalar_type());
-    MMFAST_CHECK_ARG(f.is_contiguous(), "features", "modality ", m, " is not contiguous");
-    MMFAST_CHECK_ARG(f.size(1) >= 1, "features", "modality ", m, " has no tokens");
-    check_same_device(f, f0, "features");
-    a.feat[m] = f.const_data_ptr();
+    a.feat[m] = feats[m].const_data_ptr();
     vec = vec && aligned16(a.feat[m]);
-    a.L[m] = f.size(1);
+    a.L[m] = feats[m].size(1);
     a.off[m + 1] = a.off[m] + a.L[m];
-    const int64_t k = pos_index[m];
     a.pos[m] = nullptr;
-    if (k >= 0) {
-      MMFAST_CHECK_ARG(k < static_cast<int64_t>(pos.size()) && !used[k], "pos_index", "entry ", m, " = ", k,
-                       " is out of range or repeated");
-      used[k] = true;
-      const at::Tensor& t = pos[k];
-      check_dim(t, "pos_tables", 2);
-      MMFAST_CHECK_ARG(t.size(1) == a.D && t.size(0) >= a.L[m], "pos_tables", "table of modality ", m, " has shape ",
-                       t.sizes(), ", expected (>= ", a.L[m], ", ", a.D, ")");
-      check_param(t, "pos_tables");
-      a.pos[m] = t.const_data_ptr<float>();
+    if (pos_index[m] >= 0) {
+      a.pos[m] = pos[pos_index[m]].const_data_ptr<float>();
+      vec = vec && aligned16(a.pos[m]);
     }
   }
   a.Ltot = a.off[M];
   if (type_emb.has_value()) {
-    check_dim(*type_emb, "type_emb", 2);
-    MMFAST_CHECK_ARG(type_emb->size(0) >= M && type_emb->size(1) == a.D, "type_emb", "expected shape (>= ", M, ", ",
-                     a.D, "), got ", type_emb->sizes());
-    check_param(*type_emb, "type_emb");
     a.type = type_emb->const_data_ptr<float>();
+    vec = vec && aligned16(a.type);
   }
   if (ln_weight.has_value()) {
-    MMFAST_CHECK_ARG(ln_weight->dim() == 1 && ln_weight->size(0) == a.D, "ln_weight", "expected shape (", a.D,
-                     ",), got ", ln_weight->sizes());
-    check_param(*ln_weight, "ln_weight");
     a.w = ln_weight->const_data_ptr<float>();
+    vec = vec && aligned16(a.w);
   }
   if (ln_bias.has_value()) {
-    MMFAST_CHECK_ARG(ln_weight.has_value(), "ln_bias", "given without ln_weight");
-    MMFAST_CHECK_ARG(ln_bias->dim() == 1 && ln_bias->size(0) == a.D, "ln_bias", "expected shape (", a.D, ",), got ",
-                     ln_bias->sizes());
-    check_param(*ln_bias, "ln_bias");
     a.bias = ln_bias->const_data_ptr<float>();
+    vec = vec && aligned16(a.bias);
   }
-  MMFAST_CHECK_ARG(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p", "expected a probability in [0, 1], got ",
-                   dropout_p);
   a.eps = static_cast<float>(eps);
   if (dropout_p > 0.0) {
-    MMFAST_CHECK_ARG(seed.has_value() && seed->scalar_type() == at::kLong && seed->numel() >= 1, "seed",
-                     "dropout_p > 0 needs a (1,) int64 seed tensor");
-    check_same_device(*seed, f0, "seed");
     a.dropout = true;
     a.seed = seed->const_data_ptr<int64_t>();  // read on the device: no host sync
     a.thresh = dropout_threshold(dropout_p);
