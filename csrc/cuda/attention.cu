@@ -1,22 +1,28 @@
-// Fused attention, CUDA face: flash-attention forward (online softmax, saves the base-2
-// log-sum-exp) and a recomputing backward (a dK/dV kernel per key tile, a dQ kernel per query
-// tile, no atomics), with tensor-core MMA through nvcuda::wmma 16x16x16 fp16/bf16 fragments and
-// float32 accumulation (sm_80+). Same semantics as the Triton face (mmfast/triton/attention.py):
-// key padding mask (bool (B, Lk), True = attend), causal aligned bottom-right, a query row with
-// no visible key gives 0 output and 0 gradients, any Lq/Lk >= 1, D a multiple of 8 up to 128
-// (zero-padded to DP in {32, 64, 96, 128} in shared memory), any input strides, int64 offsets,
-// current stream, no host sync. No dropout here: mmfast routes dropout_p > 0 to Triton.
+// Fused attention, CUDA face, in the FlashAttention-2 design (sm_80+ instructions, built for sm_90):
+// mma.sync m16n8k16 tensor-core tiles through inline PTX (fp16/bf16 in, fp32 accumulate), operands
+// fetched from shared memory with ldmatrix, tiles streamed with cp.async in two stages, the scores
+// S, probabilities P and the output accumulator kept in registers, online softmax in base 2.
+// Same semantics as the other faces (mmfast/ops/attention.py): key padding mask bool (B, Lk) True =
+// attend, causal aligned bottom-right (query i sees keys j <= i + Lk - Lq), a row without visible keys
+// gives out 0, lse 0 and zero gradients, dropout by the Philox contract of csrc/philox.h (the indexing
+// in attention_dropout.h), any Lq/Lk >= 1, D a multiple of 8 up to 128 (zero-padded to DP in
+// {32, 64, 96, 128} in shared memory), int64 offsets, current stream, no host sync.
 //
-// Work split: a block = 4 warps = 64 rows of the tile it owns; each warp owns 16 rows. Per key
-// (or query) tile of 64 the warp computes its 16x64 scores with wmma into shared memory, lanes
-// 2r and 2r+1 do the element-wise work of row r (32 columns each), and the warp multiplies the
-// 16x64 probabilities by the 64xDP tile with wmma. The forward's output accumulator lives in
-// shared memory (float), because rescaling by the online-softmax factor needs the row of each
-// element, which wmma's register layout does not expose.
+// Forward: a block = 4 warps owns 64 query rows (16 per warp) and streams 64-key tiles of K and V
+// (cp.async, the next tile loads while this one is used); causal tiles past the block's last visible
+// key are not visited; the key mask of a tile is read once, as a 64-bit ballot in shared memory.
 //
-// Every score product is computed as A = (q or dO rows) times B = (k or v rows)^T in all kernels,
-// including delta = rowsum(dO * O) (the diagonal of dO O^T), so a row with one visible key gets
-// dP - delta = 0 exactly, as the float64 reference does.
+// Backward: delta = rowsum(dO * O) first (a small kernel), then one kernel per 64-key tile (4 warps x
+// 16 keys) that sweeps the query tiles seeing it and does FA2's five matmuls per tile: S^T = K Q^T,
+// dV += P^T dO, dP^T = V dO^T, dK += dS^T Q, dQ += dS K. Computing the transposes directly makes P^T
+// and dS^T register operands of the dV/dK matmuls; only dS^T goes through shared memory (for dQ).
+// dQ is accumulated with fp32 atomics into a (B, H, Lq, D) buffer and converted by a last kernel:
+// the alternative (a separate dQ pass per query tile) recomputes S and dP, 7 matmuls instead of 5;
+// the price is a non-deterministic summation order of dQ in the last bits.
+//
+// Inputs whose rows cannot be copied with 16-byte cp.async (non-unit stride along D, strides that
+// are not multiples of 8 elements, a base not 16-byte aligned) are copied contiguous on the host.
+
 // The AOTI shim declares aoti_torch_get_current_cuda_stream only under USE_CUDA.
 #ifndef USE_CUDA
 #define USE_CUDA
@@ -32,118 +38,265 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+
+#include "attention_dropout.h"
 
 namespace mmfast {
 namespace {
 
-constexpr int kRows = 64;     // rows of the tile a block owns (queries or keys)
-constexpr int kCols = 64;     // rows of the tile it streams through per iteration
-constexpr int kWarps = 4;     // 16 rows each
+constexpr int kTileRows = 64;  // query rows of a forward block, keys of a backward block, rows of every tile
+constexpr int kWarps = 4;      // 16 rows of the block's tile each
 constexpr int kThreads = 32 * kWarps;
-constexpr int kLdS = kCols + 4;  // float row stride of score tiles (multiple of 4 for wmma)
-constexpr int kLdP = kCols + 8;  // 16-bit row stride of probability tiles (multiple of 8)
+constexpr int kSmemPerSm = 233472;     // sm_90: 228 KB of shared memory per SM
+constexpr int kSmemReserved = 1024;    // reserved by the driver per block
 
 template <int DP>
 struct Layout {
-  static constexpr int kLdH = DP + 8;  // 16-bit row stride of q/k/v/dO tiles (skews banks)
-  static constexpr int kLdO = DP + 4;  // float row stride of the output accumulator
-  static constexpr int kTile = kRows * kLdH * 2;  // bytes of one 64 x DP 16-bit tile
-  static constexpr int kScore = kRows * kLdS * 4;
-  static constexpr int kProb = kRows * kLdP * 2;
-  static constexpr int kAcc = kRows * kLdO * 4;
-  // All sizes are multiples of 32 bytes, so consecutive regions keep wmma's 256-bit alignment.
-  static constexpr int kFwdBytes = 3 * kTile + kScore + kProb + kAcc;
-  static constexpr int kBwdBytes = 4 * kTile + 2 * kScore + 2 * kProb + 2 * kRows * 4;
+  // 16-bit elements per shared row: +8 (16 bytes) makes the 8 row addresses of an ldmatrix land in 8
+  // distinct 16-byte bank groups (row pitch = 16 mod 128 bytes), so operand loads are conflict-free.
+  static constexpr int kLd = DP + 8;
+  static constexpr int kTile = kTileRows * kLd;  // elements of one 64-row tile
+  // forward: Q, two stages of (K, V), two stages of the 64-bit key mask
+  static constexpr int kFwdBytes = 5 * kTile * 2 + 2 * 8;
+  static_assert(2 * (kFwdBytes + kSmemReserved) <= kSmemPerSm, "forward: 2 blocks per SM");
+
+  // backward: query tiles of kBM rows. 32 for D > 64: with 64, the 16 x 64 fp32 tiles S^T and dP^T
+  // beside the dK, dV accumulators (2 x DP / 2 registers) made ptxas spill at 255 registers.
+  static constexpr int kBM = DP > 64 ? 32 : 64;
+  static constexpr int kQTile = kBM * kLd;
+  static constexpr int kLdDS = kBM + 8;  // dS^T tile (64 keys x kBM queries), conflict-free like kLd
+  // K, V, two stages of (Q, dO), dS^T, two stages of (lse, delta)
+  static constexpr int kBwdBytes = 2 * kTile * 2 + 4 * kQTile * 2 + kTileRows * kLdDS * 2 + 2 * 2 * kBM * 4;
+  static_assert(2 * (kBwdBytes + kSmemReserved) <= kSmemPerSm, "backward: 2 blocks per SM");
 };
+
+// ------------------------------------------------------------------------------------------
+// PTX wrappers. "memory" clobbers keep the compiler from moving ordinary shared-memory accesses
+// across them.
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronous; zero-filled when !valid (src is then not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
 
 template <typename T>
-struct Cvt;
+struct Mma;
+
 template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-  static __device__ __forceinline__ __half from_f(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float x) { return __float2bfloat16_rn(x); }
+struct Mma<__half> {
+  // c (16x8 fp32) += a (16x16, row) * b (16x8, col)
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // two floats -> one register of two 16-bit values, lo in the low half (the lower column)
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
 };
 
-// A (batch, head) slice of a (B, H, L, D) tensor.
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// Fragment addressing. An mma.sync m16n8k16 accumulator tile gives lane (g = lane / 4, t = lane % 4)
+// the elements (row g, cols 2t, 2t+1) in c[0..1] and (row g+8, same cols) in c[2..3]. The per-lane
+// shared addresses below feed ldmatrix.x4 so that its four 8x8 matrices land in exactly the A or B
+// fragment registers of the PTX ISA's m16n8k16 layout.
+
+// A (16 x 16, row-major in shared: rows = M, cols = K): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7),
+// (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3].
+__device__ __forceinline__ int a_row(int lane) { return lane & 15; }
+__device__ __forceinline__ int a_col(int lane) { return (lane >> 4) * 8; }
+// B of two n-tiles from a shared [N][K] array (B = stored^T, no .trans): r[0..1] = b of n-tile 0 (k 0-7,
+// k 8-15), r[2..3] = b of n-tile 1.
+__device__ __forceinline__ int bn_row(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
+__device__ __forceinline__ int bn_col(int lane) { return ((lane >> 3) & 1) * 8; }
+// B of two n-tiles from a shared [K][N] array (with .trans): r[0..1] = n-tile 0, r[2..3] = n-tile 1.
+__device__ __forceinline__ int bt_row(int lane) { return (lane & 7) + ((lane >> 3) & 1) * 8; }
+__device__ __forceinline__ int bt_col(int lane) { return (lane >> 4) * 8; }
+// A from a shared [K][M] array (A = stored^T, with .trans).
+__device__ __forceinline__ int at_row(int lane) { return (lane & 7) + (lane >> 4) * 8; }
+__device__ __forceinline__ int at_col(int lane) { return ((lane >> 3) & 1) * 8; }
+
+// A 16 x 8NT accumulator (NT n-tiles) rounded to 16 bits as the A fragments of NT / 2 k-chunks: tiles
+// 2kk and 2kk+1 hold (rows g, g+8) x (cols 2t, 2t+1) of chunk kk's columns 0-7 and 8-15, which is
+// exactly the A layout (a[0]: row g, k 2t; a[1]: row g+8; a[2]: row g, k 2t+8; a[3]: row g+8, k 2t+8).
+template <typename T, int NT>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[NT / 2][4], const float (&c)[NT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    a[kk][0] = Mma<T>::pack(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = Mma<T>::pack(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = Mma<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = Mma<T>::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+// C[16 x 8*NT] += A[16 x 16*KC] * B, A at a_addr (this warp's rows, row-major) and B at b_addr, a
+// shared [N][K] array (keys or queries by rows, D along K), both with row pitch ld (elements).
+template <typename T, int NT, int KC>
+__device__ __forceinline__ void mma_abt(float (&c)[NT][4], const T* a_tile, const T* b_tile, int ld) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t a_addr = smem_u32(a_tile + a_row(lane) * ld + a_col(lane));
+  const uint32_t b_addr = smem_u32(b_tile + bn_row(lane) * ld + bn_col(lane));
+  // rolled: only addresses depend on kk, and unrolling let ptxas hoist operand loads of later chunks
+  // (registers the dK, dV accumulators of the backward need)
+#pragma unroll 1
+  for (int kk = 0; kk < KC; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, a_addr + kk * 32);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, b_addr + (np * 16 * ld + kk * 16) * 2);
+      Mma<T>::run(c[2 * np], a, b[0], b[1]);
+      Mma<T>::run(c[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// C[16 x DP] += A[16 x 16KC] * B[16KC x DP]: A in registers (acc_to_a), B a shared [K][N] array
+// (rows of V, dO or Q, D along N) with row pitch ld.
+template <typename T, int DP, int KC>
+__device__ __forceinline__ void mma_ab(float (&c)[DP / 8][4], const uint32_t (&a)[KC][4], const T* b_tile, int ld) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t b_addr = smem_u32(b_tile + bt_row(lane) * ld + bt_col(lane));
+#pragma unroll
+  for (int kk = 0; kk < KC; ++kk) {
+#pragma unroll
+    for (int dp = 0; dp < DP / 16; ++dp) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, b_addr + (kk * 16 * ld + dp * 16) * 2);
+      Mma<T>::run(c[2 * dp], a[kk], b[0], b[1]);
+      Mma<T>::run(c[2 * dp + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// dst[0] += a, dst[1] += b (dst 8-byte aligned): one vector atomic on sm_90.
+__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// Parameters and tile loads
+
+// A (batch, head) slice of a (B, H, L, D) tensor whose rows cp.async can copy: unit stride along D,
+// row/head/batch strides multiples of 8 elements, 16-byte aligned base (the host guarantees it).
 struct Slice {
   const void* ptr;
-  int64_t sb, sh, sl, sd;
-  bool vec;  // 16-byte loads are legal: unit stride along D, 8-element aligned rows and base
+  int64_t sb, sh, sl;
 };
 
 struct Params {
   Slice q, k, v, o, dout;
-  const bool* mask;
+  const bool* mask;  // (B, Lk) or null
   int64_t smb, smn;
-  void* out;    // forward: out (B, H, Lq, D) contiguous; backward: dq
-  void* out2;   // backward: dk
-  void* out3;   // backward: dv
-  float* lse;   // (B, H, Lq)
-  float* delta; // (B, H, Lq)
-  int64_t H, Lq, Lk, D, num_tiles;
+  const int64_t* seed;  // dropout only: device scalar (read in the kernel: no host sync)
+  uint32_t drop_threshold;
+  float drop_scale;  // 1 / (1 - p), 1 without dropout
+  bool dropout;
+  void* out;     // forward: out (B, H, Lq, D); backward: dq
+  void* out2;    // backward: dk
+  void* out3;    // backward: dv
+  float* lse;    // (B, H, Lq), base 2
+  float* delta;  // (B, H, Lq)
+  float* dq_acc;  // (B, H, Lq, D) fp32, zeroed
+  int64_t H, Lq, Lk, D;
+  int64_t num_tiles;
   float qk_scale;  // scale * log2(e)
   float scale;
   bool causal;
 };
 
-// Loads rows [row0, row0 + kRows) of a slice into a kRows x DP shared tile (row stride ld),
-// zero-filling rows past L and columns past D.
-template <typename T, int DP>
-__device__ __forceinline__ void load_tile(T* dst, int ld, const Slice& s, int64_t bh_off, int64_t row0, int64_t L,
+__device__ __forceinline__ int64_t slice_off(const Slice& s, int64_t b, int64_t h) { return b * s.sb + h * s.sh; }
+
+// Rows [row0, row0 + ROWS) of a slice -> a ROWS x DP shared tile (pitch kLd), asynchronously; rows past L
+// and columns past D are zero-filled (so padded keys/queries contribute exact zeros to every product).
+template <typename T, int DP, int ROWS = kTileRows>
+__device__ __forceinline__ void load_tile(T* dst, const Slice& s, int64_t base, int64_t row0, int64_t L,
                                           int64_t D) {
-  const T* src = static_cast<const T*>(s.ptr) + bh_off;
-  if (s.vec) {
-    constexpr int kVec = 8;  // 8 x 16-bit = 16 bytes; D is a multiple of 8
-    for (int idx = threadIdx.x; idx < kRows * (DP / kVec); idx += kThreads) {
-      const int r = idx / (DP / kVec), c = (idx % (DP / kVec)) * kVec;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (row0 + r < L && c < D) val = *reinterpret_cast<const uint4*>(src + (row0 + r) * s.sl + c);
-      *reinterpret_cast<uint4*>(dst + r * ld + c) = val;
-    }
-  } else {
-    for (int idx = threadIdx.x; idx < kRows * DP; idx += kThreads) {
-      const int r = idx / DP, c = idx % DP;
-      T val = Cvt<T>::from_f(0.f);
-      if (row0 + r < L && c < D) val = src[(row0 + r) * s.sl + c * s.sd];
-      dst[r * ld + c] = val;
-    }
+  constexpr int kChunks = DP / 8;  // 16-byte chunks per row
+  constexpr int kLd = Layout<DP>::kLd;
+  static_assert(ROWS * kChunks % kThreads == 0, "whole chunks per thread");
+  const T* src = static_cast<const T*>(s.ptr) + base;
+#pragma unroll
+  for (int it = 0; it < ROWS * kChunks / kThreads; ++it) {
+    const int idx = it * kThreads + threadIdx.x;
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    const bool ok = row0 + r < L && c < D;
+    cp_async16(dst + r * kLd + c, ok ? src + (row0 + r) * s.sl + c : src, ok);
   }
 }
 
-__device__ __forceinline__ int64_t slice_off(const Slice& s, int64_t b, int64_t h) { return b * s.sb + h * s.sh; }
-
-__device__ __forceinline__ bool key_ok(const Params& p, int64_t b, int64_t j) {
-  return j < p.Lk && (p.mask == nullptr || p.mask[b * p.smb + j * p.smn]);
-}
-
-// 16 x 64 scores of this warp: C (ld kLdS, float) = A (16 x DP rows of a, ld) times B^T, where B
-// is 64 x DP rows of b; written column-major when transpose (C^T, for the dK/dV kernel).
-template <typename T, int DP>
-__device__ __forceinline__ void warp_scores(float* c, const T* a, const T* b, int ld) {
-  using namespace nvcuda;
-#pragma unroll
-  for (int nt = 0; nt < kCols / 16; ++nt) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-    for (int kt = 0; kt < DP / 16; ++kt) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-      wmma::load_matrix_sync(fa, a + kt * 16, ld);
-      wmma::load_matrix_sync(fb, b + nt * 16 * ld + kt * 16, ld);
-      wmma::mma_sync(acc, fa, fb, acc);
-    }
-    wmma::store_matrix_sync(c + nt * 16, acc, kLdS, wmma::mem_row_major);
+// Valid keys n0 .. n0+63 of batch b (inside Lk and attended) as a 64-bit mask in shared memory,
+// written by warps 0 and 1 (one ballot each).
+__device__ __forceinline__ void load_key_bits(uint32_t* dst, const Params& p, int64_t b, int64_t n0) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp < 2) {
+    const int64_t j = n0 + warp * 32 + lane;
+    const bool ok = j < p.Lk && (p.mask == nullptr || p.mask[b * p.smb + j * p.smn]);
+    const uint32_t bits = __ballot_sync(0xffffffffu, ok);
+    if (lane == 0) dst[warp] = bits;
   }
 }
 
@@ -151,342 +304,420 @@ __device__ __forceinline__ void warp_scores(float* c, const T* a, const T* b, in
 // Forward
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
   using Ly = Layout<DP>;
+  constexpr int kLd = Ly::kLd;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* Qs = reinterpret_cast<T*>(smem);
-  T* Ks = reinterpret_cast<T*>(smem + Ly::kTile);
-  T* Vs = reinterpret_cast<T*>(smem + 2 * Ly::kTile);
-  float* Ss = reinterpret_cast<float*>(smem + 3 * Ly::kTile);
-  T* Ps = reinterpret_cast<T*>(smem + 3 * Ly::kTile + Ly::kScore);
-  float* Os = reinterpret_cast<float*>(smem + 3 * Ly::kTile + Ly::kScore + Ly::kProb);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sKV = sQ + Ly::kTile;  // stage s: K at sKV + 2s * kTile, V at sKV + (2s + 1) * kTile
+  uint32_t* sBits = reinterpret_cast<uint32_t*>(smem + 5 * Ly::kTile * 2);  // stage s: words 2s, 2s+1
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t tile = blockIdx.x % p.num_tiles, bh = blockIdx.x / p.num_tiles;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  // causal blocks with more keys first (reversed tile order): fewer stragglers in the last wave
+  const int64_t tile = p.num_tiles - 1 - static_cast<int64_t>(blockIdx.x) % p.num_tiles;
+  const int64_t bh = static_cast<int64_t>(blockIdx.x) / p.num_tiles;
   const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t row0 = tile * kRows;
-  const int rl = lane >> 1, half = lane & 1;  // this lane's row within the warp, column half
-  const int rb = warp * 16 + rl;             // row within the block
-  const int64_t row = row0 + rb;             // query index
+  const int64_t m0 = tile * kTileRows;
 
-  load_tile<T, DP>(Qs, Ly::kLdH, p.q, slice_off(p.q, b, h), row0, p.Lq, p.D);
-  for (int i = threadIdx.x; i < kRows * Ly::kLdO; i += kThreads) Os[i] = 0.f;
-
-  float m_i = -INFINITY, l_i = 0.f;
-  int64_t hi = p.Lk;
-  if (p.causal) {  // the last key any row of this tile sees: (last row) + Lk - Lq
-    const int64_t last = row0 + kRows + p.Lk - p.Lq;
-    hi = last < 0 ? 0 : (last < p.Lk ? last : p.Lk);
+  // keys [0, n_end) can be visible to some row of this block
+  int64_t n_end = p.Lk;
+  if (p.causal) {
+    const int64_t last_row = (m0 + kTileRows < p.Lq ? m0 + kTileRows : p.Lq) - 1;
+    const int64_t e = last_row + 1 + p.Lk - p.Lq;
+    n_end = e < 0 ? 0 : (e < p.Lk ? e : p.Lk);
   }
-  const int64_t k_off = slice_off(p.k, b, h), v_off = slice_off(p.v, b, h);
-  for (int64_t n0 = 0; n0 < hi; n0 += kCols) {
-    __syncthreads();  // everyone is done with the previous K/V tile (and Os is zeroed)
-    load_tile<T, DP>(Ks, Ly::kLdH, p.k, k_off, n0, p.Lk, p.D);
-    load_tile<T, DP>(Vs, Ly::kLdH, p.v, v_off, n0, p.Lk, p.D);
-    __syncthreads();
-    warp_scores<T, DP>(Ss + warp * 16 * kLdS, Qs + warp * 16 * Ly::kLdH, Ks, Ly::kLdH);
-    __syncwarp();
+  const int n_tiles = static_cast<int>((n_end + kTileRows - 1) / kTileRows);
+  const int64_t k_base = slice_off(p.k, b, h), v_base = slice_off(p.v, b, h);
+  auto load_kv = [&](int stage, int64_t n0) {
+    load_tile<T, DP>(sKV + 2 * stage * Ly::kTile, p.k, k_base, n0, p.Lk, p.D);
+    load_tile<T, DP>(sKV + (2 * stage + 1) * Ly::kTile, p.v, v_base, n0, p.Lk, p.D);
+    load_key_bits(sBits + 2 * stage, p, b, n0);
+  };
 
-    float* srow = Ss + rb * kLdS + half * 32;
-    T* prow = Ps + rb * kLdP + half * 32;
-    float mx = -INFINITY;
-#pragma unroll 8
-    for (int c = 0; c < 32; ++c) {
-      const int64_t j = n0 + half * 32 + c;
-      const bool ok = row < p.Lq && key_ok(p, b, j) && (!p.causal || j <= row + p.Lk - p.Lq);
-      const float s = ok ? srow[c] * p.qk_scale : -INFINITY;
-      srow[c] = s;
-      mx = fmaxf(mx, s);
-    }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m_i, mx);
-    const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: exp2(-inf) = 0
-    float sum = 0.f;
-#pragma unroll 8
-    for (int c = 0; c < 32; ++c) {
-      const float pv = exp2f(srow[c] - m_safe);
-      prow[c] = Cvt<T>::from_f(pv);
-      sum += pv;
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    const float alpha = exp2f(m_i - m_safe);
-    l_i = l_i * alpha + sum;
-    m_i = m_new;
-    float* orow = Os + rb * Ly::kLdO + half * (DP / 2);
-    for (int c = 0; c < DP / 2; ++c) orow[c] *= alpha;
-    __syncwarp();
+  load_tile<T, DP>(sQ, p.q, slice_off(p.q, b, h), m0, p.Lq, p.D);
+  if (n_tiles > 0) load_kv(0, 0);
+  cp_async_commit();
 
+  const uint64_t seed = p.dropout ? static_cast<uint64_t>(*p.seed) : 0;
+  // this lane's two query rows (g, g + 8 of the warp's 16)
+  const int64_t row0 = m0 + warp * 16 + g;
+  // key j is causally visible to row i iff j - n0 <= i + Lk - Lq - n0 (the tile-relative limit below)
+  const int64_t diag0 = row0 + p.Lk - p.Lq;
+
+  float o[DP / 8][4];
 #pragma unroll
-    for (int dt = 0; dt < DP / 16; ++dt) {
-      float* o_tile = Os + warp * 16 * Ly::kLdO + dt * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, o_tile, Ly::kLdO, wmma::mem_row_major);
+  for (int i = 0; i < DP / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int stage = it & 1;
+    const int64_t n0 = static_cast<int64_t>(it) * kTileRows;
+    if (it + 1 < n_tiles) load_kv(stage ^ 1, n0 + kTileRows);
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of tile `it` (and Q) landed ...
+    __syncthreads();     // ... and everyone's
+
+    const T* sK = sKV + 2 * stage * Ly::kTile;
+    const T* sV = sK + Ly::kTile;
+    float s[8][4];
 #pragma unroll
-      for (int kt = 0; kt < kCols / 16; ++kt) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fa, Ps + warp * 16 * kLdP + kt * 16, kLdP);
-        wmma::load_matrix_sync(fb, Vs + kt * 16 * Ly::kLdH + dt * 16, Ly::kLdH);
-        wmma::mma_sync(acc, fa, fb, acc);
+    for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    mma_abt<T, 8, DP / 16>(s, sQ + warp * 16 * kLd, sK, kLd);
+
+    const uint64_t kbits = static_cast<uint64_t>(sBits[2 * stage]) | (static_cast<uint64_t>(sBits[2 * stage + 1]) << 32);
+    int64_t lim[2] = {p.causal ? diag0 - n0 : 64, p.causal ? diag0 + 8 - n0 : 64};
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * t + (e & 1);
+        const bool ok = ((kbits >> col) & 1) && col <= lim[e >> 1];
+        s[nt][e] = ok ? s[nt][e] * p.qk_scale : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
       }
-      wmma::store_matrix_sync(o_tile, acc, Ly::kLdO, wmma::mem_row_major);
     }
-    __syncwarp();
+    float alpha[2], m_safe[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share the row
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m_run[r], mx[r]);
+      m_safe[r] = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: exp2(-inf - 0) = 0
+      alpha[r] = exp2f(m_run[r] - m_safe[r]);
+      m_run[r] = m_new;
+    }
+    float rowsum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m_safe[e >> 1]);
+        rowsum[e >> 1] += s[nt][e];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rowsum[r];  // quad-reduced at the end
+#pragma unroll
+    for (int i = 0; i < DP / 8; ++i) {
+      o[i][0] *= alpha[0];
+      o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1];
+      o[i][3] *= alpha[1];
+    }
+    if (p.dropout) {  // l keeps the undropped sum: dropout scales the normalised probabilities
+      // bits 2 (2 nt + r) + {0, 1}: columns 2t, 2t+1 of n-tile nt, row r kept. A rolled loop: one
+      // Philox call live at a time
+      uint32_t keep = 0;
+#pragma unroll 1
+      for (int idx = 0; idx < 16; ++idx) {
+        const int64_t j = n0 + (idx >> 1) * 8 + 2 * t;
+        keep |= dropout_keep_pair(seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(row0 + 8 * (idx & 1)),
+                                  static_cast<uint32_t>(j), p.drop_threshold)
+                << (2 * idx);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {  // element e: row e >> 1, column 2t + (e & 1)
+          if (!((keep >> (2 * (2 * nt + (e >> 1)) + (e & 1))) & 1u)) s[nt][e] = 0.f;
+        }
+      }
+    }
+    uint32_t pa[4][4];
+    acc_to_a<T, 8>(pa, s);
+    mma_ab<T, DP, 4>(o, pa, sV, kLd);
+    __syncthreads();  // everyone is done with this stage before the next iteration refills it
   }
-  __syncthreads();  // Os zeroing by other threads is visible even when the loop did not run
+  cp_async_wait<0>();  // no tile visited: Q's copies may still be in flight into the staging rows
+  __syncthreads();
 
-  if (row < p.Lq) {
-    const bool empty = l_i == 0.f;
-    const float inv_l = empty ? 0.f : 1.f / l_i;
-    T* out = static_cast<T*>(p.out) + (bh * p.Lq + row) * p.D;
-    const float* orow = Os + rb * Ly::kLdO;
-    for (int c = half; c < p.D; c += 2) out[c] = Cvt<T>::from_f(orow[c] * inv_l);
-    if (half == 0) p.lse[bh * p.Lq + row] = empty ? 0.f : m_i + log2f(l_i);
+  // epilogue: normalise, stage this warp's 16 rows in its own rows of sQ, store 16-byte chunks
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l == 0.f ? 0.f : p.drop_scale / l;
+    const int64_t i = row0 + 8 * r;
+    if (t == 0 && i < p.Lq) p.lse[bh * p.Lq + i] = l == 0.f ? 0.f : m_run[r] + log2f(l);
+  }
+  T* stage_rows = sQ + warp * 16 * kLd;
+#pragma unroll
+  for (int i = 0; i < DP / 8; ++i) {
+    *reinterpret_cast<uint32_t*>(stage_rows + g * kLd + i * 8 + 2 * t) = Mma<T>::pack(o[i][0] * inv[0], o[i][1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(stage_rows + (g + 8) * kLd + i * 8 + 2 * t) =
+        Mma<T>::pack(o[i][2] * inv[1], o[i][3] * inv[1]);
+  }
+  __syncwarp();
+  T* out = static_cast<T*>(p.out) + bh * p.Lq * p.D;
+  constexpr int kChunks = DP / 8;
+#pragma unroll
+  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    const int64_t i = m0 + warp * 16 + r;
+    if (i < p.Lq && c < p.D)
+      *reinterpret_cast<uint4*>(out + i * p.D + c) = *reinterpret_cast<const uint4*>(stage_rows + r * kLd + c);
   }
 #endif
 }
 
 // ------------------------------------------------------------------------------------------
-// Backward: delta = rowsum(dO * O) as the diagonal of dO O^T (see the header comment)
+// Backward, kernel 1: delta = rowsum(dO * O), computed as the diagonal of O dO^T with the very mma
+// sequence that gives dP^T = V dO^T in kernel 2, so that a row with one visible key (O = that key's
+// V row exactly) gets dP - delta = 0 exactly, as the float64 reference does.
 
 template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
   using Ly = Layout<DP>;
+  constexpr int kLd = Ly::kLd;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* dOs = reinterpret_cast<T*>(smem);
-  T* Os = reinterpret_cast<T*>(smem + Ly::kTile);
-  float* Cs = reinterpret_cast<float*>(smem + 2 * Ly::kTile);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t tile = blockIdx.x % p.num_tiles, bh = blockIdx.x / p.num_tiles;
+  T* sO = reinterpret_cast<T*>(smem);
+  T* sdO = sO + Ly::kTile;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) % p.num_tiles, bh = static_cast<int64_t>(blockIdx.x) / p.num_tiles;
   const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t row0 = tile * kRows;
-  load_tile<T, DP>(dOs, Ly::kLdH, p.dout, slice_off(p.dout, b, h), row0, p.Lq, p.D);
-  load_tile<T, DP>(Os, Ly::kLdH, p.o, slice_off(p.o, b, h), row0, p.Lq, p.D);
+  const int64_t m0 = tile * kTileRows;
+  load_tile<T, DP>(sO, p.o, slice_off(p.o, b, h), m0, p.Lq, p.D);
+  load_tile<T, DP>(sdO, p.dout, slice_off(p.dout, b, h), m0, p.Lq, p.D);
+  cp_async_commit();
+  cp_async_wait<0>();
   __syncthreads();
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-  for (int kt = 0; kt < DP / 16; ++kt) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-    wmma::load_matrix_sync(fa, dOs + warp * 16 * Ly::kLdH + kt * 16, Ly::kLdH);
-    wmma::load_matrix_sync(fb, Os + warp * 16 * Ly::kLdH + kt * 16, Ly::kLdH);
-    wmma::mma_sync(acc, fa, fb, acc);
+  float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  mma_abt<T, 2, DP / 16>(c, sO + warp * 16 * kLd, sdO + warp * 16 * kLd, kLd);
+  // (g, g) sits in n-tile 0 at column g = 2t + (g & 1); (g + 8, g + 8) in n-tile 1, same column
+  if (t == (g >> 1)) {
+    const int64_t i = m0 + warp * 16 + g;
+    const bool odd = g & 1;  // selects, not c[0][g & 1]: a run-time index would move c to local memory
+    if (i < p.Lq) p.delta[bh * p.Lq + i] = odd ? c[0][1] : c[0][0];
+    if (i + 8 < p.Lq) p.delta[bh * p.Lq + i + 8] = odd ? c[1][3] : c[1][2];
   }
-  wmma::store_matrix_sync(Cs + warp * 16 * kLdS, acc, kLdS, wmma::mem_row_major);
-  __syncwarp();
-  const int64_t row = row0 + warp * 16 + lane;
-  if (lane < 16 && row < p.Lq) p.delta[bh * p.Lq + row] = Cs[(warp * 16 + lane) * kLdS + lane];
 #endif
 }
 
-// Writes a warp's 16 x DP accumulator (times mul) to rows [r0, r0 + 16) of a contiguous
-// (L, D) slice, through a 16 x 16 float staging area of the warp (row stride kLdS).
-template <typename T, int DP>
-__device__ __forceinline__ void store_acc(
-    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[DP / 16], float* stage, T* dst,
-    int64_t r0, int64_t L, int64_t D, float mul) {
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int dt = 0; dt < DP / 16; ++dt) {
-    nvcuda::wmma::store_matrix_sync(stage, acc[dt], kLdS, nvcuda::wmma::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 256; e += 32) {
-      const int r = e / 16, c = dt * 16 + e % 16;
-      if (r0 + r < L && c < D) dst[(r0 + r) * D + c] = Cvt<T>::from_f(stage[r * kLdS + e % 16] * mul);
-    }
-    __syncwarp();
-  }
-}
+// Backward, kernel 2: a block owns 64 keys (warp w: keys 16w .. 16w+15), sweeps the query tiles of
+// kBM rows that see them, accumulates dK, dV in registers and adds dQ into the fp32 buffer with atomics.
 
-// dK, dV: a block owns 64 keys (warp w: keys 16w..16w+15) and sweeps the query tiles that see them.
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 2) attn_bwd_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
   using Ly = Layout<DP>;
+  constexpr int kLd = Ly::kLd;
+  constexpr int kBM = Ly::kBM;
+  constexpr int kNT = kBM / 8;   // n-tiles (8 queries each) of S^T, dP^T
+  constexpr int kKC = kBM / 16;  // k-chunks (16 queries each) of dV, dK
+  constexpr int kLdDS = Ly::kLdDS;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* Ks = reinterpret_cast<T*>(smem);
-  T* Vs = reinterpret_cast<T*>(smem + Ly::kTile);
-  T* Qs = reinterpret_cast<T*>(smem + 2 * Ly::kTile);
-  T* dOs = reinterpret_cast<T*>(smem + 3 * Ly::kTile);
-  float* STs = reinterpret_cast<float*>(smem + 4 * Ly::kTile);                // S^T: keys x queries
-  float* dPTs = reinterpret_cast<float*>(smem + 4 * Ly::kTile + Ly::kScore);  // dP^T
-  T* PTs = reinterpret_cast<T*>(smem + 4 * Ly::kTile + 2 * Ly::kScore);               // P^T
-  T* dSTs = reinterpret_cast<T*>(smem + 4 * Ly::kTile + 2 * Ly::kScore + Ly::kProb);  // dS^T
-  float* lse_s = reinterpret_cast<float*>(smem + 4 * Ly::kTile + 2 * Ly::kScore + 2 * Ly::kProb);
-  float* delta_s = lse_s + kRows;
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + Ly::kTile;
+  T* sQdO = sV + Ly::kTile;  // stage s: Q at sQdO + 2s * kQTile, dO at sQdO + (2s + 1) * kQTile
+  T* sdS = sQdO + 4 * Ly::kQTile;  // dS^T: 64 keys x kBM queries
+  float* sLD = reinterpret_cast<float*>(sdS + kTileRows * kLdDS);  // stage s: lse, delta at 2 kBM s, + kBM
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t tile = blockIdx.x % p.num_tiles, bh = blockIdx.x / p.num_tiles;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) % p.num_tiles, bh = static_cast<int64_t>(blockIdx.x) / p.num_tiles;
   const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t n0 = tile * kRows;
-  const int rl = lane >> 1, half = lane & 1;
-  const int rb = warp * 16 + rl;
-  const int64_t j = n0 + rb;  // this lane's key
-  const bool kok = key_ok(p, b, j);
+  const int64_t n0 = tile * kTileRows;
 
-  load_tile<T, DP>(Ks, Ly::kLdH, p.k, slice_off(p.k, b, h), n0, p.Lk, p.D);
-  load_tile<T, DP>(Vs, Ly::kLdH, p.v, slice_off(p.v, b, h), n0, p.Lk, p.D);
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[DP / 16], dv[DP / 16];
-#pragma unroll
-  for (int dt = 0; dt < DP / 16; ++dt) {
-    wmma::fill_fragment(dk[dt], 0.f);
-    wmma::fill_fragment(dv[dt], 0.f);
-  }
-  int64_t lo = 0;
-  if (p.causal) {  // the first query that sees key n0 is n0 - (Lk - Lq)
-    lo = n0 - (p.Lk - p.Lq);
-    lo = lo < 0 ? 0 : (lo / kCols) * kCols;
-  }
-  const int64_t q_off = slice_off(p.q, b, h), do_off = slice_off(p.dout, b, h);
-  for (int64_t m0 = lo; m0 < p.Lq; m0 += kCols) {
-    __syncthreads();
-    load_tile<T, DP>(Qs, Ly::kLdH, p.q, q_off, m0, p.Lq, p.D);
-    load_tile<T, DP>(dOs, Ly::kLdH, p.dout, do_off, m0, p.Lq, p.D);
-    for (int i = threadIdx.x; i < kCols; i += kThreads) {
-      const bool in = m0 + i < p.Lq;
-      lse_s[i] = in ? p.lse[bh * p.Lq + m0 + i] : 0.f;
-      delta_s[i] = in ? p.delta[bh * p.Lq + m0 + i] : 0.f;
-    }
-    __syncthreads();
-    // S = Q K_w^T and dP = dO V_w^T (64 queries x 16 keys), stored transposed: keys x queries.
-#pragma unroll
-    for (int mt = 0; mt < kCols / 16; ++mt) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s, dp;
-      wmma::fill_fragment(s, 0.f);
-      wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-      for (int kt = 0; kt < DP / 16; ++kt) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, Qs + mt * 16 * Ly::kLdH + kt * 16, Ly::kLdH);
-        wmma::load_matrix_sync(fb, Ks + warp * 16 * Ly::kLdH + kt * 16, Ly::kLdH);
-        wmma::mma_sync(s, fa, fb, s);
-        wmma::load_matrix_sync(fa, dOs + mt * 16 * Ly::kLdH + kt * 16, Ly::kLdH);
-        wmma::load_matrix_sync(fb, Vs + warp * 16 * Ly::kLdH + kt * 16, Ly::kLdH);
-        wmma::mma_sync(dp, fa, fb, dp);
-      }
-      wmma::store_matrix_sync(STs + warp * 16 * kLdS + mt * 16, s, kLdS, wmma::mem_col_major);
-      wmma::store_matrix_sync(dPTs + warp * 16 * kLdS + mt * 16, dp, kLdS, wmma::mem_col_major);
-    }
-    __syncwarp();
-    {
-      const float* srow = STs + rb * kLdS + half * 32;
-      const float* dprow = dPTs + rb * kLdS + half * 32;
-      T* prow = PTs + rb * kLdP + half * 32;
-      T* dsrow = dSTs + rb * kLdP + half * 32;
-#pragma unroll 8
-      for (int c = 0; c < 32; ++c) {
-        const int qi = half * 32 + c;
-        const int64_t i = m0 + qi;
-        const bool ok = kok && i < p.Lq && (!p.causal || j <= i + p.Lk - p.Lq);
-        const float pv = ok ? exp2f(srow[c] * p.qk_scale - lse_s[qi]) : 0.f;
-        prow[c] = Cvt<T>::from_f(pv);
-        dsrow[c] = Cvt<T>::from_f(pv * (dprow[c] - delta_s[qi]));
-      }
-    }
-    __syncwarp();
-    // dV_w += P^T dO, dK_w += dS^T Q   (16 keys x 64 queries) x (64 queries x DP)
-#pragma unroll
-    for (int kt = 0; kt < kCols / 16; ++kt) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fp, fds;
-      wmma::load_matrix_sync(fp, PTs + warp * 16 * kLdP + kt * 16, kLdP);
-      wmma::load_matrix_sync(fds, dSTs + warp * 16 * kLdP + kt * 16, kLdP);
-#pragma unroll
-      for (int dt = 0; dt < DP / 16; ++dt) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, dOs + kt * 16 * Ly::kLdH + dt * 16, Ly::kLdH);
-        wmma::mma_sync(dv[dt], fp, fb, dv[dt]);
-        wmma::load_matrix_sync(fb, Qs + kt * 16 * Ly::kLdH + dt * 16, Ly::kLdH);
-        wmma::mma_sync(dk[dt], fds, fb, dk[dt]);
-      }
-    }
-  }
-  const int64_t bh_rows = bh * p.Lk * p.D;
-  float* stage = STs + warp * 16 * kLdS;
-  __syncwarp();
-  store_acc<T, DP>(dk, stage, static_cast<T*>(p.out2) + bh_rows, n0 + warp * 16, p.Lk, p.D, p.scale);
-  store_acc<T, DP>(dv, stage, static_cast<T*>(p.out3) + bh_rows, n0 + warp * 16, p.Lk, p.D, 1.f);
-#endif
-}
-
-// dQ: a block owns 64 queries (warp w: 16 of them) and sweeps the key tiles they see.
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const Params p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using namespace nvcuda;
-  using Ly = Layout<DP>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* Qs = reinterpret_cast<T*>(smem);
-  T* dOs = reinterpret_cast<T*>(smem + Ly::kTile);
-  T* Ks = reinterpret_cast<T*>(smem + 2 * Ly::kTile);
-  T* Vs = reinterpret_cast<T*>(smem + 3 * Ly::kTile);
-  float* Ss = reinterpret_cast<float*>(smem + 4 * Ly::kTile);
-  float* dPs = reinterpret_cast<float*>(smem + 4 * Ly::kTile + Ly::kScore);
-  T* dSs = reinterpret_cast<T*>(smem + 4 * Ly::kTile + 2 * Ly::kScore);
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t tile = blockIdx.x % p.num_tiles, bh = blockIdx.x / p.num_tiles;
-  const int64_t b = bh / p.H, h = bh % p.H;
-  const int64_t row0 = tile * kRows;
-  const int rl = lane >> 1, half = lane & 1;
-  const int rb = warp * 16 + rl;
-  const int64_t row = row0 + rb;
-  const float lse = row < p.Lq ? p.lse[bh * p.Lq + row] : 0.f;
-  const float delta = row < p.Lq ? p.delta[bh * p.Lq + row] : 0.f;
-
-  load_tile<T, DP>(Qs, Ly::kLdH, p.q, slice_off(p.q, b, h), row0, p.Lq, p.D);
-  load_tile<T, DP>(dOs, Ly::kLdH, p.dout, slice_off(p.dout, b, h), row0, p.Lq, p.D);
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[DP / 16];
-#pragma unroll
-  for (int dt = 0; dt < DP / 16; ++dt) wmma::fill_fragment(dq[dt], 0.f);
-
-  int64_t hi = p.Lk;
+  // query tiles [m_begin, Lq): the first query that sees key n0 is n0 - (Lk - Lq) under causal
+  int64_t m_begin = 0;
   if (p.causal) {
-    const int64_t last = row0 + kRows + p.Lk - p.Lq;
-    hi = last < 0 ? 0 : (last < p.Lk ? last : p.Lk);
+    const int64_t first = n0 - (p.Lk - p.Lq);
+    m_begin = first <= 0 ? 0 : (first / kBM) * kBM;
   }
-  const int64_t k_off = slice_off(p.k, b, h), v_off = slice_off(p.v, b, h);
-  for (int64_t n0 = 0; n0 < hi; n0 += kCols) {
-    __syncthreads();
-    load_tile<T, DP>(Ks, Ly::kLdH, p.k, k_off, n0, p.Lk, p.D);
-    load_tile<T, DP>(Vs, Ly::kLdH, p.v, v_off, n0, p.Lk, p.D);
-    __syncthreads();
-    warp_scores<T, DP>(Ss + warp * 16 * kLdS, Qs + warp * 16 * Ly::kLdH, Ks, Ly::kLdH);
-    warp_scores<T, DP>(dPs + warp * 16 * kLdS, dOs + warp * 16 * Ly::kLdH, Vs, Ly::kLdH);
-    __syncwarp();
-    const float* srow = Ss + rb * kLdS + half * 32;
-    const float* dprow = dPs + rb * kLdS + half * 32;
-    T* dsrow = dSs + rb * kLdP + half * 32;
-#pragma unroll 8
-    for (int c = 0; c < 32; ++c) {
-      const int64_t jj = n0 + half * 32 + c;
-      const bool ok = row < p.Lq && key_ok(p, b, jj) && (!p.causal || jj <= row + p.Lk - p.Lq);
-      const float pv = ok ? exp2f(srow[c] * p.qk_scale - lse) : 0.f;
-      dsrow[c] = Cvt<T>::from_f(pv * (dprow[c] - delta));
+  const int m_tiles = static_cast<int>((p.Lq - m_begin + kBM - 1) / kBM);  // >= 1: first <= Lq - 1 as n0 < Lk
+  const int64_t q_base = slice_off(p.q, b, h), do_base = slice_off(p.dout, b, h);
+  auto load_q = [&](int stage, int64_t m) {
+    load_tile<T, DP, kBM>(sQdO + 2 * stage * Ly::kQTile, p.q, q_base, m, p.Lq, p.D);
+    load_tile<T, DP, kBM>(sQdO + (2 * stage + 1) * Ly::kQTile, p.dout, do_base, m, p.Lq, p.D);
+    if (threadIdx.x < 2 * kBM) {  // threads [0, kBM): lse, [kBM, 2 kBM): delta
+      const int r = threadIdx.x % kBM;
+      const bool ok = m + r < p.Lq;
+      const float* src = (threadIdx.x < kBM ? p.lse : p.delta) + bh * p.Lq + (ok ? m + r : 0);
+      cp_async4(sLD + 2 * kBM * stage + threadIdx.x, src, ok);
     }
-    __syncwarp();
+  };
+
+  load_tile<T, DP>(sK, p.k, slice_off(p.k, b, h), n0, p.Lk, p.D);
+  load_tile<T, DP>(sV, p.v, slice_off(p.v, b, h), n0, p.Lk, p.D);
+  load_q(0, m_begin);
+  cp_async_commit();
+
+  const uint64_t seed = p.dropout ? static_cast<uint64_t>(*p.seed) : 0;
+  // this lane's two keys (rows g, g + 8 of the warp's 16), checked once
+  int64_t key[2];
+  bool key_ok[2];
 #pragma unroll
-    for (int kt = 0; kt < kCols / 16; ++kt) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::load_matrix_sync(fa, dSs + warp * 16 * kLdP + kt * 16, kLdP);
+  for (int r = 0; r < 2; ++r) {
+    key[r] = n0 + warp * 16 + g + 8 * r;
+    key_ok[r] = key[r] < p.Lk && (p.mask == nullptr || p.mask[b * p.smb + key[r] * p.smn]);
+  }
+
+  float dk[DP / 8][4], dv[DP / 8][4];
 #pragma unroll
-      for (int dt = 0; dt < DP / 16; ++dt) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fb, Ks + kt * 16 * Ly::kLdH + dt * 16, Ly::kLdH);
-        wmma::mma_sync(dq[dt], fa, fb, dq[dt]);
+  for (int i = 0; i < DP / 8; ++i) {
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.f;
+    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.f;
+  }
+
+  for (int it = 0; it < m_tiles; ++it) {
+    const int stage = it & 1;
+    const int64_t m0 = m_begin + static_cast<int64_t>(it) * kBM;
+    if (it + 1 < m_tiles) load_q(stage ^ 1, m0 + kBM);
+    cp_async_commit();
+    cp_async_wait<1>();  // this thread's copies of tile `it` (and K, V) landed ...
+    __syncthreads();     // ... and everyone's
+    const T* sQ = sQdO + 2 * stage * Ly::kQTile;
+    const T* sdO = sQ + Ly::kQTile;
+    const float* sLse = sLD + 2 * kBM * stage;
+    const float* sDelta = sLse + kBM;
+
+    // P^T = exp2(S^T * scale * log2e - lse), S^T = K_w Q^T (16 keys x kBM queries)
+    float pt[kNT][4];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) pt[i][0] = pt[i][1] = pt[i][2] = pt[i][3] = 0.f;
+    mma_abt<T, kNT, DP / 16>(pt, sK + warp * 16 * kLd, sQ, kLd);
+    // visible iff col < q_end and col >= col_min[r] (32-bit tile-relative bounds: fewer registers)
+    const int q_end = static_cast<int>(p.Lq - m0 < kBM ? p.Lq - m0 : kBM);
+    int col_min[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // causal: i >= key - (Lk - Lq); a masked key: never
+      const int64_t first = p.causal ? key[r] - (p.Lk - p.Lq) - m0 : 0;
+      col_min[r] = !key_ok[r] ? kBM : first < 0 ? 0 : first > kBM ? kBM : static_cast<int>(first);
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * t + (e & 1);
+        const bool ok = col < q_end && col >= col_min[e >> 1];
+        pt[nt][e] = ok ? exp2f(pt[nt][e] * p.qk_scale - sLse[col]) : 0.f;
       }
     }
+    // dropout: bit 4 nt + e set = element (nt, e) kept, computed before dP^T is live. A rolled loop:
+    // one Philox call in registers at a time
+    uint32_t keep = 0xffffffffu;
+    if (p.dropout) {
+      keep = 0;
+#pragma unroll 1
+      for (int idx = 0; idx < 4 * kNT; ++idx) {
+        const int col = (idx >> 2) * 8 + 2 * t + (idx & 1);
+        const int64_t j = (idx & 2) ? key[1] : key[0];
+        keep |= static_cast<uint32_t>(dropout_keep(seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(m0 + col),
+                                                   static_cast<uint32_t>(j), p.drop_threshold))
+                << idx;
+      }
+    }
+    // dS^T = P^T o (dP^T o Z - delta), dP^T = V_w dO^T, Z = keep / (1 - p) (1 without dropout)
+    float ds[kNT][4];
+#pragma unroll
+    for (int i = 0; i < kNT; ++i) ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.f;
+    mma_abt<T, kNT, DP / 16>(ds, sV + warp * 16 * kLd, sdO, kLd);
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool kept = (keep >> (4 * nt + e)) & 1u;
+        ds[nt][e] = pt[nt][e] * ((kept ? ds[nt][e] * p.drop_scale : 0.f) - sDelta[nt * 8 + 2 * t + (e & 1)]);
+        if (!kept) pt[nt][e] = 0.f;  // from here on pt = P o keep (1 / (1 - p) goes into dV at the end)
+      }
+    }
+    // 16-bit operands from here on
+    uint32_t pa[kKC][4], da[kKC][4];
+    acc_to_a<T, kNT>(pa, pt);
+    acc_to_a<T, kNT>(da, ds);
+    mma_ab<T, DP, kKC>(dv, pa, sdO, kLd);  // dV_w += (P o keep)^T dO
+    mma_ab<T, DP, kKC>(dk, da, sQ, kLd);   // dK_w += dS^T Q
+
+    // dS^T -> shared (this warp's 16 key rows), then dQ (kBM queries x DP) += dS K over the 64 keys
+    T* ds_rows = sdS + warp * 16 * kLdDS;
+#pragma unroll
+    for (int kk = 0; kk < kKC; ++kk) {  // da[kk][hh]: row g + 8 (hh & 1), columns 16 kk + 8 (hh >> 1) + 2t
+#pragma unroll
+      for (int hh = 0; hh < 4; ++hh)
+        *reinterpret_cast<uint32_t*>(ds_rows + (g + 8 * (hh & 1)) * kLdDS + kk * 16 + 8 * (hh >> 1) + 2 * t) =
+            da[kk][hh];
+    }
+    __syncthreads();
+    {
+      // warp w: queries 16 (w % kKC) .. +15 of the tile, columns [w / kKC * kCols, + kCols) of dQ.
+      // A = dS (queries x keys) = sdS^T (.trans), B = K [keys][D] (.trans)
+      constexpr int kCols = DP / (kWarps / kKC);
+      const int mq = (warp % kKC) * 16, c0 = (warp / kKC) * kCols;
+      const uint32_t a_addr = smem_u32(sdS + at_row(lane) * kLdDS + mq + at_col(lane));
+      const uint32_t b_addr = smem_u32(sK + bt_row(lane) * kLd + c0 + bt_col(lane));
+      const int64_t qrow = m0 + mq + g;
+      float* acc_rows = p.dq_acc + (bh * p.Lq + qrow) * p.D + c0;
+#pragma unroll 1
+      for (int d0 = 0; d0 < kCols; d0 += 16) {  // 16 columns of dQ at a time: 8 registers
+        float dq[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int kk = 0; kk < kTileRows / 16; ++kk) {
+          uint32_t a[4], bb[4];
+          ldsm_x4_trans(a, a_addr + kk * 16 * kLdDS * 2);
+          ldsm_x4_trans(bb, b_addr + (kk * 16 * kLd + d0) * 2);
+          Mma<T>::run(dq[0], a, bb[0], bb[1]);
+          Mma<T>::run(dq[1], a, bb[2], bb[3]);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int col = d0 + i * 8 + 2 * t;
+          if (c0 + col < p.D) {
+            if (qrow < p.Lq) atomic_add2(acc_rows + col, dq[i][0], dq[i][1]);
+            if (qrow + 8 < p.Lq) atomic_add2(acc_rows + 8 * p.D + col, dq[i][2], dq[i][3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // stage buffers and dS^T are free for the next iteration
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // epilogue: dK * scale and dV * (1 / (1 - p)) staged in this warp's own rows of sK / sV
+  T* k_rows = sK + warp * 16 * kLd;
+  T* v_rows = sV + warp * 16 * kLd;
+#pragma unroll
+  for (int i = 0; i < DP / 8; ++i) {
+    const int c = i * 8 + 2 * t;
+    *reinterpret_cast<uint32_t*>(k_rows + g * kLd + c) = Mma<T>::pack(dk[i][0] * p.scale, dk[i][1] * p.scale);
+    *reinterpret_cast<uint32_t*>(k_rows + (g + 8) * kLd + c) = Mma<T>::pack(dk[i][2] * p.scale, dk[i][3] * p.scale);
+    *reinterpret_cast<uint32_t*>(v_rows + g * kLd + c) = Mma<T>::pack(dv[i][0] * p.drop_scale, dv[i][1] * p.drop_scale);
+    *reinterpret_cast<uint32_t*>(v_rows + (g + 8) * kLd + c) =
+        Mma<T>::pack(dv[i][2] * p.drop_scale, dv[i][3] * p.drop_scale);
   }
   __syncwarp();
-  store_acc<T, DP>(dq, Ss + warp * 16 * kLdS, static_cast<T*>(p.out) + bh * p.Lq * p.D, row0 + warp * 16, p.Lq,
-                   p.D, p.scale);
+  T* dk_out = static_cast<T*>(p.out2) + bh * p.Lk * p.D;
+  T* dv_out = static_cast<T*>(p.out3) + bh * p.Lk * p.D;
+  constexpr int kChunks = DP / 8;
+#pragma unroll
+  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    const int64_t j = n0 + warp * 16 + r;
+    if (j < p.Lk && c < p.D) {
+      *reinterpret_cast<uint4*>(dk_out + j * p.D + c) = *reinterpret_cast<const uint4*>(k_rows + r * kLd + c);
+      *reinterpret_cast<uint4*>(dv_out + j * p.D + c) = *reinterpret_cast<const uint4*>(v_rows + r * kLd + c);
+    }
+  }
 #endif
+}
+
+// Backward, kernel 3: dq = dq_acc * scale in the input dtype (n = B * H * Lq * D elements, contiguous).
+template <typename T>
+__global__ void __launch_bounds__(256) attn_bwd_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if constexpr (std::is_same_v<T, __half>)
+      dq[i] = __float2half_rn(acc[i] * scale);
+    else
+      dq[i] = __float2bfloat16_rn(acc[i] * scale);
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -508,50 +739,70 @@ cudaStream_t current_stream(const Tensor& t) {
   return static_cast<cudaStream_t>(stream);
 }
 
-Slice make_slice(const Tensor& t) {
-  const bool vec = t.stride(3) == 1 && t.stride(2) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
-                   reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-  return Slice{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), vec};
+bool cp_async_ok(const Tensor& t) {
+  return t.stride(3) == 1 && t.stride(2) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
+// t itself when the kernels can stream its rows with cp.async, else a contiguous copy.
+Tensor streamable(const Tensor& t) {
+  if (cp_async_ok(t)) return t;
+  Tensor c = torch::stable::empty({t.size(0), t.size(1), t.size(2), t.size(3)}, t.scalar_type(), std::nullopt,
+                                  t.device());
+  torch::stable::copy_(c, t);
+  return c;
+}
+
+Slice make_slice(const Tensor& t) { return Slice{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+
 int padded_dim(int64_t D) { return D <= 32 ? 32 : D <= 64 ? 64 : D <= 96 ? 96 : 128; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename Kernel>
 void launch(Kernel kernel, int64_t blocks, int smem_bytes, const Params& p, cudaStream_t stream) {
   if (blocks == 0) return;
   MMFAST_ATTN_CHECK(blocks <= 2147483647LL, "q", "too many (batch, head, tile) blocks: ", blocks);
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
-             "cudaFuncSetAttribute");
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  // the largest shared-memory carveout, so that two blocks of the backward fit on an SM
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                  static_cast<int>(cudaSharedmemCarveoutMaxShared)),
+             "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(p);
   check_cuda(cudaGetLastError(), "kernel launch");
 }
 
 template <typename T, int DP>
-void run_forward(const Params& p, int64_t blocks, cudaStream_t stream) {
-  launch(attn_fwd_kernel<T, DP>, blocks, Layout<DP>::kFwdBytes, p, stream);
+void run_forward(const Params& p, int64_t BH, cudaStream_t stream) {
+  launch(attn_fwd_kernel<T, DP>, p.num_tiles * BH, Layout<DP>::kFwdBytes, p, stream);
 }
 
 template <typename T, int DP>
-void run_backward(const Params& p, int64_t q_tiles, int64_t k_tiles, int64_t BH, cudaStream_t stream) {
+void run_backward(const Params& p, int64_t BH, Tensor& dq, cudaStream_t stream) {
   Params pq = p;
-  pq.num_tiles = q_tiles;
-  launch(attn_bwd_delta_kernel<T, DP>, q_tiles * BH, 2 * Layout<DP>::kTile + Layout<DP>::kScore, pq, stream);
-  launch(attn_bwd_dq_kernel<T, DP>, q_tiles * BH, Layout<DP>::kBwdBytes, pq, stream);
+  pq.num_tiles = ceil_div(p.Lq, kTileRows);
+  launch(attn_bwd_delta_kernel<T, DP>, pq.num_tiles * BH, 2 * Layout<DP>::kTile * 2, pq, stream);
   Params pk = p;
-  pk.num_tiles = k_tiles;
-  launch(attn_bwd_dkdv_kernel<T, DP>, k_tiles * BH, Layout<DP>::kBwdBytes, pk, stream);
+  pk.num_tiles = ceil_div(p.Lk, kTileRows);
+  launch(attn_bwd_kernel<T, DP>, pk.num_tiles * BH, Layout<DP>::kBwdBytes, pk, stream);
+  const int64_t n = BH * p.Lq * p.D;
+  const int64_t blocks = ceil_div(n, 256) < 65536 ? ceil_div(n, 256) : 65536;
+  attn_bwd_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      p.dq_acc, static_cast<T*>(dq.data_ptr()), n, p.scale);
+  check_cuda(cudaGetLastError(), "kernel launch");
 }
 
 // One switch over (dtype, padded head dim): 2 x 4 instantiations of each kernel.
-#define MMFAST_ATTN_DISPATCH(DTYPE, D, FN, ...)                                          \
-  do {                                                                                  \
-    const bool is_half = (DTYPE) == ScalarType::Half;                                   \
-    switch (padded_dim(D)) {                                                            \
+#define MMFAST_ATTN_DISPATCH(DTYPE, D, FN, ...)                                                     \
+  do {                                                                                             \
+    const bool is_half = (DTYPE) == ScalarType::Half;                                              \
+    switch (padded_dim(D)) {                                                                       \
       case 32: is_half ? FN<__half, 32>(__VA_ARGS__) : FN<__nv_bfloat16, 32>(__VA_ARGS__); break;   \
       case 64: is_half ? FN<__half, 64>(__VA_ARGS__) : FN<__nv_bfloat16, 64>(__VA_ARGS__); break;   \
       case 96: is_half ? FN<__half, 96>(__VA_ARGS__) : FN<__nv_bfloat16, 96>(__VA_ARGS__); break;   \
       default: is_half ? FN<__half, 128>(__VA_ARGS__) : FN<__nv_bfloat16, 128>(__VA_ARGS__); break; \
-    }                                                                                   \
+    }                                                                                              \
   } while (0)
 
 void check_4d_cuda(const Tensor& t, const char* name, const Tensor& q) {
@@ -561,7 +812,7 @@ void check_4d_cuda(const Tensor& t, const char* name, const Tensor& q) {
 }
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
-                  double dropout_p) {
+                  const std::optional<Tensor>& seed, double dropout_p) {
   MMFAST_ATTN_CHECK(q.is_cuda(), "q", "expected a CUDA tensor");
   check_4d_cuda(q, "q", q);
   check_4d_cuda(k, "k", q);
@@ -579,6 +830,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
   const int64_t D = q.size(3);
   MMFAST_ATTN_CHECK(D % 8 == 0 && D >= 8 && D <= 128, "q", "head dim must be a multiple of 8 in [8, 128], got ", D);
   MMFAST_ATTN_CHECK(q.size(2) <= 2147483647LL && k.size(2) <= 2147483647LL, "q", "sequence too long");
+  MMFAST_ATTN_CHECK(q.size(0) * q.size(1) <= 4294967295LL, "q", "B * H must fit the dropout counter (32 bits)");
   if (mask.has_value()) {
     MMFAST_ATTN_CHECK(mask->scalar_type() == ScalarType::Bool, "key_padding_mask", "expected a bool tensor");
     MMFAST_ATTN_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == k.size(2),
@@ -586,13 +838,19 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     MMFAST_ATTN_CHECK(mask->is_cuda() && mask->get_device_index() == q.get_device_index(), "key_padding_mask",
                       "expected a tensor on q's CUDA device");
   }
-  MMFAST_ATTN_CHECK(dropout_p == 0.0, "dropout_p",
-                    "the CUDA attention kernel has no dropout yet (dropout runs on the Triton face), got ",
+  MMFAST_ATTN_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", "expected a probability in [0, 1), got ",
                     dropout_p);
+  if (dropout_p > 0.0) {
+    MMFAST_ATTN_CHECK(seed.has_value(), "seed", "required when dropout_p > 0");
+    MMFAST_ATTN_CHECK(seed->scalar_type() == ScalarType::Long && seed->numel() == 1, "seed",
+                      "expected an int64 tensor of one element");
+    MMFAST_ATTN_CHECK(seed->is_cuda() && seed->get_device_index() == q.get_device_index(), "seed",
+                      "expected a tensor on q's CUDA device");
+  }
 }
 
 Params base_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
-                   bool causal, double scale) {
+                   const std::optional<Tensor>& seed, bool causal, double scale, double dropout_p) {
   Params p{};
   p.q = make_slice(q);
   p.k = make_slice(k);
@@ -600,6 +858,10 @@ Params base_params(const Tensor& q, const Tensor& k, const Tensor& v, const std:
   p.mask = mask.has_value() ? static_cast<const bool*>(mask->const_data_ptr()) : nullptr;
   p.smb = mask.has_value() ? mask->stride(0) : 0;
   p.smn = mask.has_value() ? mask->stride(1) : 0;
+  p.dropout = dropout_p > 0.0;
+  p.seed = p.dropout ? static_cast<const int64_t*>(seed->const_data_ptr()) : nullptr;
+  p.drop_threshold = p.dropout ? dropout_threshold(dropout_p) : 0u;
+  p.drop_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
   p.H = q.size(1);
   p.Lq = q.size(2);
   p.Lk = k.size(2);
@@ -613,8 +875,7 @@ Params base_params(const Tensor& q, const Tensor& k, const Tensor& v, const std:
 std::tuple<Tensor, Tensor> attention_forward_cuda(Tensor q, Tensor k, Tensor v, std::optional<Tensor> key_padding_mask,
                                                   std::optional<Tensor> seed, bool causal, double scale,
                                                   double dropout_p) {
-  (void)seed;  // only read with dropout
-  check_inputs(q, k, v, key_padding_mask, dropout_p);
+  check_inputs(q, k, v, key_padding_mask, seed, dropout_p);
   const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   Tensor out = torch::stable::empty({B, H, Lq, D}, q.scalar_type(), std::nullopt, q.device());
@@ -625,11 +886,12 @@ std::tuple<Tensor, Tensor> attention_forward_cuda(Tensor q, Tensor k, Tensor v, 
     torch::stable::zero_(lse);
     return {out, lse};
   }
-  Params p = base_params(q, k, v, key_padding_mask, causal, scale);
+  const Tensor qs = streamable(q), ks = streamable(k), vs = streamable(v);
+  Params p = base_params(qs, ks, vs, key_padding_mask, seed, causal, scale, dropout_p);
   p.out = out.data_ptr();
   p.lse = static_cast<float*>(lse.data_ptr());
-  p.num_tiles = (Lq + kRows - 1) / kRows;
-  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_forward, p, p.num_tiles * B * H, current_stream(q));
+  p.num_tiles = ceil_div(Lq, kTileRows);
+  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_forward, p, B * H, current_stream(q));
   return {out, lse};
 }
 
@@ -645,8 +907,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(Tensor grad_out, Tens
                                                            Tensor lse, std::optional<Tensor> key_padding_mask,
                                                            std::optional<Tensor> seed, bool causal, double scale,
                                                            double dropout_p) {
-  (void)seed;
-  check_inputs(q, k, v, key_padding_mask, dropout_p);
+  check_inputs(q, k, v, key_padding_mask, seed, dropout_p);
   check_like_q(grad_out, "grad_out", q);
   check_like_q(out, "out", q);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
@@ -663,18 +924,22 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(Tensor grad_out, Tens
     torch::stable::zero_(dv);
     return {dq, dk, dv};
   }
+  const Tensor qs = streamable(q), ks = streamable(k), vs = streamable(v);
+  const Tensor os = streamable(out), dos = streamable(grad_out);
   Tensor lse_c = torch::stable::contiguous(lse);
   Tensor delta = torch::stable::empty({B, H, Lq}, ScalarType::Float, std::nullopt, q.device());
-  Params p = base_params(q, k, v, key_padding_mask, causal, scale);
-  p.o = make_slice(out);
-  p.dout = make_slice(grad_out);
+  Tensor dq_acc = torch::stable::empty({B, H, Lq, D}, ScalarType::Float, std::nullopt, q.device());
+  torch::stable::zero_(dq_acc);
+  Params p = base_params(qs, ks, vs, key_padding_mask, seed, causal, scale, dropout_p);
+  p.o = make_slice(os);
+  p.dout = make_slice(dos);
   p.lse = static_cast<float*>(lse_c.data_ptr());
   p.delta = static_cast<float*>(delta.data_ptr());
+  p.dq_acc = static_cast<float*>(dq_acc.data_ptr());
   p.out = dq.data_ptr();
   p.out2 = dk.data_ptr();
   p.out3 = dv.data_ptr();
-  const int64_t q_tiles = (Lq + kRows - 1) / kRows, k_tiles = (Lk + kRows - 1) / kRows;
-  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_backward, p, q_tiles, k_tiles, B * H, current_stream(q));
+  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_backward, p, B * H, dq, current_stream(q));
   return {dq, dk, dv};
 }
 

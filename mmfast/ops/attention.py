@@ -222,7 +222,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     draws its seed from torch's generator on q's device (``torch.manual_seed`` reproduces it).
     """
     _check_args(q, k, v, key_padding_mask, scale, dropout_p, backend)
-    unsupported = (("cuda", "dropout is done by the Triton face"),) if dropout_p > 0 else ()
+    unsupported = ()
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # triton #11584: garbage, not an error
         unsupported += (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),)
     be = dispatch.resolve("attention", backend, q.device.type, q.dtype, unsupported)
