@@ -116,38 +116,33 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
                : "memory");
 }
 
-template <typename T>
-struct Mma;
+// c (16x8 fp32) += a (16x16, row) * b (16x8, col); TY: the PTX type of a and b ("f16" or "bf16")
+#define MMFAST_MMA_M16N8K16(TY, c, a, b0, b1)                                                           \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY                                      \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                  \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 
-template <>
-struct Mma<__half> {
-  // c (16x8 fp32) += a (16x16, row) * b (16x8, col)
+// The tensor-core step and the float -> 16-bit packing of the element type T (__half or __nv_bfloat16).
+template <typename T>
+struct Mma {
+  static constexpr bool kHalf = std::is_same_v<T, __half>;
+
   static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (kHalf)
+      MMFAST_MMA_M16N8K16("f16", c, a, b0, b1);
+    else
+      MMFAST_MMA_M16N8K16("bf16", c, a, b0, b1);
   }
   // two floats -> one register of two 16-bit values, lo in the low half (the lower column)
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
-  }
-};
-
-template <>
-struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&h);
+    if constexpr (kHalf) {
+      const __half2 h = __floats2half2_rn(lo, hi);
+      return *reinterpret_cast<const uint32_t*>(&h);
+    } else {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+      return *reinterpret_cast<const uint32_t*>(&h);
+    }
   }
 };
 
@@ -188,14 +183,15 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[NT / 2][4], const float (
 
 // C[16 x 8*NT] += A[16 x 16*KC] * B, A at a_addr (this warp's rows, row-major) and B at b_addr, a
 // shared [N][K] array (keys or queries by rows, D along K), both with row pitch ld (elements).
-template <typename T, int NT, int KC>
+// UNROLL: 1 in the backward, whose dK, dV accumulators need the registers ptxas spends on hoisting
+// operand loads of later chunks when the loop is unrolled (only addresses depend on kk; the
+// accumulation order is the same either way).
+template <typename T, int NT, int KC, int UNROLL = KC>
 __device__ __forceinline__ void mma_abt(float (&c)[NT][4], const T* a_tile, const T* b_tile, int ld) {
   const int lane = threadIdx.x & 31;
   const uint32_t a_addr = smem_u32(a_tile + a_row(lane) * ld + a_col(lane));
   const uint32_t b_addr = smem_u32(b_tile + bn_row(lane) * ld + bn_col(lane));
-  // rolled: only addresses depend on kk, and unrolling let ptxas hoist operand loads of later chunks
-  // (registers the dK, dV accumulators of the backward need)
-#pragma unroll 1
+#pragma unroll UNROLL
   for (int kk = 0; kk < KC; ++kk) {
     uint32_t a[4];
     ldsm_x4(a, a_addr + kk * 32);
@@ -297,6 +293,30 @@ __device__ __forceinline__ void load_key_bits(uint32_t* dst, const Params& p, in
     const bool ok = j < p.Lk && (p.mask == nullptr || p.mask[b * p.smb + j * p.smn]);
     const uint32_t bits = __ballot_sync(0xffffffffu, ok);
     if (lane == 0) dst[warp] = bits;
+  }
+}
+
+// Stores a warp's 16 x DP accumulator (rows g: times mul_lo, rows g + 8: times mul_hi) as rows
+// [row0, row0 + 16) of dst (row pitch D, rows past L skipped): staged in 16 rows of shared memory that
+// only this warp uses (pitch kLd), then copied out in 16-byte chunks.
+template <typename T, int DP>
+__device__ __forceinline__ void store_warp_rows(const float (&acc)[DP / 8][4], float mul_lo, float mul_hi,
+                                                T* stage, T* dst, int64_t row0, int64_t L, int64_t D) {
+  constexpr int kLd = Layout<DP>::kLd;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < DP / 8; ++i) {
+    *reinterpret_cast<uint32_t*>(stage + g * kLd + i * 8 + 2 * t) = Mma<T>::pack(acc[i][0] * mul_lo, acc[i][1] * mul_lo);
+    *reinterpret_cast<uint32_t*>(stage + (g + 8) * kLd + i * 8 + 2 * t) =
+        Mma<T>::pack(acc[i][2] * mul_hi, acc[i][3] * mul_hi);
+  }
+  __syncwarp();
+  constexpr int kChunks = DP / 8;
+#pragma unroll
+  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    if (row0 + r < L && c < D)
+      *reinterpret_cast<uint4*>(dst + (row0 + r) * D + c) = *reinterpret_cast<const uint4*>(stage + r * kLd + c);
   }
 }
 
@@ -434,7 +454,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const Params p) {
   cp_async_wait<0>();  // no tile visited: Q's copies may still be in flight into the staging rows
   __syncthreads();
 
-  // epilogue: normalise, stage this warp's 16 rows in its own rows of sQ, store 16-byte chunks
+  // epilogue: normalise; this warp's own 16 rows of sQ stage the output
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -445,23 +465,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const Params p) {
     const int64_t i = row0 + 8 * r;
     if (t == 0 && i < p.Lq) p.lse[bh * p.Lq + i] = l == 0.f ? 0.f : m_run[r] + log2f(l);
   }
-  T* stage_rows = sQ + warp * 16 * kLd;
-#pragma unroll
-  for (int i = 0; i < DP / 8; ++i) {
-    *reinterpret_cast<uint32_t*>(stage_rows + g * kLd + i * 8 + 2 * t) = Mma<T>::pack(o[i][0] * inv[0], o[i][1] * inv[0]);
-    *reinterpret_cast<uint32_t*>(stage_rows + (g + 8) * kLd + i * 8 + 2 * t) =
-        Mma<T>::pack(o[i][2] * inv[1], o[i][3] * inv[1]);
-  }
-  __syncwarp();
-  T* out = static_cast<T*>(p.out) + bh * p.Lq * p.D;
-  constexpr int kChunks = DP / 8;
-#pragma unroll
-  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
-    const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    const int64_t i = m0 + warp * 16 + r;
-    if (i < p.Lq && c < p.D)
-      *reinterpret_cast<uint4*>(out + i * p.D + c) = *reinterpret_cast<const uint4*>(stage_rows + r * kLd + c);
-  }
+  store_warp_rows<T, DP>(o, inv[0], inv[1], sQ + warp * 16 * kLd, static_cast<T*>(p.out) + bh * p.Lq * p.D,
+                         m0 + warp * 16, p.Lq, p.D);
 #endif
 }
 
@@ -489,7 +494,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Params p
   cp_async_wait<0>();
   __syncthreads();
   float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  mma_abt<T, 2, DP / 16>(c, sO + warp * 16 * kLd, sdO + warp * 16 * kLd, kLd);
+  mma_abt<T, 2, DP / 16, 1>(c, sO + warp * 16 * kLd, sdO + warp * 16 * kLd, kLd);
   // (g, g) sits in n-tile 0 at column g = 2t + (g & 1); (g + 8, g + 8) in n-tile 1, same column
   if (t == (g >> 1)) {
     const int64_t i = m0 + warp * 16 + g;
@@ -582,7 +587,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_kernel(const Params p) {
     float pt[kNT][4];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) pt[i][0] = pt[i][1] = pt[i][2] = pt[i][3] = 0.f;
-    mma_abt<T, kNT, DP / 16>(pt, sK + warp * 16 * kLd, sQ, kLd);
+    mma_abt<T, kNT, DP / 16, 1>(pt, sK + warp * 16 * kLd, sQ, kLd);
     // visible iff col < q_end and col >= col_min[r] (32-bit tile-relative bounds: fewer registers)
     const int q_end = static_cast<int>(p.Lq - m0 < kBM ? p.Lq - m0 : kBM);
     int col_min[2];
@@ -618,7 +623,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_kernel(const Params p) {
     float ds[kNT][4];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.f;
-    mma_abt<T, kNT, DP / 16>(ds, sV + warp * 16 * kLd, sdO, kLd);
+    mma_abt<T, kNT, DP / 16, 1>(ds, sV + warp * 16 * kLd, sdO, kLd);
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -680,31 +685,12 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_kernel(const Params p) {
   cp_async_wait<0>();
   __syncthreads();
 
-  // epilogue: dK * scale and dV * (1 / (1 - p)) staged in this warp's own rows of sK / sV
-  T* k_rows = sK + warp * 16 * kLd;
-  T* v_rows = sV + warp * 16 * kLd;
-#pragma unroll
-  for (int i = 0; i < DP / 8; ++i) {
-    const int c = i * 8 + 2 * t;
-    *reinterpret_cast<uint32_t*>(k_rows + g * kLd + c) = Mma<T>::pack(dk[i][0] * p.scale, dk[i][1] * p.scale);
-    *reinterpret_cast<uint32_t*>(k_rows + (g + 8) * kLd + c) = Mma<T>::pack(dk[i][2] * p.scale, dk[i][3] * p.scale);
-    *reinterpret_cast<uint32_t*>(v_rows + g * kLd + c) = Mma<T>::pack(dv[i][0] * p.drop_scale, dv[i][1] * p.drop_scale);
-    *reinterpret_cast<uint32_t*>(v_rows + (g + 8) * kLd + c) =
-        Mma<T>::pack(dv[i][2] * p.drop_scale, dv[i][3] * p.drop_scale);
-  }
-  __syncwarp();
-  T* dk_out = static_cast<T*>(p.out2) + bh * p.Lk * p.D;
-  T* dv_out = static_cast<T*>(p.out3) + bh * p.Lk * p.D;
-  constexpr int kChunks = DP / 8;
-#pragma unroll
-  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
-    const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    const int64_t j = n0 + warp * 16 + r;
-    if (j < p.Lk && c < p.D) {
-      *reinterpret_cast<uint4*>(dk_out + j * p.D + c) = *reinterpret_cast<const uint4*>(k_rows + r * kLd + c);
-      *reinterpret_cast<uint4*>(dv_out + j * p.D + c) = *reinterpret_cast<const uint4*>(v_rows + r * kLd + c);
-    }
-  }
+  // epilogue: dK * scale and dV * (1 / (1 - p)), staged in this warp's own rows of sK / sV
+  const int64_t bh_rows = bh * p.Lk * p.D;
+  store_warp_rows<T, DP>(dk, p.scale, p.scale, sK + warp * 16 * kLd, static_cast<T*>(p.out2) + bh_rows,
+                         n0 + warp * 16, p.Lk, p.D);
+  store_warp_rows<T, DP>(dv, p.drop_scale, p.drop_scale, sV + warp * 16 * kLd, static_cast<T*>(p.out3) + bh_rows,
+                         n0 + warp * 16, p.Lk, p.D);
 #endif
 }
 
@@ -713,7 +699,7 @@ template <typename T>
 __global__ void __launch_bounds__(256) attn_bwd_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if constexpr (std::is_same_v<T, __half>)
+    if constexpr (Mma<T>::kHalf)
       dq[i] = __float2half_rn(acc[i] * scale);
     else
       dq[i] = __float2bfloat16_rn(acc[i] * scale);
