@@ -63,17 +63,22 @@ int main(int argc, char** argv) {
 """
 
 
-@pytest.fixture(scope="module")
-def dropout_driver(tmp_path_factory):
+def _compile(tmp_path_factory, name, source):
+    """A host executable from `source`, which includes headers of csrc/ (the kernels' own code)."""
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no host C++ compiler")
-    d = tmp_path_factory.mktemp("attn_dropout")
-    (d / "driver.cpp").write_text(DRIVER)
+    d = tmp_path_factory.mktemp(name)
+    (d / "driver.cpp").write_text(source)
     exe = d / "driver"
     subprocess.run([cxx, "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}", str(d / "driver.cpp"), "-o", str(exe)],
                    check=True, capture_output=True, text=True)
     return exe
+
+
+@pytest.fixture(scope="module")
+def dropout_driver(tmp_path_factory):
+    return _compile(tmp_path_factory, "attn_dropout", DRIVER)
 
 
 def _run_driver(exe, seed, bh0, BH, i0, Lq, Lk, p):
@@ -123,6 +128,94 @@ def test_kernel_dropout_threshold(dropout_driver, p):
     assert thr == dropout.dropout_threshold(p)
     if p == 0.0:
         assert single.all()
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the kernels' ldmatrix lane addresses (attention_fragments.h) against an emulation of
+# ldmatrix.x4 and mma.sync m16n8k16 as the PTX ISA defines their fragments (lane = 4g + t)
+
+FRAGMENT_DRIVER = r"""
+#include <cstdio>
+#include "cuda/attention_fragments.h"
+using namespace mmfast::fragment;
+int main() {
+  for (int l = 0; l < 32; ++l)
+    std::printf("%d %d %d %d %d %d %d %d\n", a_row(l), a_col(l), bn_row(l), bn_col(l), bt_row(l), bt_col(l),
+                at_row(l), at_col(l));
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def lane_addresses(tmp_path_factory):
+    exe = _compile(tmp_path_factory, "attn_fragments", FRAGMENT_DRIVER)
+    table = np.loadtxt(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines(),
+                       dtype=int)
+    names = ["a", "bn", "bt", "at"]
+    return {n: [tuple(rc) for rc in table[:, 2 * i:2 * i + 2]] for i, n in enumerate(names)}
+
+
+def _ldmatrix_x4(smem, lane_rows, trans):
+    """ldmatrix.m8n8.x4(.trans): lanes 8i .. 8i+7 point at the 8 rows of matrix i; lane 4g + t receives
+    (row g, cols 2t, 2t+1) of each matrix, with .trans (rows 2t, 2t+1, col g). -> (lane, matrix, 2)"""
+    out = np.empty((32, 4, 2))
+    for i in range(4):
+        m = np.stack([smem[r, c:c + 8] for r, c in lane_rows[8 * i:8 * i + 8]])
+        for lane in range(32):
+            g, t = divmod(lane, 4)
+            out[lane, i] = m[2 * t:2 * t + 2, g] if trans else m[g, 2 * t:2 * t + 2]
+    return out
+
+
+def _mma(a, b):
+    """mma.sync.m16n8k16.row.col from fragments a (lane, 4, 2) and b (lane, 2, 2): the 16 x 8 product,
+    as the accumulator layout (lane, 4): (row g, cols 2t, 2t+1), (row g+8, same cols)."""
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        A[g, 2 * t:2 * t + 2], A[g + 8, 2 * t:2 * t + 2] = a[lane, 0], a[lane, 1]
+        A[g, 2 * t + 8:2 * t + 10], A[g + 8, 2 * t + 8:2 * t + 10] = a[lane, 2], a[lane, 3]
+        B[2 * t:2 * t + 2, g], B[2 * t + 8:2 * t + 10, g] = b[lane, 0], b[lane, 1]
+    C = A @ B
+    return np.array([[C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1]]
+                     for g, t in (divmod(lane, 4) for lane in range(32))])
+
+
+def _acc_matrix(acc):
+    """Accumulator layout (lane, 4) -> the 16 x 8 matrix."""
+    C = np.zeros((16, 8))
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        C[g, 2 * t:2 * t + 2], C[g + 8, 2 * t:2 * t + 2] = acc[lane, 0:2], acc[lane, 2:4]
+    return C
+
+
+def test_kernel_lane_addresses_give_the_mma_fragments(lane_addresses):
+    rng = np.random.default_rng(0)
+    X, Y, Z = (rng.integers(-4, 5, (16, 16)).astype(float) for _ in range(3))  # exact in float64
+    a = _ldmatrix_x4(X, lane_addresses["a"], trans=False)  # A = X ([M][K] in shared)
+    b = _ldmatrix_x4(Y, lane_addresses["bn"], trans=False)  # B = Y^T (Y: [N][K], as K, Q, dO, V rows)
+    assert np.array_equal(_acc_matrix(_mma(a, b[:, 0:2])), X @ Y[0:8].T)  # S = Q K^T: n-tile 0
+    assert np.array_equal(_acc_matrix(_mma(a, b[:, 2:4])), X @ Y[8:16].T)  # n-tile 1
+    b = _ldmatrix_x4(Z, lane_addresses["bt"], trans=True)  # B = Z ([K][N]: V, dO, Q, K rows by D)
+    assert np.array_equal(_acc_matrix(_mma(a, b[:, 0:2])), X @ Z[:, 0:8])  # O += P V
+    assert np.array_equal(_acc_matrix(_mma(a, b[:, 2:4])), X @ Z[:, 8:16])
+    a = _ldmatrix_x4(Y, lane_addresses["at"], trans=True)  # A = Y^T ([K][M]: dS^T in shared)
+    assert np.array_equal(_acc_matrix(_mma(a, b[:, 0:2])), Y.T @ Z[:, 0:8])  # dQ += dS K
+    assert np.array_equal(_acc_matrix(_mma(a, b[:, 2:4])), Y.T @ Z[:, 8:16])
+
+
+def test_kernel_accumulators_are_the_next_a_fragments(lane_addresses):
+    # acc_to_a: n-tiles 2kk, 2kk+1 of an accumulator -> A of chunk kk, as (c0[0..1], c0[2..3], c1[0..1], c1[2..3])
+    rng = np.random.default_rng(1)
+    X, Y, Z = (rng.integers(-4, 5, (16, 16)).astype(float) for _ in range(3))
+    a = _ldmatrix_x4(X, lane_addresses["a"], trans=False)
+    b = _ldmatrix_x4(Y, lane_addresses["bn"], trans=False)
+    c0, c1 = _mma(a, b[:, 0:2]), _mma(a, b[:, 2:4])  # S (16 x 16) = X Y^T as two n-tiles
+    p = np.stack([c0[:, 0:2], c0[:, 2:4], c1[:, 0:2], c1[:, 2:4]], axis=1)
+    v = _ldmatrix_x4(Z, lane_addresses["bt"], trans=True)
+    assert np.array_equal(_acc_matrix(_mma(p, v[:, 0:2])), (X @ Y.T) @ Z[:, 0:8])
 
 
 # ---------------------------------------------------------------------------------------------

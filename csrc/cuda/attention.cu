@@ -45,6 +45,7 @@
 #include <type_traits>
 
 #include "attention_dropout.h"
+#include "attention_fragments.h"
 
 namespace mmfast {
 namespace {
@@ -148,24 +149,9 @@ struct Mma {
 
 // ------------------------------------------------------------------------------------------
 // Fragment addressing. An mma.sync m16n8k16 accumulator tile gives lane (g = lane / 4, t = lane % 4)
-// the elements (row g, cols 2t, 2t+1) in c[0..1] and (row g+8, same cols) in c[2..3]. The per-lane
-// shared addresses below feed ldmatrix.x4 so that its four 8x8 matrices land in exactly the A or B
-// fragment registers of the PTX ISA's m16n8k16 layout.
-
-// A (16 x 16, row-major in shared: rows = M, cols = K): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7),
-// (rows 0-7, k 8-15), (rows 8-15, k 8-15) = a[0..3].
-__device__ __forceinline__ int a_row(int lane) { return lane & 15; }
-__device__ __forceinline__ int a_col(int lane) { return (lane >> 4) * 8; }
-// B of two n-tiles from a shared [N][K] array (B = stored^T, no .trans): r[0..1] = b of n-tile 0 (k 0-7,
-// k 8-15), r[2..3] = b of n-tile 1.
-__device__ __forceinline__ int bn_row(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
-__device__ __forceinline__ int bn_col(int lane) { return ((lane >> 3) & 1) * 8; }
-// B of two n-tiles from a shared [K][N] array (with .trans): r[0..1] = n-tile 0, r[2..3] = n-tile 1.
-__device__ __forceinline__ int bt_row(int lane) { return (lane & 7) + ((lane >> 3) & 1) * 8; }
-__device__ __forceinline__ int bt_col(int lane) { return (lane >> 4) * 8; }
-// A from a shared [K][M] array (A = stored^T, with .trans).
-__device__ __forceinline__ int at_row(int lane) { return (lane & 7) + (lane >> 4) * 8; }
-__device__ __forceinline__ int at_col(int lane) { return ((lane >> 3) & 1) * 8; }
+// the elements (row g, cols 2t, 2t+1) in c[0..1] and (row g+8, same cols) in c[2..3]. The lane
+// addresses for ldmatrix (which 16-byte row each lane points at) are in attention_fragments.h.
+using namespace fragment;
 
 // A 16 x 8NT accumulator (NT n-tiles) rounded to 16 bits as the A fragments of NT / 2 k-chunks: tiles
 // 2kk and 2kk+1 hold (rows g, g+8) x (cols 2t, 2t+1) of chunk kk's columns 0-7 and 8-15, which is
