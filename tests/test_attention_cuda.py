@@ -334,3 +334,19 @@ def test_gpu_op_argument_errors():
         op(q, k, v, m[:, :5], None, False, 0.125, 0.0)
     with pytest.raises(RuntimeError, match="argument 'q'.*multiple of 8"):
         op(q[..., :60], k[..., :60], v[..., :60], m, None, False, 0.125, 0.0)
+
+
+@pytest.mark.cuda
+def test_gpu_opcheck():
+    from mmfast.ops.attention import _attention_bwd_op
+
+    q, k, v, m = make_inputs(2, 2, 5, 9, 16, torch.float16, device="cuda", mask=True)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    seed = torch.tensor([1234], device="cuda")
+    for args in [(q, k, v, m, None, True, 0.25, 0.0, "cuda"), (q, k, v, None, seed, False, 0.25, 0.2, "cuda")]:
+        torch.library.opcheck(_attention_fwd_op, args)
+    out, lse = _attention_fwd_op(q, k, v, m, seed, True, 0.25, 0.2, "cuda")
+    assert lse.shape == (2, 2, 5) and lse.dtype == torch.float32
+    q, k, v = (x.detach() for x in (q, k, v))
+    torch.library.opcheck(_attention_bwd_op, (torch.randn_like(out), q, k, v, out.detach(), lse, m, seed, True, 0.25,
+                                              0.2, "cuda"))
