@@ -189,7 +189,7 @@ def attention_dropout(c: Checker, face: str, dtype: torch.dtype):
         torch.manual_seed(7)
         out = run()
         (dv,) = torch.autograd.grad(out, [v], torch.eye(Lq, D, dtype=dtype, device=DEV).expand(B, H, Lq, D))
-        fwd, bwd = out[..., :Lk].float(), dv[..., :Lq].transpose(-1, -2).float()
+        fwd, bwd = out.detach()[..., :Lk].float(), dv[..., :Lq].transpose(-1, -2).float()
         same_mask = torch.equal(fwd == 0, bwd == 0)
         err = float((fwd - bwd).abs().max())
         bound = 8 * torch.finfo(dtype).eps * float(fwd.abs().max())  # the probabilities, recomputed once
@@ -200,7 +200,7 @@ def attention_dropout(c: Checker, face: str, dtype: torch.dtype):
         torch.manual_seed(11)
         seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64, device=DEV))  # what the op draws first
         torch.manual_seed(11)
-        kept = (run()[..., :Lk] != 0).cpu()
+        kept = (run().detach()[..., :Lk] != 0).cpu()
         want = ref_dropout.keep_mask(seed, B, H, Lq, Lk, P_DROP)
         c.line(face, dtype, shape, "dropout_contract", passed=bool(torch.equal(kept, want)),
                max_err=float((kept != want).float().mean()), bound=0.0, ms=None)
