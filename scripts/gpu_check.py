@@ -9,6 +9,7 @@ and stops it with SIGINT): ``python scripts/gpu_check.py STAGE --dir DIR --deadl
     S5      tests.xml      pytest tests -m cuda
     report  report.md ...  benchmarks/report.py
     finish  records a stage's outcome in stages.jsonl; leaves a placeholder where its file is missing
+    verdict dry run: fails when a stage crashed or a check raised (the script rotted)
 
 Every stage writes as it goes and turns SIGINT (KeyboardInterrupt) into a last line saying it was
 stopped, so a stage killed at its deadline still leaves its file. GPU_CHECK_DRYRUN=1: CPU, tiny shapes.
@@ -321,13 +322,28 @@ def finish(d: Path, stage: str, rc: int, seconds: float, deadline: float, killed
           + (f", exit {rc}" if rc not in (0, 124) else "") + (f"; placeholder {file}" if missing else ""), flush=True)
 
 
+def verdict(d: Path) -> int:
+    """For the dry run in CI: 1 when a stage crashed or a check raised (the script rotted), else 0.
+    Stages stopped at their deadline and checks that ran and failed are results, not rot."""
+    bad = [f"{s['stage']} exited {s['rc']}" for s in map(json.loads, (d / "stages.jsonl").read_text().splitlines())
+           if s["rc"] not in (0, 124, 130, 137)]
+    for f in ("smoke.jsonl", "bench.jsonl"):
+        for line in (d / f).read_text().splitlines():
+            row = json.loads(line)
+            if "error" in row:
+                bad.append(f"{f}: {row.get('op')} {row.get('face', row.get('impl'))}: {row['error'][:200]}")
+    for b in bad:
+        print(f"[gpu_check] ROT: {b}", flush=True)
+    return 1 if bad else 0
+
+
 STAGES = {"S0": stage_env, "S1": stage_build, "S2": stage_smoke, "S3": stage_sanitizer, "S4": stage_bench,
           "S5": stage_tests, "report": stage_report}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=[*STAGES, "finish", "sanitize-target"])
+    ap.add_argument("stage", choices=[*STAGES, "finish", "sanitize-target", "verdict"])
     ap.add_argument("name", nargs="?", help="finish: the stage")
     ap.add_argument("--dir", type=Path)
     ap.add_argument("--deadline", type=float, default=60.0)
@@ -340,6 +356,8 @@ def main(argv=None) -> int:
         sanitize_target()
         return 0
     a.dir.mkdir(parents=True, exist_ok=True)
+    if a.stage == "verdict":
+        return verdict(a.dir)
     if a.stage == "finish":
         finish(a.dir, a.name, a.rc, a.seconds, a.deadline, a.killed == "true", a.file)
         return 0

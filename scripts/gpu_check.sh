@@ -100,4 +100,6 @@ for i in "${!NAMES[@]}"; do
 done
 echo "[gpu_check] total $(elapsed) s; files: $DEST"
 [ -f "$STAGES/summary.txt" ] && cat "$STAGES/summary.txt"
+# On a GPU every outcome is evidence (exit 0); the dry run fails when the script itself rotted.
+[ "$DRY" = 1 ] && exec "$PY" scripts/gpu_check.py verdict --dir "$STAGES"
 exit 0
