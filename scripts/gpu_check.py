@@ -176,7 +176,7 @@ def stage_build(d: Path, deadline: float) -> None:
 
             arch = "%d.%d" % torch.cuda.get_device_capability()
             env = {"MMFAST_BUILD_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count()),
-                   "MMFAST_NVCC_FLAGS": "-Xptxas -v"}  # register/spill report per kernel into this log
+                   "NVCC_APPEND_FLAGS": "-Xptxas -v"}  # nvcc reads it: register/spill report per kernel into this log
             log.write(f"[S1] building in place: {env}\n")
             rc = run_logged([sys.executable, "setup.py", "build_ext", "--inplace"], log, env=env)
             probe = _probe_extension()
