@@ -6,8 +6,9 @@ autotuning (every mmfast face runs its static configuration).
 
 Each row: op, case, mode (fwd | fwd+bwd), dtype, impl, median_ms, tflops or gbps, ratio_to_eager,
 ratio_to_best_sdpa (attention), peak_mem_mb, work (the size dispatch buckets by), device. "eager" is
-what ``backend="torch"`` runs, i.e. what safe ``auto`` falls back to; it is timed first in each group,
-then SDPA's backends, then the mmfast faces. GPU_CHECK_DRYRUN=1: CPU, tiny shapes, one repetition.
+what ``backend="torch"`` runs, i.e. what safe ``auto`` falls back to (for attention on a GPU: SDPA with
+mmfast's semantics; "eager-formula" is the matmul-softmax-matmul formula); it is timed first in each
+group, then SDPA's backends, then the mmfast faces. GPU_CHECK_DRYRUN=1: CPU, tiny shapes, one repetition.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import harness  # noqa: E402
 import mmfast  # noqa: E402
 from mmfast import dispatch, testing  # noqa: E402
+from mmfast import reference as ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DT = torch.float32 if DRY else torch.bfloat16  # the interpreter's bf16 dot is garbage
@@ -113,6 +115,8 @@ def bench_attention(w: Jsonl):
                 with ctx:
                     g.time("eager", _step(lambda: mmfast.ops.attention(q, k, v, key_padding_mask=mask, dropout_p=p,
                                                                        backend="torch"), [q, k, v], mode))
+                    g.time("eager-formula", _step(lambda: ref.attention(q, k, v, key_padding_mask=mask, dropout_p=p),
+                                                  [q, k, v], mode))
                     for impl, be in _sdpa_backends().items():
                         def sdpa(be=be):
                             if be is None:

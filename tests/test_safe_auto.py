@@ -146,3 +146,33 @@ def test_import_stays_light():
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("Lq,Lk,causal,masked", [(7, 13, False, True), (13, 5, True, True), (9, 9, True, False),
+                                                 (5, 11, True, False), (6, 6, False, False)])
+def test_gpu_reference_sdpa_has_mmfast_semantics(Lq, Lk, causal, masked):
+    """What auto falls back to on a GPU (SDPA) equals the eager reference: bottom-right causal, rows
+    without keys give zeros and zero gradients. Float64 on the CPU, forward and gradients."""
+    from mmfast.reference.attention import sdpa_attention
+
+    g = torch.Generator().manual_seed(Lq * Lk)
+    q, k, v = (torch.randn(2, 3, L, 16, generator=g, dtype=torch.float64, requires_grad=True) for L in (Lq, Lk, Lk))
+    mask = None
+    if masked:
+        mask = torch.rand(2, Lk, generator=g) > 0.4
+        mask[1] = False  # a sequence with no keys at all
+    outs = [f(q, k, v, key_padding_mask=mask, causal=causal) for f in (sdpa_attention, mmfast.reference.attention)]
+    torch.testing.assert_close(outs[0], outs[1])
+    up = torch.randn(outs[0].shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(outs[0], (q, k, v), up), torch.autograd.grad(outs[1], (q, k, v), up)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.cuda
+def test_torch_backend_on_gpu_runs_sdpa():
+    from mmfast.reference.attention import sdpa_attention
+
+    q, k, v = (torch.randn(2, 4, L, 64, device="cuda", dtype=BF16) for L in (40, 197, 197))
+    mask = torch.arange(197, device="cuda")[None] < torch.tensor([[197], [50]], device="cuda")
+    assert torch.equal(mmfast.ops.attention(q, k, v, key_padding_mask=mask, backend="torch"),
+                       sdpa_attention(q, k, v, key_padding_mask=mask))

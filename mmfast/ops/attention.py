@@ -26,6 +26,7 @@ from torch import Tensor
 from mmfast import _extension, dispatch
 from mmfast import reference as _ref
 from mmfast.reference.attention import attention_mask as _dense_mask
+from mmfast.reference.attention import sdpa_attention as _sdpa_reference
 
 dispatch.register_op(dispatch.OpSpec(
     name="attention",
@@ -240,9 +241,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
                              for b in ("cuda", "triton", "cpu"))
     be = dispatch.resolve("attention", backend, q.device.type, q.dtype, unsupported,
                           work=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
-    if be == "torch":
-        return _ref.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                              dropout_p=dropout_p)
+    if be == "torch":  # on a GPU the fused SDPA kernels (same semantics), elsewhere the eager formula
+        reference = _sdpa_reference if q.is_cuda else _ref.attention
+        return reference(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     seed = None
     if dropout_p > 0:
