@@ -236,13 +236,14 @@ def _assume_constant_result(fn):
 
 @_assume_constant_result
 def resolve(op: str, backend: str, device_type: str, dtype: torch.dtype, unsupported: tuple = (),
-            work: int | None = None) -> str:
+            bucket: str | None = None) -> str:
     """The concrete backend to run ``op`` with. ``unsupported``: ((backend, reason), ...) for
-    limits that depend on the call's arguments (e.g. dropout on a face without it); ``work``: the
-    op's size (see :func:`size_bucket`), which picks the speed measurements ``auto`` trusts.
+    limits that depend on the call's arguments (e.g. dropout on a face without it); ``bucket``:
+    ``size_bucket(the op's work)``, which picks the speed measurements ``auto`` trusts (callers
+    compute it, so that under torch.compile a symbolic size becomes a guard, not an argument here).
 
     Runs once per distinct arguments (cached) and is a constant to torch.compile."""
-    return _explain(op, backend, device_type, dtype, unsupported, None if work is None else size_bucket(work))[0]
+    return _explain(op, backend, device_type, dtype, unsupported, bucket)[0]
 
 
 def explain(op: str, device_type: str, dtype: torch.dtype, unsupported: tuple = (), bucket: str | None = None,

@@ -273,7 +273,8 @@ def stage_sanitizer(d: Path, deadline: float) -> None:
 def stage_tests(d: Path, deadline: float) -> None:
     # dry run: two files (collecting all of tests/ costs ~40 s on the 2-core CI machine; all skip anyway)
     paths = ["tests/test_models_gpu.py", "tests/test_concat_embed.py"] if DRY else ["tests"]
-    cmd = [sys.executable, "-m", "pytest", *paths, "-m", "cuda", "-q", "-p", "no:cacheprovider",
+    # -v: every outcome is in tests.log (archived) even if a stopped run leaves no junit file
+    cmd = [sys.executable, "-m", "pytest", *paths, "-m", "cuda", "-v", "-p", "no:cacheprovider",
            f"--junitxml={d / 'tests.xml'}", "-o", "junit_family=xunit1"]
     if not DRY and (os.cpu_count() or 1) >= 8 and _version("pytest-xdist"):
         cmd += ["-n", "4"]  # Triton compiles are CPU-bound; one GPU is shared by the workers

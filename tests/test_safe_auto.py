@@ -13,6 +13,7 @@ import mmfast
 from mmfast import dispatch
 
 BF16 = torch.bfloat16
+_b = dispatch.size_bucket
 
 
 def _row(op="cross_entropy", backend="triton", dtype="bfloat16", verified=True, **speed):
@@ -52,46 +53,46 @@ def test_empty_table_means_the_reference_everywhere(table):
 
 def test_verified_and_faster_face_is_used_only_in_its_bucket(table):
     table(_row(medium=1.8, large=0.7))
-    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, work=4096 * 4096) == "triton"  # medium
-    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, work=16384 * 30522) == "torch"  # large: slower
-    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, work=100) == "torch"  # small: never timed
+    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, bucket=_b(4096 * 4096)) == "triton"  # medium
+    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, bucket=_b(16384 * 30522)) == "torch"  # large: slower
+    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, bucket=_b(100)) == "torch"  # small: never timed
     # no size given: the face must win in every bucket that was measured
     assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16) == "torch"
     _, why = dispatch.explain("cross_entropy", "cuda", BF16, bucket="large")
     assert "0.70x the reference for large inputs" in why
     # other dtypes and other archs were not verified
-    assert dispatch.resolve("cross_entropy", "auto", "cuda", torch.float16, work=4096 * 4096) == "torch"
+    assert dispatch.resolve("cross_entropy", "auto", "cuda", torch.float16, bucket=_b(4096 * 4096)) == "torch"
 
 
 def test_failed_check_is_never_used_however_fast(table):
     table(_row(verified=False, medium=5.0, large=5.0))
-    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, work=4096 * 4096) == "torch"
+    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, bucket=_b(4096 * 4096)) == "torch"
     assert "failed the GPU check" in dispatch.explain("cross_entropy", "cuda", BF16, bucket="medium")[1]
 
 
 def test_fastest_verified_face_wins(table):
     table(_row(backend="triton", large=1.5), _row(backend="cuda", large=2.5), cuda_kernels=True)
-    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, work=1 << 30) == "cuda"
+    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, bucket=_b(1 << 30)) == "cuda"
     table(_row(backend="triton", large=3.0), _row(backend="cuda", large=2.5), cuda_kernels=True)
-    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, work=1 << 30) == "triton"
+    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, bucket=_b(1 << 30)) == "triton"
     # a verified CUDA row does not help if this build has no CUDA kernel for the op
     table(_row(backend="cuda", large=2.5), cuda_kernels=False)
-    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, work=1 << 30) == "torch"
+    assert dispatch.resolve("cross_entropy", "auto", "cuda", BF16, bucket=_b(1 << 30)) == "torch"
 
 
 def test_dtype_a_face_does_not_take_falls_back_but_explicit_raises(table):
     # attention's CUDA face takes fp16/bf16 only: a verified fp32 row cannot make auto use it
     table(_row(op="attention", backend="cuda", dtype="float32", large=9.0), cuda_kernels=True)
-    assert dispatch.resolve("attention", "auto", "cuda", torch.float32, work=1 << 30) == "torch"
+    assert dispatch.resolve("attention", "auto", "cuda", torch.float32, bucket=_b(1 << 30)) == "torch"
     with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable.*float32"):
         dispatch.resolve("attention", "cuda", "cuda", torch.float32)
 
 
 def test_argument_limits_fall_back_under_auto(table):
     table(_row(op="attention", backend="triton", large=2.0))
-    assert dispatch.resolve("attention", "auto", "cuda", BF16, work=1 << 30) == "triton"
+    assert dispatch.resolve("attention", "auto", "cuda", BF16, bucket=_b(1 << 30)) == "triton"
     blocked = (("triton", "head dim 12 is not a multiple of 8"),)
-    assert dispatch.resolve("attention", "auto", "cuda", BF16, blocked, work=1 << 30) == "torch"
+    assert dispatch.resolve("attention", "auto", "cuda", BF16, blocked, bucket=_b(1 << 30)) == "torch"
     with pytest.raises(RuntimeError, match="head dim 12"):
         dispatch.resolve("attention", "triton", "cuda", BF16, blocked)
 
@@ -117,16 +118,25 @@ def test_trust_unverified_restores_triton_first(table, monkeypatch):
 def test_cpu_auto_is_unchanged(table):
     table(_row(backend="triton", large=9.0))
     want = "cpu" if dispatch.availability("cross_entropy", "cpu", "cpu", torch.float32) is None else "torch"
-    assert dispatch.resolve("cross_entropy", "auto", "cpu", torch.float32, work=1 << 30) == want
+    assert dispatch.resolve("cross_entropy", "auto", "cpu", torch.float32, bucket=_b(1 << 30)) == want
 
 
 def test_resolve_stays_cached_and_a_compile_constant(table):
     table(_row(medium=1.8))
-    dispatch.resolve("cross_entropy", "auto", "cuda", BF16, work=5000 * 5000)
+    dispatch.resolve("cross_entropy", "auto", "cuda", BF16, bucket=_b(5000 * 5000))
     hits = dispatch._explain.cache_info().hits
-    dispatch.resolve("cross_entropy", "auto", "cuda", BF16, work=5001 * 5000)  # same bucket: a cache hit
+    dispatch.resolve("cross_entropy", "auto", "cuda", BF16, bucket=_b(5001 * 5000))  # same bucket: a cache hit
     assert dispatch._explain.cache_info().hits == hits + 1
     assert getattr(dispatch.resolve, "_dynamo_marked_constant", False) is True
+
+
+def test_auto_under_compile_with_dynamic_shapes():
+    """The size bucket is computed at the call site: a symbolic size becomes a guard, and resolve()
+    stays a constant to torch.compile (no graph break under fullgraph)."""
+    f = torch.compile(lambda x, t: mmfast.ops.cross_entropy(x, t), fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (5, 9, 2000):
+        x, t = torch.randn(n, 700), torch.randint(0, 700, (n,))
+        torch.testing.assert_close(f(x, t), torch.nn.functional.cross_entropy(x, t))
 
 
 def test_info_says_what_auto_picks_and_why(table):

@@ -240,7 +240,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
         unsupported += tuple((b, f"head dim {q.shape[-1]} is not a multiple of 8 in [8, {MAX_HEAD_DIM}]")
                              for b in ("cuda", "triton", "cpu"))
     be = dispatch.resolve("attention", backend, q.device.type, q.dtype, unsupported,
-                          work=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
+                          bucket=dispatch.size_bucket(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]))
     if be == "torch":  # on a GPU the fused SDPA kernels (same semantics), elsewhere the eager formula
         reference = _sdpa_reference if q.is_cuda else _ref.attention
         return reference(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p)
