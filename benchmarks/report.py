@@ -1,17 +1,28 @@
-"""Turns pytest-benchmark JSON (written through benchmarks/harness.py) into:
+"""Reports of benchmark and GPU-check results.
+
+1. The files of scripts/gpu_check.sh's stages (env.json, build.log, smoke.jsonl, sanitizer.txt,
+   bench.jsonl, tests.xml, stages.jsonl) become, in the same folder:
+
+    report.md          every stage's outcome, smoke checks per op x face x dtype, benchmarks, tests
+    summary.txt        the short table gpu_check.sh prints last
+    plot.png           speed-up over eager per case and implementation
+    kernel_table.json  per (op, face, arch, dtype): verified (every S2 check ran and passed) and the
+                       speed-up over the torch reference per size bucket (S4); what backend="auto"
+                       reads once copied to mmfast/kernel_table.json (--update-table)
+
+    python benchmarks/report.py --stages DIR [--update-table]
+
+   Dry-run results (CPU, tiny shapes) are reported but their rows carry no GPU arch, so auto never
+   uses them.
+
+2. Older: pytest-benchmark JSON (written through benchmarks/harness.py) becomes:
 
     OUT/report.md          one Markdown table per op: ms, TFLOP/s, GB/s, % of the hardware peak,
                            peak memory, and ratios to eager / SDPA / torch.compile / Liger
     OUT/summary.txt        the short table scripts/gpu_check.sh prints last
     OUT/plot.png           speed-up over eager per case and implementation (matplotlib)
-    OUT/kernel_table.json  the verified GPU kernels backend="auto" reads: a CUDA face is preferred
-                           only where the GPU tests of its op family passed (--junit) and it beat
-                           the Triton face on this architecture; copy it to mmfast/kernel_table.json
-                           (or pass --update-table) when committing GPU results.
 
-    python benchmarks/report.py bench.json [more.json ...] [--junit tests.xml] --out DIR [--update-table]
-
-Smoke-mode results (CPU, tiny shapes) are reported but never enter the kernel table.
+    python benchmarks/report.py bench.json [more.json ...] --out DIR
 """
 
 from __future__ import annotations
@@ -118,48 +129,6 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def families_passing(junit: str | None) -> dict[str, bool]:
-    """Op family -> whether its GPU tests ran (some cuda test not skipped) and none failed."""
-    if not junit or not os.path.exists(junit):
-        return {}
-    status = {f: {"ran_cuda": False, "failed": False} for f in FAMILY_OPS}
-    for tc in ET.parse(junit).getroot().iter("testcase"):
-        name = (tc.get("classname", "") + "." + tc.get("name", "")).lower()
-        for fam in FAMILY_OPS:
-            if f"test_{fam}" not in name:
-                continue
-            if tc.find("failure") is not None or tc.find("error") is not None:
-                status[fam]["failed"] = True
-            elif tc.find("skipped") is None and "cuda" in name:
-                status[fam]["ran_cuda"] = True
-    return {f: s["ran_cuda"] and not s["failed"] for f, s in status.items()}
-
-
-def kernel_table(rows: list[dict], passing: dict[str, bool], arch: str | None) -> list[dict]:
-    table = []
-    gpu_rows = [r for r in rows if not r.get("smoke") and not r.get("device", "").startswith("CPU")]
-    for fam, ops in FAMILY_OPS.items():
-        for op in ops:
-            for dtype in sorted({r["dtype"] for r in gpu_rows if r["op"] == op}):
-                times = defaultdict(dict)
-                for r in gpu_rows:
-                    if r["op"] == op and r["dtype"] == dtype:
-                        times[(r["case"], r["mode"])][r["impl"]] = r["median_ms"]
-                pairs = [t["mmfast-triton"] / t["mmfast-cuda"] for t in times.values()
-                         if "mmfast-triton" in t and "mmfast-cuda" in t]
-                for backend in ("mmfast-cuda", "mmfast-triton"):
-                    if not any(backend in t for t in times.values()):
-                        continue
-                    row = {"op": op, "backend": backend.split("-")[1], "arch": arch, "dtype": dtype,
-                           "device": gpu_rows[0]["device"], "correct": bool(passing.get(fam))}
-                    if backend == "mmfast-cuda" and pairs:
-                        g = math.exp(sum(math.log(p) for p in pairs) / len(pairs))
-                        row["speedup_vs_triton"] = round(g, 3)
-                        row["faster_than_triton"] = g > 1.0
-                    table.append(row)
-    return table
-
-
 def plot(rows: list[dict], path: Path) -> bool:
     try:
         import matplotlib
@@ -191,36 +160,199 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+# ============================================================================================= GPU check
+STAGE_FILES = ("env.json", "build.log", "smoke.jsonl", "sanitizer.txt", "bench.jsonl", "tests.xml")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file; a line cut off by a killed stage is skipped."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return rows
+
+
+def _dispatch():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from mmfast import dispatch
+
+    return dispatch
+
+
+def smoke_verdicts(smoke: list[dict]) -> dict[tuple, dict]:
+    """(op, face, dtype) -> {ran, passed, failed: [short descriptions], skipped: reason}."""
+    out: dict[tuple, dict] = {}
+    for r in smoke:
+        if r.get("face") in (None, "*") or r.get("placeholder"):
+            continue
+        v = out.setdefault((r["op"], r["face"], r["dtype"]), {"ran": 0, "passed": 0, "failed": [], "skipped": None})
+        if "skipped" in r:
+            v["skipped"] = r["skipped"]
+            continue
+        v["ran"] += 1
+        if r.get("passed"):
+            v["passed"] += 1
+        else:
+            what = r.get("error") or f"max_err {fmt(r.get('max_err'))} > bound {fmt(r.get('bound'))}"
+            v["failed"].append(f"{r['shape']} {r['direction']}: {what}")
+    return out
+
+
+def kernel_table_rows(smoke: list[dict], bench: list[dict], arch: str | None) -> list[dict]:
+    """One row per (op, face, dtype) that S2 ran: verified when every check ran and passed; the
+    speed-up over the torch reference ("eager" in S4) per size bucket, the slowest of the bucket's
+    cases and modes (a face is only as fast as its worst case there)."""
+    dispatch = _dispatch()
+    speed: dict[tuple, dict] = defaultdict(dict)
+    for r in bench:
+        if r.get("ratio_to_eager") is None or not str(r.get("impl", "")).startswith("mmfast-") or r.get("dryrun"):
+            continue
+        key = (r["op"], r["impl"].split("-", 1)[1], r["dtype"])
+        b = dispatch.size_bucket(r["work"])
+        speed[key][b] = round(min(speed[key].get(b, math.inf), r["ratio_to_eager"]), 3)
+    rows = []
+    for (op, face, dtype), v in sorted(smoke_verdicts(smoke).items()):
+        if not v["ran"]:
+            continue
+        rows.append({"op": op, "backend": face, "arch": arch, "dtype": dtype,
+                     "verified": v["passed"] == v["ran"], "checks": v["ran"], "failed": v["failed"][:5],
+                     "speedup_vs_reference": dict(sorted(speed.get((op, face, dtype), {}).items()))})
+    return rows
+
+
+def junit_summary(path: Path) -> dict:
+    out = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": []}
+    if not path.exists():
+        return out
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        out["failed"].append(f"tests.xml unreadable: {e}")
+        return out
+    for tc in root.iter("testcase"):
+        out["tests"] += 1
+        name = f"{tc.get('classname', '')}::{tc.get('name', '')}"
+        for kind, key in (("failure", "failures"), ("error", "errors"), ("skipped", "skipped")):
+            el = tc.find(kind)
+            if el is not None:
+                out[key] += 1
+                if kind != "skipped":
+                    out["failed"].append(f"{name}: {(el.get('message') or '')[:160]}")
+    return out
+
+
+def _stage_table(stages: list[dict]) -> list[str]:
+    lines = ["| stage | seconds | deadline | stopped at deadline | file |", "|---|---|---|---|---|"]
+    for s in stages:
+        lines.append(f"| {s['stage']} | {s['seconds']:.0f} | {s['deadline']:.0f} | {'yes' if s['killed'] else 'no'} | "
+                     f"{s['file']}{' (placeholder)' if s['placeholder'] else ''} |")
+    return lines
+
+
+def _smoke_table(verdicts: dict) -> list[str]:
+    lines = ["| op | face | dtype | checks passed | result |", "|---|---|---|---|---|"]
+    for (op, face, dtype), v in sorted(verdicts.items()):
+        result = v["skipped"] if not v["ran"] else ("pass" if not v["failed"] else "FAIL: " + "; ".join(v["failed"][:3]))
+        lines.append(f"| {op} | {face} | {dtype} | {v['passed']}/{v['ran']} | {result} |")
+    return lines
+
+
+def _bench_rows_for_markdown(bench: list[dict], env: dict) -> list[dict]:
+    versions = env.get("versions", {})
+    return [dict(r, smoke=r.get("dryrun", False), torch=versions.get("torch"), triton=versions.get("triton"),
+                 mmfast="tree") for r in bench if "median_ms" in r]
+
+
+def gpu_check_report(d: Path, update_table: bool = False) -> str:
+    """Writes report.md, summary.txt, plot.png and kernel_table.json into ``d``; returns the summary."""
+    d = Path(d)
+    env = json.loads((d / "env.json").read_text()) if (d / "env.json").exists() else {}
+    gpu = env.get("gpu") if isinstance(env.get("gpu"), dict) else {}
+    arch, dry = gpu.get("capability"), bool(env.get("dryrun"))
+    smoke, bench = read_jsonl(d / "smoke.jsonl"), read_jsonl(d / "bench.jsonl")
+    stages = read_jsonl(d / "stages.jsonl")
+    verdicts = smoke_verdicts(smoke)
+    tests = junit_summary(d / "tests.xml")
+    build = [ln for ln in (d / "build.log").read_text().splitlines() if ln.startswith("[S1] result")] \
+        if (d / "build.log").exists() else []
+    spills = [ln for ln in (d / "build.log").read_text().splitlines()
+              if "spill" in ln and not ln.strip().startswith("0 bytes") and " 0 bytes spill stores" not in ln] \
+        if (d / "build.log").exists() else []
+    sanitizer = [ln for ln in (d / "sanitizer.txt").read_text().splitlines()
+                 if ln.startswith("===") or "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln] \
+        if (d / "sanitizer.txt").exists() else []
+    table = kernel_table_rows(smoke, bench, arch)
+
+    md = [f"# GPU check: {gpu.get('name', 'no GPU')}" + (" — DRY RUN on the CPU (tiny shapes; not results)" if dry else ""),
+          "", f"Started {env.get('started')}; torch {env.get('versions', {}).get('torch')}, "
+          f"triton {env.get('versions', {}).get('triton')}, Python {env.get('host', {}).get('python')}.", "",
+          "## Stages", "", *_stage_table(stages), "",
+          "## S1 build", "", *(build or ["(no result line)"]),
+          *([f"", f"ptxas lines reporting spills: {len(spills)}"] + [f"    {ln.strip()}" for ln in spills[:20]]), "",
+          "## S2 smoke (public API, explicit backend, float64 reference under the rule)", "", *_smoke_table(verdicts), "",
+          "## S3 sanitizer", "", *[f"    {ln}" for ln in sanitizer], "",
+          "## S4 micro-benchmarks", "", markdown(_bench_rows_for_markdown(bench, env)), "",
+          f"## S5 tests (pytest -m cuda)", "",
+          f"{tests['tests']} test cases: {tests['failures']} failed, {tests['errors']} errors, {tests['skipped']} skipped.",
+          *[f"- {f}" for f in tests["failed"][:40]], "",
+          "## kernel_table.json (what backend='auto' may use)", "",
+          "| op | face | dtype | verified | speed-up over reference by size bucket |", "|---|---|---|---|---|",
+          *[f"| {r['op']} | {r['backend']} | {r['dtype']} | {'yes' if r['verified'] else 'no'} | "
+            f"{', '.join(f'{b}: {x}x' for b, x in r['speedup_vs_reference'].items()) or '–'} |" for r in table]]
+    (d / "report.md").write_text("\n".join(md) + "\n")
+    doc = {"description": json.loads((ROOT / "mmfast" / "kernel_table.json").read_text())["description"],
+           "source": "dry run (CPU)" if dry else f"{gpu.get('name')} {env.get('started')}", "verified": table}
+    (d / "kernel_table.json").write_text(json.dumps(doc, indent=1) + "\n")
+    if update_table and arch and not dry:
+        (ROOT / "mmfast" / "kernel_table.json").write_text(json.dumps(doc, indent=1) + "\n")
+    plot([r for r in _bench_rows_for_markdown(bench, env)], d / "plot.png")
+
+    counts = defaultdict(lambda: [0, 0, 0])
+    for (op, face, _), v in verdicts.items():
+        c = counts[(op, face)]
+        c[0] += v["passed"]
+        c[1] += len(v["failed"])
+        c[2] += v["ran"] == 0
+    lines = [f"{'stage':<8} {'s':>5}  result"]
+    lines += [f"{s['stage']:<8} {s['seconds']:>5.0f}  " + ("stopped at deadline" if s["killed"] else f"exit {s['rc']}")
+              + (" (placeholder file)" if s["placeholder"] else "") for s in stages]
+    lines += ["", f"{'smoke: op':<24} {'face':<7} {'pass':>5} {'fail':>5} {'skip':>5}"]
+    lines += [f"{op:<24} {face:<7} {c[0]:>5} {c[1]:>5} {c[2]:>5}" for (op, face), c in sorted(counts.items())]
+    lines += ["", f"tests: {tests['tests']} cases, {tests['failures']} failed, {tests['errors']} errors, "
+                  f"{tests['skipped']} skipped", f"sanitizer: " + "; ".join(ln.strip("= ") for ln in sanitizer
+                                                                           if ln.startswith("===")),
+              f"bench rows: {sum(1 for r in bench if 'median_ms' in r)}; kernel_table rows verified: "
+              f"{sum(r['verified'] for r in table)}/{len(table)}" + (" (DRY RUN)" if dry else "")]
+    summary_text = "\n".join(lines)
+    (d / "summary.txt").write_text(summary_text + "\n")
+    return summary_text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", nargs="+")
-    ap.add_argument("--junit", default=None, help="pytest --junitxml of the GPU test run")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--arch", default=None, help="e.g. sm_90 (default: this machine's GPU)")
-    ap.add_argument("--update-table", action="store_true", help="also write mmfast/kernel_table.json")
+    ap.add_argument("json", nargs="*", help="pytest-benchmark JSON files")
+    ap.add_argument("--out", help="folder for the pytest-benchmark report")
+    ap.add_argument("--stages", type=Path, help="a GPU check's stage folder")
+    ap.add_argument("--update-table", action="store_true", help="also write mmfast/kernel_table.json (GPU runs only)")
     args = ap.parse_args(argv)
+    if args.stages:
+        print(gpu_check_report(args.stages, update_table=args.update_table))
+        return 0
+    if not args.json or not args.out:
+        ap.error("give pytest-benchmark JSON files and --out, or --stages DIR")
     rows = load_rows([p for p in args.json if os.path.exists(p)])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown(rows) + "\n")
     (out / "summary.txt").write_text(summary(rows) + "\n")
     plot(rows, out / "plot.png")
-    arch = args.arch
-    if arch is None:
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                arch = "sm_%d%d" % torch.cuda.get_device_capability()
-        except ImportError:
-            pass
-    table = kernel_table(rows, families_passing(args.junit), arch)
-    doc = {"description": json.loads((ROOT / "mmfast" / "kernel_table.json").read_text())["description"],
-           "verified": table}
-    (out / "kernel_table.json").write_text(json.dumps(doc, indent=1) + "\n")
-    if args.update_table and table:
-        (ROOT / "mmfast" / "kernel_table.json").write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"report: {len(rows)} results -> {out}/report.md, summary.txt, plot.png, kernel_table.json ({len(table)} rows)")
+    print(f"report: {len(rows)} results -> {out}/report.md, summary.txt, plot.png")
     return 0
 
 

@@ -36,10 +36,12 @@ def _print_info(info: dict) -> None:
     for op, entry in info["ops"].items():
         for i, (b, status) in enumerate(entry["backends"].items()):
             print(f"{op if i == 0 else '':<22} {b:<8} {status}")
-        print(f"{'':<22} {'auto':<8} " + ", ".join(f"{k} -> {b}" for k, b in entry["auto"].items()))
+        for where, b in entry["auto"].items():
+            print(f"{'':<22} {'auto':<8} {where} -> {b}: {entry['auto_why'][where]}")
     print("\ncuda 'compiled' = built into mmfast._C but never run on a GPU by our tests; triton 'implemented' ="
-          " tested on the CPU through the Triton interpreter only; 'verified on GPU' = passed the GPU test suite"
-          " (mmfast/kernel_table.json, written from GPU runs). CPU faces run in the CPU test suite.")
+          " tested on the CPU through the Triton interpreter only; 'verified on GPU' = passed the GPU"
+          " check (mmfast/kernel_table.json, written from GPU runs). CPU faces run in the CPU test suite. On a GPU,"
+          " auto runs a face only where it is verified and measured faster than the reference (per size bucket).")
 
 
 def _add_train_args(p) -> None:

@@ -1,5 +1,5 @@
 """What this installation offers: versions, the compiled extension, and per op which backends
-exist, which were verified on a GPU, and which ``auto`` picks here."""
+exist, which were verified on a GPU, and which ``auto`` picks here and why."""
 
 from __future__ import annotations
 
@@ -60,5 +60,7 @@ def backends() -> dict:
         for b, where in gpu_verified.items():
             if b in faces and not faces[b].startswith("unavailable"):
                 faces[b] = f"verified on GPU ({', '.join(where)})" if where else f"{faces[b]}, unverified on GPU"
-        ops[name] = {"backends": faces, "auto": dispatch.auto_choices(name)}
+        choices = dispatch.auto_choices(name)
+        ops[name] = {"backends": faces, "auto": {k: c[0] for k, c in choices.items()},
+                     "auto_why": {k: c[1] for k, c in choices.items()}}
     return {"versions": _versions(), "extension": ext, "default_backend": dispatch.get_default_backend(), "ops": ops}

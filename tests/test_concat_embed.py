@@ -22,6 +22,17 @@ HAS_EXT = dispatch.availability("concat_embed", "cpu", "cpu", torch.float32) is 
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="mmfast._C not built with concat_embed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+def dev(backend):
+    """Where ``backend`` runs: Triton takes CPU tensors only under the interpreter, so on a GPU machine
+    the Triton cases of the CPU-side tests below run on the GPU."""
+    return "cuda" if backend == "triton" and not dispatch.triton_interpreting() else "cpu"
+
+
+def on(backend, ts):
+    return [t.detach().to(dev(backend)).requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+            for t in ts]
+
 # (M, L per modality, D, options, B); options: t = type embeddings, p = position tables (every
 # second modality gets None), P = a table for every modality, l = LayerNorm weight, b = LN bias.
 CASES = [
@@ -136,7 +147,7 @@ def test_cpu_face_gradcheck_float64():
 @needs_ext
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_parameter_grads_deterministic(backend):
-    flat, unpack = make_case(2, (17, 7), 64, "tPlb", 3, torch.float32)
+    flat, unpack = make_case(2, (17, 7), 64, "tPlb", 3, torch.float32, dev(backend))
     flat = [t.requires_grad_() for t in flat]
     fs, te, ps, w, b = unpack(flat)
     out = concat_embed(fs, type_embeddings=te, pos_embeddings=ps, ln_weight=w, ln_bias=b, backend=backend)[0]
@@ -153,8 +164,10 @@ def test_cpu_and_triton_agree():
     fs, te, ps, w, b = unpack(flat)
     kw = dict(type_embeddings=te, pos_embeddings=ps, ln_weight=w, ln_bias=b)
     a = concat_embed(fs, backend="cpu", **kw)[0]
-    c = concat_embed(fs, backend="triton", **kw)[0]
-    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    fs_t, kw_t = on("triton", fs), {k: (on("triton", v) if isinstance(v, list) else on("triton", [v])[0])
+                                    for k, v in kw.items()}
+    c = concat_embed(fs_t, backend="triton", **kw_t)[0]
+    torch.testing.assert_close(a, c.cpu(), rtol=1e-5, atol=1e-5)
 
 
 def test_torch_backend_is_the_reference():
@@ -185,23 +198,23 @@ def test_masks_with_none_entries(backend):
     if backend == "cpu" and not HAS_EXT:
         pytest.skip("mmfast._C not built")
     B = 3
-    fs = [testing.randn(B, L, 16) for L in (4, 1, 5)]
-    m0 = torch.rand(B, 4) > 0.3
-    m2 = (torch.rand(B, 5) > 0.5).to(torch.int64)
+    fs = [testing.randn(B, L, 16, device=dev(backend)) for L in (4, 1, 5)]
+    m0 = (torch.rand(B, 4) > 0.3).to(dev(backend))
+    m2 = (torch.rand(B, 5) > 0.5).to(torch.int64).to(dev(backend))
     out, mask = concat_embed(fs, masks=[m0, None, m2], backend=backend)
-    expected = torch.cat([m0, torch.ones(B, 1, dtype=torch.bool), m2.bool()], dim=1)
+    expected = torch.cat([m0, torch.ones(B, 1, dtype=torch.bool, device=m0.device), m2.bool()], dim=1)
     assert mask.dtype == torch.bool and torch.equal(mask, expected)
     assert out.shape == (B, 10, 16)
     assert concat_embed(fs, backend=backend)[1] is None
-    assert torch.equal(concat_embed(fs, masks=[None, None, None], backend=backend)[1],
+    assert torch.equal(concat_embed(fs, masks=[None, None, None], backend=backend)[1].cpu(),
                        torch.ones(B, 10, dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------------------------- dropout
 def _dropout_case(backend, p, seed=7):
     gen = torch.Generator().manual_seed(11)
-    fs = [torch.randn(2, L, 64, generator=gen).requires_grad_() for L in (5, 3)]
-    w = torch.randn(64, generator=gen)
+    fs = [torch.randn(2, L, 64, generator=gen).to(dev(backend)).requires_grad_() for L in (5, 3)]
+    w = torch.randn(64, generator=gen).to(dev(backend))
     torch.manual_seed(seed)
     out, _ = concat_embed(fs, ln_weight=w, dropout_p=p, backend=backend)
     return fs, w, out
@@ -213,18 +226,18 @@ def test_dropout_matches_hashed_mask_and_backward_reuses_it(backend, p):
     if backend == "cpu" and not HAS_EXT:
         pytest.skip("mmfast._C not built")
     fs, w, out = _dropout_case(backend, p)
-    torch.manual_seed(7)  # the op's seed is the first draw after seeding
-    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64)
-    keep = dropout_keep_mask(seed, out.shape, p)
+    torch.manual_seed(7)  # the op's seed is the first draw after seeding, on the inputs' device
+    seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=out.device)
+    keep = dropout_keep_mask(seed, out.shape, p, device=out.device)
     base = reference([f.detach().requires_grad_() for f in fs], ln_weight=w)[0]
-    expected = torch.where(keep, base / (1 - p), torch.zeros(()))
+    expected = torch.where(keep, base / (1 - p), torch.zeros((), device=out.device))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert abs(float((~keep).float().mean()) - p) < 0.05
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, fs, g)
     fs2 = [f.detach().requires_grad_() for f in fs]
     base2 = reference(fs2, ln_weight=w)[0]
-    want = torch.autograd.grad(torch.where(keep, base2 / (1 - p), torch.zeros(())), fs2, g)
+    want = torch.autograd.grad(torch.where(keep, base2 / (1 - p), torch.zeros((), device=out.device)), fs2, g)
     for a, c in zip(got, want):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
@@ -242,6 +255,9 @@ def test_dropout_seed_reproducible(backend):
 
 @needs_ext
 def test_dropout_same_mask_in_every_face():
+    if dev("triton") != "cpu":
+        pytest.skip("the faces run on different devices, whose generators draw different seeds; on a GPU "
+                    "test_gpu_dropout_same_mask_as_cpu_hash compares every face with the hash instead")
     _, _, a = _dropout_case("cpu", 0.4)
     _, _, b = _dropout_case("triton", 0.4)
     assert torch.equal(a == 0, b == 0)
@@ -325,7 +341,8 @@ def _op_args(backend, dropout):
 def test_opcheck(backend, dropout):
     if backend == "cpu" and not HAS_EXT:
         pytest.skip("mmfast._C not built")
-    args = _op_args(backend, dropout)
+    args = tuple(on(backend, a) if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+                 else (on(backend, [a])[0] if isinstance(a, torch.Tensor) else a) for a in _op_args(backend, dropout))
     torch.library.opcheck(_concat_embed_op, args)
     fs, te, pos, idx, w, b, eps, p, seed, be = args
     with torch.no_grad():

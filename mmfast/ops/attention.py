@@ -26,6 +26,7 @@ from torch import Tensor
 from mmfast import _extension, dispatch
 from mmfast import reference as _ref
 from mmfast.reference.attention import attention_mask as _dense_mask
+from mmfast.reference.attention import sdpa_attention as _sdpa_reference
 
 dispatch.register_op(dispatch.OpSpec(
     name="attention",
@@ -174,6 +175,10 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # Public API
 
+def _head_dim_ok(D: int) -> bool:
+    return D % 8 == 0 and 8 <= D <= MAX_HEAD_DIM
+
+
 def _check_args(q, k, v, key_padding_mask, scale, dropout_p, backend) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -192,7 +197,7 @@ def _check_args(q, k, v, key_padding_mask, scale, dropout_p, backend) -> None:
                          f"{tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"mmfast.attention: argument 'v' must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if backend != "torch" and (D % 8 != 0 or not 8 <= D <= MAX_HEAD_DIM):
+    if backend not in ("torch", "auto") and not _head_dim_ok(D):
         raise ValueError(f"mmfast.attention: the head dim D (last dim of argument 'q') must be a multiple of 8 "
                          f"between 8 and {MAX_HEAD_DIM}, got {D} (backend='torch' takes any D)")
     if key_padding_mask is not None:
@@ -225,10 +230,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     unsupported = ()
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # triton #11584: garbage, not an error
         unsupported += (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),)
-    be = dispatch.resolve("attention", backend, q.device.type, q.dtype, unsupported)
-    if be == "torch":
-        return _ref.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                              dropout_p=dropout_p)
+    if not _head_dim_ok(q.shape[-1]):  # only under auto (else _check_args raised): the reference takes any D
+        unsupported += tuple((b, f"head dim {q.shape[-1]} is not a multiple of 8 in [8, {MAX_HEAD_DIM}]")
+                             for b in ("cuda", "triton", "cpu"))
+    be = dispatch.resolve("attention", backend, q.device.type, q.dtype, unsupported,
+                          bucket=dispatch.size_bucket(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]))
+    if be == "torch":  # on a GPU the fused SDPA kernels (same semantics), elsewhere the eager formula
+        reference = _sdpa_reference if q.is_cuda else _ref.attention
+        return reference(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     seed = None
     if dropout_p > 0:

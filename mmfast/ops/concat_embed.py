@@ -303,7 +303,8 @@ def concat_embed(features, *, type_embeddings=None, pos_embeddings=None, ln_weig
     # The CUDA face keeps a row in registers (D <= 1024); larger rows go to Triton.
     limits = (("cuda", f"the CUDA face supports hidden sizes up to {_CUDA_MAX_D}, got {f0.shape[2]}"),) \
         if f0.shape[2] > _CUDA_MAX_D else ()
-    be = dispatch.resolve("concat_embed", backend, f0.device.type, f0.dtype, limits)
+    be = dispatch.resolve("concat_embed", backend, f0.device.type, f0.dtype, limits,
+                          bucket=dispatch.size_bucket(f0.shape[0] * f0.shape[2] * sum(f.shape[1] for f in features)))
     if be == "torch":
         return _ref.concat_embed(list(features), type_embeddings=type_embeddings, pos_embeddings=pos_embeddings,
                                  ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, dropout_p=dropout_p, masks=masks)

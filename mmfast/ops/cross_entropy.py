@@ -249,7 +249,8 @@ def cross_entropy(logits: Tensor, target: Tensor, *, weight: Optional[Tensor] = 
     ``retain_graph=True`` works only while the upstream gradient is 1.
     """
     _check_args(logits, target, weight, ignore_index, label_smoothing, reduction)
-    be = dispatch.resolve("cross_entropy", backend, logits.device.type, logits.dtype)
+    be = dispatch.resolve("cross_entropy", backend, logits.device.type, logits.dtype,
+                          bucket=dispatch.size_bucket(logits.numel()))
     if be == "torch":
         return _ref.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
                                   label_smoothing=label_smoothing, reduction=reduction)
@@ -454,7 +455,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"mmfast.linear_cross_entropy: argument 'label_smoothing' must be in [0, 1], "
                          f"got {label_smoothing}")
-    be = dispatch.resolve("linear_cross_entropy", backend, hidden.device.type, hidden.dtype)
+    be = dispatch.resolve("linear_cross_entropy", backend, hidden.device.type, hidden.dtype,
+                          bucket=dispatch.size_bucket(target.numel() * weight.shape[0]))
     if be == "torch":
         return _ref.linear_cross_entropy(hidden, weight, target, bias, ignore_index=ignore_index,
                                          label_smoothing=label_smoothing, reduction=reduction)
@@ -627,7 +629,8 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
                          f"{tuple(logit_scale.shape)}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"mmfast.contrastive_loss: argument 'label_smoothing' must be in [0, 1], got {label_smoothing}")
-    be = dispatch.resolve("contrastive_loss", backend, image_features.device.type, image_features.dtype)
+    be = dispatch.resolve("contrastive_loss", backend, image_features.device.type, image_features.dtype,
+                          bucket=dispatch.size_bucket(image_features.shape[0] ** 2))
     if be == "torch":
         return _ref.contrastive_loss(image_features, text_features, logit_scale, label_smoothing=label_smoothing)
     compute_grad = torch.is_grad_enabled() and (image_features.requires_grad or text_features.requires_grad

@@ -41,3 +41,16 @@ def attention(q, k, v, *, key_padding_mask=None, causal=False, scale=None, dropo
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p, training=True)
     return probs @ v
+
+
+def sdpa_attention(q, k, v, *, key_padding_mask=None, causal=False, scale=None, dropout_p=0.0):
+    """The same semantics through ``F.scaled_dot_product_attention`` (fused flash / memory-efficient /
+    cuDNN kernels on a GPU): what ``backend="torch"``, and so a safe ``auto``, runs on CUDA tensors.
+    Rows without keys get every key (finite), then zeros, as above; dropout is SDPA's own."""
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    if key_padding_mask is None and (not causal or Lq == Lk):  # SDPA's causal is top-left = bottom-right here
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, dropout_p=dropout_p)
+    mask = attention_mask(key_padding_mask, causal, Lq, Lk, q.device)
+    any_key = mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~any_key, scale=scale, dropout_p=dropout_p)
+    return out.masked_fill(~any_key, 0.0)

@@ -1,0 +1,101 @@
+"""scripts/gpu_check.sh and what benchmarks/report.py derives from its stage files. The GPU run itself
+happens on a GPU machine; here: every stage leaves its file even when stopped at its deadline, the
+archive holds them, and the kernel table only marks a face verified when all of its checks passed."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+STAGE_FILES = ["env.json", "build.log", "smoke.jsonl", "sanitizer.txt", "bench.jsonl", "tests.xml", "report.md"]
+
+
+def test_every_stage_file_is_written_when_stages_are_stopped_at_their_deadlines(tmp_path):
+    out, stages = tmp_path / "out", tmp_path / "work" / "stages"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
+    env.update(OUT=str(out), MMFAST_GPU_STAGE_DIR=str(stages), GPU_CHECK_DRYRUN="1", PYTHON=sys.executable,
+               MMFAST_GPU_DEADLINES="S0=3,S1=3,S2=4,S4=4,S5=3")
+    r = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    records = {s["stage"]: s for s in report.read_jsonl(stages / "stages.jsonl")}
+    assert list(records) == ["S0", "S1", "S2", "S3", "S4", "S5", "report"]
+    assert records["S2"]["killed"] and records["S4"]["killed"], records  # the smoke and bench stages cannot finish in 4 s
+    for f in STAGE_FILES:
+        assert (stages / f).stat().st_size > 0, f
+    json.loads((stages / "env.json").read_text())
+    for f in ("smoke.jsonl", "bench.jsonl"):
+        rows = [json.loads(line) for line in (stages / f).read_text().splitlines()]
+        assert rows, f
+    ET.parse(stages / "tests.xml")  # a valid junit file even when pytest was stopped
+    # what comes back from the device machine: at most 8 files, the archive holding every stage file
+    back = [p for p in out.rglob("*") if p.is_file()]
+    assert len(back) <= 8 and (out / "gpu_check.tgz") in back
+    with tarfile.open(out / "gpu_check.tgz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert set(STAGE_FILES) <= names
+    summary = (stages / "summary.txt").read_text()
+    assert "S2" in summary and "stopped at deadline" in summary and summary.strip() in r.stdout  # printed last
+
+
+def _smoke(op, face, passed=True, dtype="bfloat16", direction="forward", **kw):
+    return {"op": op, "face": face, "dtype": dtype, "shape": "s", "direction": direction, "passed": passed,
+            "max_err": 1e-3, "bound": 2e-3, **kw}
+
+
+def _bench(op, impl, ratio, work, dtype="bfloat16", **kw):
+    return {"op": op, "impl": impl, "dtype": dtype, "ratio_to_eager": ratio, "work": work, "median_ms": 1.0,
+            "case": "c", "mode": "fwd", **kw}
+
+
+def test_kernel_table_verifies_only_faces_whose_every_check_passed():
+    smoke = [_smoke("cross_entropy", "triton"), _smoke("cross_entropy", "triton", direction="backward"),
+             _smoke("attention", "triton"), _smoke("attention", "triton", passed=False, direction="backward"),
+             _smoke("attention", "cuda", error="RuntimeError: illegal memory access", passed=False),
+             {"op": "concat_embed", "face": "cuda", "dtype": "bfloat16", "shape": "s", "direction": "forward",
+              "skipped": "skipped: no GPU"}]
+    rows = {(r["op"], r["backend"]): r for r in report.kernel_table_rows(smoke, [], "sm_90")}
+    assert rows[("cross_entropy", "triton")]["verified"] and rows[("cross_entropy", "triton")]["checks"] == 2
+    assert not rows[("attention", "triton")]["verified"]
+    assert not rows[("attention", "cuda")]["verified"]
+    assert "illegal memory access" in rows[("attention", "cuda")]["failed"][0]
+    assert ("concat_embed", "cuda") not in rows  # skipped checks verify nothing
+
+
+def test_kernel_table_speedups_are_per_bucket_and_the_slowest_case():
+    smoke = [_smoke("cross_entropy", "triton")]
+    bench = [_bench("cross_entropy", "mmfast-triton", 2.0, 16384 * 30522),
+             _bench("cross_entropy", "mmfast-triton", 0.9, 16384 * 30522, mode="fwd+bwd"),
+             _bench("cross_entropy", "mmfast-triton", 1.5, 64 * 237 * 768),
+             _bench("cross_entropy", "eager", 1.0, 64 * 237 * 768),
+             _bench("cross_entropy", "mmfast-triton", 50.0, 10, dryrun=True)]  # dry runs never count
+    (row,) = report.kernel_table_rows(smoke, bench, "sm_90")
+    assert row["speedup_vs_reference"] == {"large": 0.9, "medium": 1.5}
+
+
+def test_report_from_stage_files_names_failures(tmp_path):
+    (tmp_path / "env.json").write_text(json.dumps({"gpu": {"name": "NVIDIA H200", "capability": "sm_90"},
+                                                   "versions": {"torch": "2.11.0"}}))
+    (tmp_path / "smoke.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        _smoke("attention", "cuda", passed=False, max_err=0.5, bound=0.01), _smoke("attention", "triton")]) + "\n{cut")
+    (tmp_path / "bench.jsonl").write_text(json.dumps(_bench("attention", "mmfast-triton", 1.3, 6_000_000)) + "\n")
+    (tmp_path / "tests.xml").write_text('<testsuite><testcase classname="t" name="a"><failure message="boom"/>'
+                                        '</testcase><testcase classname="t" name="b"/></testsuite>')
+    (tmp_path / "stages.jsonl").write_text(json.dumps({"stage": "S2", "rc": 124, "seconds": 120, "deadline": 120,
+                                                       "killed": True, "file": "smoke.jsonl", "placeholder": False}))
+    summary = report.gpu_check_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| attention | cuda | bfloat16 | 0/1 | FAIL: s forward: max_err 0.5 > bound 0.01 |" in md
+    assert "t::a: boom" in md and "stopped at deadline" in summary
+    table = json.loads((tmp_path / "kernel_table.json").read_text())["verified"]
+    assert [(r["backend"], r["verified"], r["arch"]) for r in table] == [("cuda", False, "sm_90"), ("triton", True, "sm_90")]
+    assert table[1]["speedup_vs_reference"] == {"medium": 1.3}
