@@ -1,8 +1,11 @@
 """Loads the compiled extension ``mmfast._C`` if it was built, and says what it holds.
 
-The kernels register themselves as ``torch.ops.mmfast_C.*`` when the library loads. Development
-override: ``MMFAST_EXTENSION=/path/a.so:/path/b.so`` loads those libraries instead of ``_C``
-(see scripts/dev_build.py), so one op family can be rebuilt without rebuilding everything.
+The kernels register themselves as ``torch.ops.mmfast_C.*`` when the library loads. The library is
+built on the LibTorch stable ABI for torch 2.11 and the Python limited API (``_C.abi3.so``), so the
+same file loads into any torch >= 2.11 on any CPython >= 3.10 (README "Install"). Development
+override: ``MMFAST_EXTENSION=/path/a.so:/path/b.so`` loads those libraries instead of ``_C``, so
+one build can be tried without reinstalling (scripts/compare_extension_speed.py times two builds
+this way).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def load() -> bool:
                 if path:
                     torch.ops.load_library(path)
         else:
-            from mmfast import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+            from mmfast import _C  # noqa: F401  (importing runs the STABLE_TORCH_LIBRARY registrations)
         return True
     except (ImportError, OSError, RuntimeError) as e:
         _load_error = f"{type(e).__name__}: {e}"
