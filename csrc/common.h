@@ -68,7 +68,7 @@ template <typename... Args>
 [[noreturn]] void fail(const Args&... args) {
   // std::runtime_error crosses the stable ABI (torch turns it into a Python RuntimeError); the
   // message is the one line the user sees, without torch's file/function prefix.
-  throw std::runtime_error(str(args...));
+  throw std::runtime_error(::mmfast::detail::str(args...));  // qualified: no ADL (c10::str)
 }
 }  // namespace detail
 

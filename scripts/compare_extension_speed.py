@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ def _cases():
     import torch
     import torch.nn.functional as F
 
+    from bench_concat_embed import _eager_params, _inputs
+
     from mmfast.ops import concat_embed, cross_entropy
     from mmfast.reference import concat_embed as concat_ref
 
@@ -55,23 +56,15 @@ def _cases():
             return step
         return f"cross_entropy fwd+bwd N={N} C={C} {str(dtype)[6:]}", run
 
-    def cat(B, Ls, D, dtype, mode):
-        g = torch.Generator().manual_seed(0)
-        rnd = lambda *s, dt=dtype: torch.randn(*s, generator=g, dtype=dt)
-        feats = [rnd(B, L, D).requires_grad_() for L in Ls]
-        params = dict(type_embeddings=rnd(len(Ls), D, dt=torch.float32).requires_grad_(),
-                      pos_embeddings=[rnd(L, D, dt=torch.float32).requires_grad_() for L in Ls],
-                      ln_weight=(1 + 0.1 * rnd(D, dt=torch.float32)).requires_grad_(),
-                      ln_bias=rnd(D, dt=torch.float32).requires_grad_())
-        grad = rnd(B, sum(Ls), D)
+    def cat(B, Ls, D, dtype, mode):  # the inputs of benchmarks/bench_concat_embed.py
+        (feats, params, grad), = _inputs(B, Ls, D, dtype, 1)
         leaves = feats + [params["type_embeddings"], *params["pos_embeddings"], params["ln_weight"], params["ln_bias"]]
 
         def run(backend):
             def out():
                 if backend == "cpu":
                     return concat_embed(feats, **params, eps=1e-12, backend="cpu")[0]
-                eager = {k: ([p.to(dtype) for p in v] if isinstance(v, list) else v.to(dtype)) for k, v in params.items()}
-                return concat_ref(feats, **eager, eps=1e-12)[0]
+                return concat_ref(feats, **_eager_params(params, dtype), eps=1e-12)[0]
 
             def step():
                 if mode == "fwd":
@@ -121,7 +114,9 @@ def main():
     runs = {k: [] for k in libs}
     for r in range(a.rounds):
         for k in (["old", "new"] if r % 2 == 0 else ["new", "old"]):
-            env = dict(os.environ, MMFAST_EXTENSION=libs[k], OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+            # CPU only (the benchmarks' input helpers pick the GPU when one is visible).
+            env = dict(os.environ, MMFAST_EXTENSION=libs[k], OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                       PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")]))
             out = subprocess.run([sys.executable, __file__, a.old, a.new, "--worker", "--reps", str(a.reps)],
                                  env=env, capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
@@ -129,9 +124,10 @@ def main():
             runs[k].append(json.loads(out.stdout.strip().splitlines()[-1]))
     import torch
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
-    print(f"machine: {cpu}, {os.cpu_count()} cores (shared with other processes), one thread; "
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from harness import device_name
+
+    print(f"machine: {device_name()} (shared with other processes), one thread; "
           f"torch {torch.__version__}; {a.rounds} rounds x {a.reps} reps, medians")
     print(f"old: {libs['old']}\nnew: {libs['new']}")
     print(f"{'case':58s} {'old ms':>8s} {'new ms':>8s} {'old eager/face':>15s} {'new eager/face':>15s} {'new/old ratio':>14s}")
