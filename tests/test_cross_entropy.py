@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import mmfast
 from mmfast import dispatch, testing
-from mmfast.ops.cross_entropy import _cross_entropy_inplace_op, _cross_entropy_op
+from mmfast.ops.cross_entropy import _cross_entropy_backward_op, _cross_entropy_inplace_op, _cross_entropy_op
 
 BACKENDS = [b for b in ("cpu", "triton") if dispatch.availability("cross_entropy", b, "cpu", torch.float32) is None]
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="neither the C++ extension nor Triton is available")
@@ -248,10 +248,13 @@ def test_opcheck(backend):
     w = torch.rand(13) + 0.1
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")  # the full set is slow
     for red in ("mean", "sum", "none"):
-        torch.library.opcheck(_cross_entropy_op, (x, t, w, -100, 0.1, red, True, backend),
+        torch.library.opcheck(_cross_entropy_op, (x, t, w, -100, 0.1, red, backend),
                               **({} if red == "none" else {"test_utils": quick}))
-        torch.library.opcheck(_cross_entropy_op, (x.detach(), t, None, -100, 0.0, red, False, backend),
+        torch.library.opcheck(_cross_entropy_op, (x.detach(), t, None, -100, 0.0, red, backend),
                               test_utils=quick)
+        up = torch.rand(9) + 0.5 if red == "none" else torch.tensor(2.5)
+        torch.library.opcheck(_cross_entropy_backward_op, (up, x.detach(), t, w, -100, 0.1, red, backend),
+                              test_utils=("test_schema", "test_faketensor"))
         torch.library.opcheck(_cross_entropy_inplace_op, (x.detach().clone(), t, w, -100, 0.1, red, backend),
                               test_utils=("test_schema", "test_faketensor"))
 
@@ -297,10 +300,12 @@ from mmfast.triton import cross_entropy as m
 sig = {"x_ptr": "*bf16", "x_stride": "i64", "g_ptr": "*bf16", "g_stride": "i64", "t_ptr": "*i64", "w_ptr": "*fp32",
        "loss_ptr": "*fp32", "scale_ptr": "*fp32", "scale_stride": "i32", "N": "i32", "C": "i32",
        "ignore_index": "i32", "eps": "fp32", "HAS_WEIGHT": "constexpr", "SMOOTH": "constexpr",
-       "HAS_SCALE": "constexpr", "COMPUTE_GRAD": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr"}
-for hw, sm, hs, cg, rows, block in [(True, True, True, True, 1, 8192), (False, False, False, True, 16, 256)]:
+       "HAS_SCALE": "constexpr", "COMPUTE_GRAD": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr",
+       "ONE_CHUNK": "constexpr"}
+for hw, sm, hs, cg, rows, block, one in [(True, True, True, True, 1, 8192, False), (False, False, False, True, 16, 256, True)]:
     src = ASTSource(fn=m._ce_kernel, signature=sig, constexprs={"HAS_WEIGHT": hw, "SMOOTH": sm, "HAS_SCALE": hs,
-                                                               "COMPUTE_GRAD": cg, "ROWS": rows, "BLOCK": block})
+                                                               "COMPUTE_GRAD": cg, "ROWS": rows, "BLOCK": block,
+                                                               "ONE_CHUNK": one})
     assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
 sig2 = {"L_ptr": "*fp32", "stride": "i64", "lse_r_ptr": "*fp32", "lse_c_ptr": "*fp32", "B": "i32", "N": "i32",
         "i0": "i32", "eps": "fp32", "BM": "constexpr", "BN": "constexpr"}
