@@ -1,13 +1,17 @@
 """Builds the optional compiled extension ``mmfast._C``.
 
 Sources, one file per op family and face:
-    csrc/<family>.cpp       op schemas (TORCH_LIBRARY_FRAGMENT) shared by CPU and CUDA
+    csrc/<family>.cpp       op schemas (STABLE_TORCH_LIBRARY_FRAGMENT) shared by CPU and CUDA
     csrc/cpu/<family>.cpp   C++ CPU kernels          (always, when a C++ compiler exists)
     csrc/cuda/<family>.cu   CUDA C++ kernels         (when nvcc and a CUDA-enabled torch exist)
 
+Everything is compiled against the LibTorch stable ABI with TORCH_TARGET_VERSION = 2.11 and the
+Python limited API (3.10), so the built library loads into torch >= 2.11 on Python >= 3.10 and
+`pip wheel .` tags the wheel cp310-abi3 (scripts/build_wheel.sh; README "Install").
+
 Environment:
     MMFAST_BUILD_CUDA=auto|0|1   auto (default): CUDA sources when possible; 1: fail if impossible
-    TORCH_CUDA_ARCH_LIST         default "8.0;9.0"
+    TORCH_CUDA_ARCH_LIST         default "8.0;9.0+PTX" (sm_80, sm_90, and PTX that newer GPUs JIT)
     MAX_JOBS                     parallel compile jobs (ninja)
 
 Without a compiler the package installs as pure Python (Triton + PyTorch paths) and says why
@@ -25,6 +29,31 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUILD_INFO = os.path.join(ROOT, "mmfast", "_build_info.json")
+
+# The oldest torch the binary must load into (0xMMmm000000000000: major, minor). The stable headers
+# refuse anything newer than this at compile time (their TORCH_FEATURE_VERSION guards).
+TORCH_TARGET_VERSION = "0x020b000000000000"  # 2.11
+PY_LIMITED_API = "0x030a0000"  # Python 3.10: the wheel is cp310-abi3
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def stable_abi_defines(cuda):
+    """The stable-ABI target and, for CUDA builds, USE_CUDA (exposes the CUDA stream functions of
+    torch's C shim). Py_LIMITED_API is added by torch's cpp_extension for py_limited_api=True
+    extensions (scripts/compile_one.py adds it itself)."""
+    defines = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}"]
+    return defines + (["-DUSE_CUDA", "-DMMFAST_WITH_CUDA"] if cuda else [])
+
+
+# Hidden visibility: the library exports only PyInit__C (torch's stable types are hidden too).
+# CPU parallelism goes through torch's thread pool (torch::stable::parallel_for): no -fopenmp.
+# Both lists are also used by scripts/compile_one.py.
+def cxx_flags(cuda):
+    return ["-O3", "-fvisibility=hidden"] + stable_abi_defines(cuda)
+
+
+def nvcc_flags():
+    return ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-fvisibility=hidden"] + stable_abi_defines(True)
 
 
 def _say(msg):
@@ -113,29 +142,26 @@ def _extensions():
 
     if cuda_home:
         cpp_extension.CUDA_HOME = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     archs = [a.strip() for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").split(";") if a.strip()]
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-fopenmp", "-DMMFAST_WITH_OPENMP"]
     kwargs = dict(
         name="mmfast._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
     )
     if cuda_home:
         sources += rel("csrc/cuda/*.cu")
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
-                      "-DMMFAST_WITH_CUDA"]
         ext = cpp_extension.CUDAExtension(
             sources=sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DMMFAST_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags(True), "nvcc": nvcc_flags()},
             **kwargs,
         )
         _say(f"building mmfast._C with CUDA sources for {archs} (CUDA_HOME={cuda_home})")
     else:
-        ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
+        ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags(False)}, **kwargs)
         _say(f"building mmfast._C with C++ CPU sources only: {cuda_reason}")
     _write_build_info(
         built=True,
@@ -150,4 +176,6 @@ def _extensions():
 
 if __name__ == "__main__":  # importable by scripts/compile_one.py without building
     ext_modules, cmdclass = _extensions()
-    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+    # A compiled extension makes the wheel cp310-abi3 (one wheel for every CPython >= 3.10).
+    options = {"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {}
+    setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)

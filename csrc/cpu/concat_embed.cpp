@@ -1,7 +1,7 @@
 // Fused feature concatenation, CPU face: x = features[m][b, l] + pos[m][l] + type[m] (float32
 // accumulation), LayerNorm over D, dropout, written straight into its row of the concatenated
 // output. One read of every input row and one write of the output row; rows run in parallel
-// (OpenMP through at::parallel_for).
+// (torch's thread pool).
 //
 // Backward: the work is split into blocks of kPosBlock consecutive positions of one modality, each
 // block handling every batch row of its positions. A block owns its position-gradient rows (summed
@@ -13,13 +13,6 @@
 //   fmix32(fmix32(lo32(i) ^ lo32(seed)) ^ hi32(i) ^ hi32(seed)) >> 8 >= round(p * 2^24)
 // (murmur3's finaliser; the same hash runs in the Triton and CUDA faces and in
 // mmfast.ops.concat_embed.dropout_keep_mask). The backward regenerates it from the seed.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <torch/library.h>
-
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -101,19 +94,14 @@ struct Plan {
   acc_t scale = 1;
 };
 
-struct Inputs {
-  at::Tensor type, w, b, seed;
-  std::vector<at::Tensor> feats, pos;
-};
-
 // Resolves the arguments (checked by check_concat_embed_inputs) into what a row needs.
 template <typename acc_t>
-Plan<acc_t> make_plan(const std::vector<at::Tensor>& features, const std::optional<at::Tensor>& type_emb,
-                      const std::vector<at::Tensor>& pos_tables, at::IntArrayRef pos_index,
-                      const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
-                      double dropout_p, const std::optional<at::Tensor>& seed) {
+Plan<acc_t> make_plan(const std::vector<Tensor>& features, const std::optional<Tensor>& type_emb,
+                      const std::vector<Tensor>& pos_tables, const std::vector<int64_t>& pos_index,
+                      const std::optional<Tensor>& ln_weight, const std::optional<Tensor>& ln_bias,
+                      double dropout_p, const std::optional<Tensor>& seed) {
   check_concat_embed_inputs(features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, dropout_p, seed,
-                            c10::CppTypeToScalarType<acc_t>::value);
+                            scalar_type_of<acc_t>);
   Plan<acc_t> p;
   p.M = static_cast<int64_t>(features.size());
   p.B = features[0].size(0);
@@ -129,7 +117,7 @@ Plan<acc_t> make_plan(const std::vector<at::Tensor>& features, const std::option
   if (ln_weight.has_value()) p.w = ln_weight->const_data_ptr<acc_t>();
   if (ln_bias.has_value()) p.bias = ln_bias->const_data_ptr<acc_t>();
   if (dropout_p > 0.0) {
-    const uint64_t s = static_cast<uint64_t>(seed->contiguous().const_data_ptr<int64_t>()[0]);
+    const uint64_t s = static_cast<uint64_t>(torch::stable::contiguous(*seed).const_data_ptr<int64_t>()[0]);
     p.dropout = true;
     p.k0 = static_cast<uint32_t>(s);
     p.k1 = static_cast<uint32_t>(s >> 32);
@@ -160,7 +148,7 @@ template <typename scalar_t, typename acc_t>
 void forward_kernel(const Plan<acc_t>& p, const scalar_t* const* feats, scalar_t* out, acc_t* mean_out,
                     acc_t* rstd_out, double eps) {
   const int64_t D = p.D, rows = p.B * p.Ltot;
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(D);
     std::vector<uint32_t> hbuf(p.dropout ? D : 0);
     acc_t* x = buf.data();
@@ -209,7 +197,7 @@ void backward_kernel(const Plan<acc_t>& p, const scalar_t* gout, const scalar_t*
   // Per-block partial sums [weight | bias | type], each D wide.
   std::vector<acc_t> partial(static_cast<size_t>(nblk) * 3 * D, acc_t(0));
 
-  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf(D), gbuf(D);
     std::vector<uint32_t> hbuf(p.dropout ? D : 0);
     acc_t* x = xbuf.data();
@@ -254,7 +242,7 @@ void backward_kernel(const Plan<acc_t>& p, const scalar_t* gout, const scalar_t*
   });
 
   // Stage 2: sum the partials over blocks in block order, parallel over columns.
-  at::parallel_for(0, D, 64, [&](int64_t j0, int64_t j1) {
+  parallel_for(0, D, 64, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
       acc_t sw = 0, sb = 0;
       acc_t st[kMaxModalities] = {};
@@ -274,100 +262,100 @@ void backward_kernel(const Plan<acc_t>& p, const scalar_t* gout, const scalar_t*
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_embed_forward_cpu(
-    at::TensorList features, const std::optional<at::Tensor>& type_emb, at::TensorList pos_tables,
-    at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
-    double eps, double dropout_p, const std::optional<at::Tensor>& seed) {
-  MMFAST_CHECK_ARG(!features.empty(), "features", "expected at least one modality");
-  const std::vector<at::Tensor> feats(features.begin(), features.end());
-  const std::vector<at::Tensor> pos(pos_tables.begin(), pos_tables.end());
-  at::Tensor out, mean, rstd;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "concat_embed_forward_cpu", [&] {
+std::tuple<Tensor, Tensor, Tensor> concat_embed_forward_cpu(
+    const std::vector<Tensor>& feats, const std::optional<Tensor>& type_emb, const std::vector<Tensor>& pos,
+    const std::vector<int64_t>& pos_index, const std::optional<Tensor>& ln_weight,
+    const std::optional<Tensor>& ln_bias, double eps, double dropout_p, const std::optional<Tensor>& seed) {
+  MMFAST_CHECK_ARG(!feats.empty(), "features", "expected at least one modality");
+  Tensor out, mean, rstd;
+  dispatch_floating(feats[0].scalar_type(), "features", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const Plan<acc_t> p = make_plan<acc_t>(feats, type_emb, pos, pos_index, ln_weight, ln_bias, dropout_p, seed);
-    const auto acc_opts = feats[0].options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    out = at::empty({p.B, p.Ltot, p.D}, feats[0].options());
+    out = empty({p.B, p.Ltot, p.D}, feats[0].scalar_type(), feats[0]);
     const std::vector<int64_t> stats = p.w ? std::vector<int64_t>{p.B, p.Ltot} : std::vector<int64_t>{0};
-    mean = at::empty(stats, acc_opts);
-    rstd = at::empty(stats, acc_opts);
+    mean = empty(stats, scalar_type_of<acc_t>, feats[0]);
+    rstd = empty(stats, scalar_type_of<acc_t>, feats[0]);
     if (p.B == 0 || p.D == 0) return;
     const scalar_t* fp[kMaxModalities] = {};
     for (int64_t m = 0; m < p.M; ++m) fp[m] = feats[m].const_data_ptr<scalar_t>();
-    forward_kernel<scalar_t, acc_t>(p, fp, out.data_ptr<scalar_t>(), p.w ? mean.data_ptr<acc_t>() : nullptr,
-                                    p.w ? rstd.data_ptr<acc_t>() : nullptr, eps);
+    forward_kernel<scalar_t, acc_t>(p, fp, out.mutable_data_ptr<scalar_t>(),
+                                    p.w ? mean.mutable_data_ptr<acc_t>() : nullptr,
+                                    p.w ? rstd.mutable_data_ptr<acc_t>() : nullptr, eps);
   });
   return {out, mean, rstd};
 }
 
-std::vector<at::Tensor> concat_embed_backward_cpu(
-    const at::Tensor& grad_out, at::TensorList features, const std::optional<at::Tensor>& type_emb,
-    at::TensorList pos_tables, at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight,
-    const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
-  MMFAST_CHECK_ARG(!features.empty(), "features", "expected at least one modality");
-  const std::vector<at::Tensor> feats(features.begin(), features.end());
-  const std::vector<at::Tensor> pos(pos_tables.begin(), pos_tables.end());
-  std::vector<at::Tensor> grads;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats[0].scalar_type(), "concat_embed_backward_cpu", [&] {
+std::vector<Tensor> concat_embed_backward_cpu(
+    const Tensor& grad_out, const std::vector<Tensor>& feats, const std::optional<Tensor>& type_emb,
+    const std::vector<Tensor>& pos, const std::vector<int64_t>& pos_index, const std::optional<Tensor>& ln_weight,
+    const std::optional<Tensor>& ln_bias, const Tensor& mean, const Tensor& rstd, double dropout_p,
+    const std::optional<Tensor>& seed) {
+  MMFAST_CHECK_ARG(!feats.empty(), "features", "expected at least one modality");
+  std::vector<Tensor> grads;
+  dispatch_floating(feats[0].scalar_type(), "features", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    constexpr ScalarType acc_dtype = scalar_type_of<acc_t>;
     const Plan<acc_t> p = make_plan<acc_t>(feats, type_emb, pos, pos_index, ln_weight, ln_bias, dropout_p, seed);
-    const auto acc_opts = feats[0].options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    MMFAST_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({p.B, p.Ltot, p.D}), "grad_out", "expected shape (", p.B,
-                     ", ", p.Ltot, ", ", p.D, "), got ", grad_out.sizes());
+    const IntArrayRef go_sizes = grad_out.sizes();
+    MMFAST_CHECK_ARG(go_sizes.size() == 3 && go_sizes[0] == p.B && go_sizes[1] == p.Ltot && go_sizes[2] == p.D,
+                     "grad_out", "expected shape (", p.B, ", ", p.Ltot, ", ", p.D, "), got ", shape(grad_out));
     MMFAST_CHECK_ARG(grad_out.scalar_type() == feats[0].scalar_type(), "grad_out", "expected dtype ",
                      feats[0].scalar_type(), ", got ", grad_out.scalar_type());
     check_same_device(grad_out, feats[0], "grad_out");
-    const at::Tensor go = grad_out.contiguous();
-    at::Tensor mean_c, rstd_c;
+    const Tensor go = torch::stable::contiguous(grad_out);
+    std::optional<Tensor> mean_c, rstd_c;
     if (p.w) {
       for (const auto* s : {&mean, &rstd})
-        MMFAST_CHECK_ARG(s->numel() == p.B * p.Ltot && s->scalar_type() == acc_opts.dtype().toScalarType(),
-                         s == &mean ? "mean" : "rstd", "expected ", p.B * p.Ltot, " ", acc_opts.dtype(),
-                         " values from the forward, got ", s->sizes(), " ", s->scalar_type());
-      mean_c = mean.contiguous();
-      rstd_c = rstd.contiguous();
+        MMFAST_CHECK_ARG(s->numel() == p.B * p.Ltot && s->scalar_type() == acc_dtype, s == &mean ? "mean" : "rstd",
+                         "expected ", p.B * p.Ltot, " ", acc_dtype, " values from the forward, got ", shape(*s), " ",
+                         s->scalar_type());
+      mean_c = torch::stable::contiguous(mean);
+      rstd_c = torch::stable::contiguous(rstd);
     }
-    for (int64_t m = 0; m < p.M; ++m) grads.push_back(at::empty_like(feats[m]));
+    for (int64_t m = 0; m < p.M; ++m) grads.push_back(torch::stable::empty_like(feats[m]));
     const int64_t type_rows = type_emb.has_value() ? type_emb->size(0) : 0;
-    grads.push_back(type_emb.has_value() ? at::empty_like(*type_emb) : at::empty({0}, acc_opts));
-    std::vector<at::Tensor> gpos_t;
-    for (const auto& t : pos) {
-      gpos_t.push_back(at::empty_like(t));
-      grads.push_back(gpos_t.back());
-    }
-    grads.push_back(p.w ? at::empty({p.D}, acc_opts) : at::empty({0}, acc_opts));
-    grads.push_back(p.bias ? at::empty({p.D}, acc_opts) : at::empty({0}, acc_opts));
+    grads.push_back(type_emb.has_value() ? torch::stable::empty_like(*type_emb) : empty({0}, acc_dtype, feats[0]));
+    const size_t first_pos = grads.size();
+    for (const auto& t : pos) grads.push_back(torch::stable::empty_like(t));
+    grads.push_back(empty({p.w ? p.D : 0}, acc_dtype, feats[0]));
+    grads.push_back(empty({p.bias ? p.D : 0}, acc_dtype, feats[0]));
     scalar_t* gf[kMaxModalities] = {};
     acc_t* gp[kMaxModalities] = {};
     const scalar_t* fp[kMaxModalities] = {};
     for (int64_t m = 0; m < p.M; ++m) {
       fp[m] = feats[m].const_data_ptr<scalar_t>();
-      gf[m] = grads[m].data_ptr<scalar_t>();
+      gf[m] = grads[m].mutable_data_ptr<scalar_t>();
       if (p.pos_k[m] >= 0) {
-        at::Tensor& t = gpos_t[p.pos_k[m]];
-        gp[m] = t.data_ptr<acc_t>();
+        Tensor& t = grads[first_pos + p.pos_k[m]];
+        gp[m] = t.mutable_data_ptr<acc_t>();
         // Rows past L_m get no gradient; the kernel writes rows < L_m.
-        if (t.size(0) > p.L[m]) t.narrow(0, p.L[m], t.size(0) - p.L[m]).zero_();
+        if (t.size(0) > p.L[m]) {
+          Tensor tail = torch::stable::narrow(t, 0, p.L[m], t.size(0) - p.L[m]);
+          torch::stable::zero_(tail);
+        }
       }
     }
-    acc_t* gt = type_emb.has_value() ? grads[p.M].template data_ptr<acc_t>() : nullptr;
-    acc_t* gw = p.w ? grads[grads.size() - 2].template data_ptr<acc_t>() : nullptr;
-    acc_t* gb = p.bias ? grads.back().template data_ptr<acc_t>() : nullptr;
+    acc_t* gt = type_emb.has_value() ? grads[p.M].template mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* gw = p.w ? grads[grads.size() - 2].template mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* gb = p.bias ? grads.back().template mutable_data_ptr<acc_t>() : nullptr;
     if (p.B == 0 || p.D == 0) {  // nothing to reduce: parameter gradients are zero
-      for (size_t i = p.M; i < grads.size(); ++i) grads[i].zero_();
+      for (size_t i = p.M; i < grads.size(); ++i) torch::stable::zero_(grads[i]);
       return;
     }
-    backward_kernel<scalar_t, acc_t>(p, go.const_data_ptr<scalar_t>(), fp, p.w ? mean_c.const_data_ptr<acc_t>() : nullptr,
-                                     p.w ? rstd_c.const_data_ptr<acc_t>() : nullptr, gf, gp, gt, gw, gb, type_rows);
+    backward_kernel<scalar_t, acc_t>(p, go.const_data_ptr<scalar_t>(), fp,
+                                     p.w ? mean_c->const_data_ptr<acc_t>() : nullptr,
+                                     p.w ? rstd_c->const_data_ptr<acc_t>() : nullptr, gf, gp, gt, gw, gb, type_rows);
   });
   return grads;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmfast_C, CPU, m) {
-  m.impl("concat_embed_forward", &concat_embed_forward_cpu);
-  m.impl("concat_embed_backward", &concat_embed_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(mmfast_C, CPU, m) {
+  m.impl("concat_embed_forward", TORCH_BOX(&concat_embed_forward_cpu));
+  m.impl("concat_embed_backward", TORCH_BOX(&concat_embed_backward_cpu));
 }
 
 }  // namespace mmfast

@@ -1,4 +1,4 @@
-// Softmax cross-entropy, CPU face. Rows run in parallel (at::parallel_for). Per row:
+// Softmax cross-entropy, CPU face. Rows run in parallel (torch's thread pool). Per row:
 //   pass 1  max over the row (reads the row from memory; it then stays in L2),
 //   pass 2  e_j = exp(x_j - max) written straight into the gradient row, sum(e) and the sums
 //           label smoothing needs,
@@ -12,14 +12,6 @@
 // grad_ij = (1-eps) * w[t] * (p_j - [j==t]) + eps/C * (W * p_j - w[j]),   W = sum_j w[j]
 //
 // Matches torch: a row containing +inf or NaN, or made only of -inf, gives NaN.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -262,7 +254,7 @@ void cross_entropy_rows(const scalar_t* x_base, int64_t x_stride, scalar_t* g_ba
   // Grain: about 64K elements per task so small-C batches are not split into tiny tasks.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C, 1));
 
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;  // float32 copy of a float16/bfloat16 row
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* x = x_base + i * x_stride;  // int64 offsets: N*C may exceed 2^31
@@ -293,52 +285,52 @@ void cross_entropy_rows(const scalar_t* x_base, int64_t x_stride, scalar_t* g_ba
 }
 
 
-at::ScalarType loss_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// float64 logits get a float64 loss (gradcheck-able); everything else a float32 loss
+ScalarType loss_dtype(const Tensor& logits) {
+  return logits.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
 
-void launch(const at::Tensor& logits, at::Tensor* grad, const CrossEntropyInputs& c, int64_t ignore_index,
-            double label_smoothing, at::Tensor& loss) {
+void launch(const Tensor& logits, const Tensor* grad, const CrossEntropyInputs& c, int64_t ignore_index,
+            double label_smoothing, const Tensor& loss) {
   const int64_t N = logits.size(0), C = logits.size(1);
   if (N == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cpu", [&] {
-    // float64 logits get a float64 loss (gradcheck-able); everything else a float32 loss
+  dispatch_floating(logits.scalar_type(), "logits", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     using loss_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     cross_entropy_rows<scalar_t, loss_t>(
-        logits.const_data_ptr<scalar_t>(), logits.stride(0), grad ? grad->data_ptr<scalar_t>() : nullptr,
+        logits.const_data_ptr<scalar_t>(), logits.stride(0), grad ? grad->mutable_data_ptr<scalar_t>() : nullptr,
         grad ? grad->stride(0) : 0, N, C, c.target.const_data_ptr<int64_t>(),
-        c.weight.defined() ? c.weight.const_data_ptr<float>() : nullptr, ignore_index, label_smoothing,
-        c.scale.defined() ? c.scale.const_data_ptr<float>() : nullptr, c.scale_stride, loss.data_ptr<loss_t>());
+        c.weight ? c.weight->const_data_ptr<float>() : nullptr, ignore_index, label_smoothing,
+        c.scale ? c.scale->const_data_ptr<float>() : nullptr, c.scale_stride, loss.mutable_data_ptr<loss_t>());
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cpu(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, bool compute_grad,
-    const std::optional<at::Tensor>& grad_scale) {
+std::tuple<Tensor, Tensor> cross_entropy_forward_cpu(const Tensor& logits, const Tensor& target,
+                                                     const std::optional<Tensor>& weight, int64_t ignore_index,
+                                                     double label_smoothing, bool compute_grad,
+                                                     const std::optional<Tensor>& grad_scale) {
   const CrossEntropyInputs c = check_cross_entropy_inputs(logits, target, weight, grad_scale);
   const int64_t N = logits.size(0), C = logits.size(1);
-  at::Tensor loss = at::empty({N}, logits.options().dtype(loss_dtype(logits)));
-  at::Tensor grad = compute_grad ? at::empty({N, C}, logits.options()) : at::empty({0}, logits.options());
+  const Tensor loss = empty({N}, loss_dtype(logits), logits);
+  const Tensor grad = compute_grad ? empty({N, C}, logits.scalar_type(), logits) : empty({0}, logits.scalar_type(), logits);
   launch(logits, compute_grad ? &grad : nullptr, c, ignore_index, label_smoothing, loss);
   return {loss, grad};
 }
 
-at::Tensor cross_entropy_forward_inplace_cpu(const at::Tensor& logits, const at::Tensor& target,
-                                             const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                             double label_smoothing, const std::optional<at::Tensor>& grad_scale) {
+Tensor cross_entropy_forward_inplace_cpu(const Tensor& logits, const Tensor& target,
+                                         const std::optional<Tensor>& weight, int64_t ignore_index,
+                                         double label_smoothing, const std::optional<Tensor>& grad_scale) {
   const CrossEntropyInputs c = check_cross_entropy_inputs(logits, target, weight, grad_scale);
-  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(loss_dtype(logits)));
-  at::Tensor grad = logits;  // each row is read completely before its gradient is written
-  launch(logits, &grad, c, ignore_index, label_smoothing, loss);
+  const Tensor loss = empty({logits.size(0)}, loss_dtype(logits), logits);
+  launch(logits, &logits, c, ignore_index, label_smoothing, loss);  // each row is read completely before its gradient is written
   return loss;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmfast_C, CPU, m) {
-  m.impl("cross_entropy_forward", &cross_entropy_forward_cpu);
-  m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace_cpu);
+STABLE_TORCH_LIBRARY_IMPL(mmfast_C, CPU, m) {
+  m.impl("cross_entropy_forward", TORCH_BOX(&cross_entropy_forward_cpu));
+  m.impl("cross_entropy_forward_inplace", TORCH_BOX(&cross_entropy_forward_inplace_cpu));
 }
 
 }  // namespace mmfast

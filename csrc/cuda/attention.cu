@@ -17,13 +17,17 @@
 // Every score product is computed as A = (q or dO rows) times B = (k or v rows)^T in all kernels,
 // including delta = rowsum(dO * O) (the diagonal of dO O^T), so a row with one visible key gets
 // dP - delta = 0 exactly, as the float64 reference does.
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+// The AOTI shim declares aoti_torch_get_current_cuda_stream only under USE_CUDA.
+#ifndef USE_CUDA
+#define USE_CUDA
+#endif
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,9 +35,8 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
-
-#include "common.h"
 
 namespace mmfast {
 namespace {
@@ -487,9 +490,25 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const Params p) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Host side
+// Host side (LibTorch stable ABI: torch/csrc/stable + the AOTI shim, nothing newer than torch 2.11)
 
-Slice make_slice(const at::Tensor& t) {
+using torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+
+#define MMFAST_ATTN_CHECK(cond, name, ...) STD_TORCH_CHECK(cond, "mmfast: argument '", name, "': ", __VA_ARGS__)
+
+void check_cuda(cudaError_t err, const char* what) {
+  STD_TORCH_CHECK(err == cudaSuccess, "mmfast: CUDA attention: ", what, ": ", cudaGetErrorString(err));
+}
+
+cudaStream_t current_stream(const Tensor& t) {
+  void* stream = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
+                  "mmfast: CUDA attention: cannot get the current CUDA stream");
+  return static_cast<cudaStream_t>(stream);
+}
+
+Slice make_slice(const Tensor& t) {
   const bool vec = t.stride(3) == 1 && t.stride(2) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
                    reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
   return Slice{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3), vec};
@@ -498,34 +517,35 @@ Slice make_slice(const at::Tensor& t) {
 int padded_dim(int64_t D) { return D <= 32 ? 32 : D <= 64 ? 64 : D <= 96 ? 96 : 128; }
 
 template <typename Kernel>
-void launch(Kernel kernel, int64_t blocks, int smem_bytes, const Params& p) {
+void launch(Kernel kernel, int64_t blocks, int smem_bytes, const Params& p, cudaStream_t stream) {
   if (blocks == 0) return;
-  MMFAST_CHECK_ARG(blocks <= 2147483647LL, "q", "too many (batch, head, tile) blocks: ", blocks);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  MMFAST_ATTN_CHECK(blocks <= 2147483647LL, "q", "too many (batch, head, tile) blocks: ", blocks);
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+             "cudaFuncSetAttribute");
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(p);
+  check_cuda(cudaGetLastError(), "kernel launch");
 }
 
 template <typename T, int DP>
-void run_forward(const Params& p, int64_t blocks) {
-  launch(attn_fwd_kernel<T, DP>, blocks, Layout<DP>::kFwdBytes, p);
+void run_forward(const Params& p, int64_t blocks, cudaStream_t stream) {
+  launch(attn_fwd_kernel<T, DP>, blocks, Layout<DP>::kFwdBytes, p, stream);
 }
 
 template <typename T, int DP>
-void run_backward(const Params& p, int64_t q_tiles, int64_t k_tiles, int64_t BH) {
+void run_backward(const Params& p, int64_t q_tiles, int64_t k_tiles, int64_t BH, cudaStream_t stream) {
   Params pq = p;
   pq.num_tiles = q_tiles;
-  launch(attn_bwd_delta_kernel<T, DP>, q_tiles * BH, 2 * Layout<DP>::kTile + Layout<DP>::kScore, pq);
-  launch(attn_bwd_dq_kernel<T, DP>, q_tiles * BH, Layout<DP>::kBwdBytes, pq);
+  launch(attn_bwd_delta_kernel<T, DP>, q_tiles * BH, 2 * Layout<DP>::kTile + Layout<DP>::kScore, pq, stream);
+  launch(attn_bwd_dq_kernel<T, DP>, q_tiles * BH, Layout<DP>::kBwdBytes, pq, stream);
   Params pk = p;
   pk.num_tiles = k_tiles;
-  launch(attn_bwd_dkdv_kernel<T, DP>, k_tiles * BH, Layout<DP>::kBwdBytes, pk);
+  launch(attn_bwd_dkdv_kernel<T, DP>, k_tiles * BH, Layout<DP>::kBwdBytes, pk, stream);
 }
 
 // One switch over (dtype, padded head dim): 2 x 4 instantiations of each kernel.
 #define MMFAST_ATTN_DISPATCH(DTYPE, D, FN, ...)                                          \
   do {                                                                                  \
-    const bool is_half = (DTYPE) == at::kHalf;                                          \
+    const bool is_half = (DTYPE) == ScalarType::Half;                                   \
     switch (padded_dim(D)) {                                                            \
       case 32: is_half ? FN<__half, 32>(__VA_ARGS__) : FN<__nv_bfloat16, 32>(__VA_ARGS__); break;   \
       case 64: is_half ? FN<__half, 64>(__VA_ARGS__) : FN<__nv_bfloat16, 64>(__VA_ARGS__); break;   \
@@ -534,40 +554,50 @@ void run_backward(const Params& p, int64_t q_tiles, int64_t k_tiles, int64_t BH)
     }                                                                                   \
   } while (0)
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const std::optional<at::Tensor>& mask) {
-  check_dim(q, "q", 4);
-  check_dim(k, "k", 4);
-  check_dim(v, "v", 4);
-  MMFAST_CHECK_ARG(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "q",
-                   "the CUDA attention kernel supports float16 and bfloat16, got ", q.scalar_type(),
-                   " (float32 runs on the Triton face)");
-  MMFAST_CHECK_ARG(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k",
-                   "k and v must have q's dtype ", q.scalar_type());
-  check_same_device(k, q, "k");
-  check_same_device(v, q, "v");
-  MMFAST_CHECK_ARG(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), "k",
-                   "expected shape (B, H, Lk, D) matching q ", q.sizes(), ", got ", k.sizes());
-  MMFAST_CHECK_ARG(v.sizes() == k.sizes(), "v", "expected the shape of k ", k.sizes(), ", got ", v.sizes());
-  const int64_t D = q.size(3);
-  MMFAST_CHECK_ARG(D % 8 == 0 && D >= 8 && D <= 128, "q", "head dim must be a multiple of 8 in [8, 128], got ", D);
-  MMFAST_CHECK_ARG(q.size(2) <= 2147483647LL && k.size(2) <= 2147483647LL, "q", "sequence too long");
-  if (mask.has_value()) {
-    MMFAST_CHECK_ARG(mask->scalar_type() == at::kBool, "key_padding_mask", "expected bool, got ",
-                     mask->scalar_type());
-    MMFAST_CHECK_ARG(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == k.size(2),
-                     "key_padding_mask", "expected shape (", q.size(0), ", ", k.size(2), "), got ", mask->sizes());
-    check_same_device(*mask, q, "key_padding_mask");
-  }
+void check_4d_cuda(const Tensor& t, const char* name, const Tensor& q) {
+  MMFAST_ATTN_CHECK(t.dim() == 4, name, "expected a 4-D tensor (B, H, L, D), got ", t.dim(), " dims");
+  MMFAST_ATTN_CHECK(t.is_cuda() && t.get_device_index() == q.get_device_index(), name,
+                    "expected a tensor on q's CUDA device ", static_cast<int>(q.get_device_index()));
 }
 
-Params base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const std::optional<at::Tensor>& mask, bool causal, double scale) {
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                  double dropout_p) {
+  MMFAST_ATTN_CHECK(q.is_cuda(), "q", "expected a CUDA tensor");
+  check_4d_cuda(q, "q", q);
+  check_4d_cuda(k, "k", q);
+  check_4d_cuda(v, "v", q);
+  MMFAST_ATTN_CHECK(q.scalar_type() == ScalarType::Half || q.scalar_type() == ScalarType::BFloat16, "q",
+                    "the CUDA attention kernel supports float16 and bfloat16 (float32 runs on the Triton face)");
+  MMFAST_ATTN_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k",
+                    "k and v must have q's dtype");
+  MMFAST_ATTN_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), "k",
+                    "expected shape (B, H, Lk, D) = (", q.size(0), ", ", q.size(1), ", Lk, ", q.size(3),
+                    ") matching q, got (", k.size(0), ", ", k.size(1), ", ", k.size(2), ", ", k.size(3), ")");
+  for (int d = 0; d < 4; ++d)
+    MMFAST_ATTN_CHECK(v.size(d) == k.size(d), "v", "expected the shape of k, got size ", v.size(d), " at dim ", d,
+                      " (k has ", k.size(d), ")");
+  const int64_t D = q.size(3);
+  MMFAST_ATTN_CHECK(D % 8 == 0 && D >= 8 && D <= 128, "q", "head dim must be a multiple of 8 in [8, 128], got ", D);
+  MMFAST_ATTN_CHECK(q.size(2) <= 2147483647LL && k.size(2) <= 2147483647LL, "q", "sequence too long");
+  if (mask.has_value()) {
+    MMFAST_ATTN_CHECK(mask->scalar_type() == ScalarType::Bool, "key_padding_mask", "expected a bool tensor");
+    MMFAST_ATTN_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == k.size(2),
+                      "key_padding_mask", "expected shape (B, Lk) = (", q.size(0), ", ", k.size(2), ")");
+    MMFAST_ATTN_CHECK(mask->is_cuda() && mask->get_device_index() == q.get_device_index(), "key_padding_mask",
+                      "expected a tensor on q's CUDA device");
+  }
+  MMFAST_ATTN_CHECK(dropout_p == 0.0, "dropout_p",
+                    "the CUDA attention kernel has no dropout yet (dropout runs on the Triton face), got ",
+                    dropout_p);
+}
+
+Params base_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                   bool causal, double scale) {
   Params p{};
   p.q = make_slice(q);
   p.k = make_slice(k);
   p.v = make_slice(v);
-  p.mask = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
+  p.mask = mask.has_value() ? static_cast<const bool*>(mask->const_data_ptr()) : nullptr;
   p.smb = mask.has_value() ? mask->stride(0) : 0;
   p.smn = mask.has_value() ? mask->stride(1) : 0;
   p.H = q.size(1);
@@ -580,77 +610,78 @@ Params base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v,
-                                                          const std::optional<at::Tensor>& key_padding_mask,
-                                                          bool causal, double scale) {
-  check_inputs(q, k, v, key_padding_mask);
-  const c10::cuda::CUDAGuard guard(q.device());
+std::tuple<Tensor, Tensor> attention_forward_cuda(Tensor q, Tensor k, Tensor v, std::optional<Tensor> key_padding_mask,
+                                                  std::optional<Tensor> seed, bool causal, double scale,
+                                                  double dropout_p) {
+  (void)seed;  // only read with dropout
+  check_inputs(q, k, v, key_padding_mask, dropout_p);
+  const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
-  at::Tensor out = at::empty({B, H, Lq, D}, q.options());
-  at::Tensor lse = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
+  Tensor out = torch::stable::empty({B, H, Lq, D}, q.scalar_type(), std::nullopt, q.device());
+  Tensor lse = torch::stable::empty({B, H, Lq}, ScalarType::Float, std::nullopt, q.device());
   if (out.numel() == 0) return {out, lse};
   if (k.size(2) == 0) {  // no key at all: every row is fully masked
-    out.zero_();
-    lse.zero_();
+    torch::stable::zero_(out);
+    torch::stable::zero_(lse);
     return {out, lse};
   }
   Params p = base_params(q, k, v, key_padding_mask, causal, scale);
   p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
+  p.lse = static_cast<float*>(lse.data_ptr());
   p.num_tiles = (Lq + kRows - 1) / kRows;
-  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_forward, p, p.num_tiles * B * H);
+  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_forward, p, p.num_tiles * B * H, current_stream(q));
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask, bool causal,
-    double scale) {
-  check_inputs(q, k, v, key_padding_mask);
-  check_dim(grad_out, "grad_out", 4);
-  check_dim(out, "out", 4);
-  MMFAST_CHECK_ARG(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(), "grad_out",
-                   "expected q's shape ", q.sizes(), " and dtype ", q.scalar_type(), ", got ", grad_out.sizes(), " ",
-                   grad_out.scalar_type());
-  MMFAST_CHECK_ARG(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "out",
-                   "expected q's shape and dtype, got ", out.sizes());
+void check_like_q(const Tensor& t, const char* name, const Tensor& q) {
+  check_4d_cuda(t, name, q);
+  bool same = t.scalar_type() == q.scalar_type();
+  for (int d = 0; d < 4; ++d) same = same && t.size(d) == q.size(d);
+  MMFAST_ATTN_CHECK(same, name, "expected q's shape (", q.size(0), ", ", q.size(1), ", ", q.size(2), ", ",
+                    q.size(3), ") and dtype");
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,
+                                                           Tensor lse, std::optional<Tensor> key_padding_mask,
+                                                           std::optional<Tensor> seed, bool causal, double scale,
+                                                           double dropout_p) {
+  (void)seed;
+  check_inputs(q, k, v, key_padding_mask, dropout_p);
+  check_like_q(grad_out, "grad_out", q);
+  check_like_q(out, "out", q);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
-  MMFAST_CHECK_ARG(lse.scalar_type() == at::kFloat && lse.numel() == B * H * Lq, "lse",
-                   "expected float32 (B, H, Lq) from attention_forward, got ", lse.sizes());
-  check_same_device(grad_out, q, "grad_out");
-  check_same_device(out, q, "out");
-  check_same_device(lse, q, "lse");
-  const c10::cuda::CUDAGuard guard(q.device());
-  at::Tensor dq = at::empty({B, H, Lq, D}, q.options());
-  at::Tensor dk = at::empty({B, H, Lk, D}, k.options());
-  at::Tensor dv = at::empty({B, H, Lk, D}, v.options());
+  MMFAST_ATTN_CHECK(lse.scalar_type() == ScalarType::Float && lse.numel() == B * H * Lq && lse.is_cuda() &&
+                        lse.get_device_index() == q.get_device_index(),
+                    "lse", "expected float32 (B, H, Lq) on q's device, from this face's attention_forward");
+  const torch::stable::accelerator::DeviceGuard guard(q.get_device_index());
+  Tensor dq = torch::stable::empty({B, H, Lq, D}, q.scalar_type(), std::nullopt, q.device());
+  Tensor dk = torch::stable::empty({B, H, Lk, D}, q.scalar_type(), std::nullopt, q.device());
+  Tensor dv = torch::stable::empty({B, H, Lk, D}, q.scalar_type(), std::nullopt, q.device());
   if (B * H == 0 || Lq == 0 || Lk == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
+    torch::stable::zero_(dq);
+    torch::stable::zero_(dk);
+    torch::stable::zero_(dv);
     return {dq, dk, dv};
   }
-  at::Tensor lse_c = lse.contiguous();
-  at::Tensor delta = at::empty({B, H, Lq}, q.options().dtype(at::kFloat));
+  Tensor lse_c = torch::stable::contiguous(lse);
+  Tensor delta = torch::stable::empty({B, H, Lq}, ScalarType::Float, std::nullopt, q.device());
   Params p = base_params(q, k, v, key_padding_mask, causal, scale);
   p.o = make_slice(out);
   p.dout = make_slice(grad_out);
-  p.lse = lse_c.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
+  p.lse = static_cast<float*>(lse_c.data_ptr());
+  p.delta = static_cast<float*>(delta.data_ptr());
   p.out = dq.data_ptr();
   p.out2 = dk.data_ptr();
   p.out3 = dv.data_ptr();
   const int64_t q_tiles = (Lq + kRows - 1) / kRows, k_tiles = (Lk + kRows - 1) / kRows;
-  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_backward, p, q_tiles, k_tiles, B * H);
+  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_backward, p, q_tiles, k_tiles, B * H, current_stream(q));
   return {dq, dk, dv};
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(mmfast_C, CUDA, m) {
-  m.impl("attention_forward", &attention_forward_cuda);
-  m.impl("attention_backward", &attention_backward_cuda);
-}
-
 }  // namespace mmfast
+
+STABLE_TORCH_LIBRARY_IMPL(mmfast_C, CUDA, m) {
+  m.impl("attention_forward", TORCH_BOX(&mmfast::attention_forward_cuda));
+  m.impl("attention_backward", TORCH_BOX(&mmfast::attention_backward_cuda));
+}

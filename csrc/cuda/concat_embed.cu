@@ -11,21 +11,8 @@
 // from the inputs, writes the feature-gradient rows and keeps float32 register accumulators; the
 // position-gradient partial per (batch chunk, position) and one per-block partial each for the
 // LayerNorm weight, bias and type embedding (summed across warps through shared memory in warp
-// order) go to global memory; stage 2 sums them with at::sum. Deterministic, no atomics.
+// order) go to global memory; stage 2 sums them with torch's sum. Deterministic, no atomics.
 // Launched on the current stream with a device guard; no host synchronisation.
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/cat.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -42,10 +29,10 @@ constexpr int kMaxD = 1024;       // registers per lane: kMaxD / 32 values
 constexpr int kBatchChunk = 16;   // batch rows per backward block
 
 // float32 / float16 / bfloat16 only (no float64 instantiations: compile time).
-#define MMFAST_DISPATCH_CE_TYPES(TYPE, NAME, ...)                     \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+template <typename F>
+void dispatch_cuda_types(ScalarType st, const char* arg, F&& f) {
+  dispatch<float, Half, BFloat16>(st, arg, std::forward<F>(f));
+}
 
 struct Args {
   const void* feat[kMaxM];
@@ -365,16 +352,15 @@ inline uint32_t dropout_threshold(double p) {
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // The CUDA-only checks, the shared ones (check_concat_embed_inputs), and the kernel arguments.
-Args make_args(const std::vector<at::Tensor>& feats, const std::optional<at::Tensor>& type_emb,
-               const std::vector<at::Tensor>& pos, at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight,
-               const std::optional<at::Tensor>& ln_bias, double eps, double dropout_p,
-               const std::optional<at::Tensor>& seed) {
-  const at::Tensor& f0 = feats[0];
-  MMFAST_CHECK_ARG(f0.dim() != 3 || f0.is_cuda(), "features", "expected CUDA tensors, got ", f0.device());
-  const auto st = f0.scalar_type();
-  MMFAST_CHECK_ARG(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "features",
+Args make_args(const std::vector<Tensor>& feats, const std::optional<Tensor>& type_emb, const std::vector<Tensor>& pos,
+               const std::vector<int64_t>& pos_index, const std::optional<Tensor>& ln_weight,
+               const std::optional<Tensor>& ln_bias, double eps, double dropout_p, const std::optional<Tensor>& seed) {
+  const Tensor& f0 = feats[0];
+  MMFAST_CHECK_ARG(f0.dim() != 3 || f0.is_cuda(), "features", "expected CUDA tensors, got ", device_name(f0));
+  const ScalarType st = f0.scalar_type();
+  MMFAST_CHECK_ARG(st == ScalarType::Float || st == ScalarType::Half || st == ScalarType::BFloat16, "features",
                    "the CUDA face supports float32, float16 and bfloat16, got ", st);
-  check_concat_embed_inputs(feats, type_emb, pos, pos_index, ln_weight, ln_bias, dropout_p, seed, at::kFloat);
+  check_concat_embed_inputs(feats, type_emb, pos, pos_index, ln_weight, ln_bias, dropout_p, seed, ScalarType::Float);
   Args a{};
   const int64_t M = static_cast<int64_t>(feats.size());
   a.M = static_cast<int>(M);
@@ -420,120 +406,121 @@ Args make_args(const std::vector<at::Tensor>& feats, const std::optional<at::Ten
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> concat_embed_forward_cuda(
-    at::TensorList features, const std::optional<at::Tensor>& type_emb, at::TensorList pos_tables,
-    at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
-    double eps, double dropout_p, const std::optional<at::Tensor>& seed) {
-  MMFAST_CHECK_ARG(!features.empty(), "features", "expected at least one modality");
-  const std::vector<at::Tensor> feats(features.begin(), features.end());
-  const std::vector<at::Tensor> pos(pos_tables.begin(), pos_tables.end());
-  const c10::cuda::CUDAGuard guard(feats[0].device());
+std::tuple<Tensor, Tensor, Tensor> concat_embed_forward_cuda(
+    const std::vector<Tensor>& feats, const std::optional<Tensor>& type_emb, const std::vector<Tensor>& pos,
+    const std::vector<int64_t>& pos_index, const std::optional<Tensor>& ln_weight,
+    const std::optional<Tensor>& ln_bias, double eps, double dropout_p, const std::optional<Tensor>& seed) {
+  MMFAST_CHECK_ARG(!feats.empty(), "features", "expected at least one modality");
+  const CudaDeviceGuard guard(feats[0]);
   Args a = make_args(feats, type_emb, pos, pos_index, ln_weight, ln_bias, eps, dropout_p, seed);
-  const auto f32 = feats[0].options().dtype(at::kFloat);
-  at::Tensor out = at::empty({a.B, a.Ltot, a.D}, feats[0].options());
+  const Tensor out = empty({a.B, a.Ltot, a.D}, feats[0].scalar_type(), feats[0]);
   const std::vector<int64_t> stats = a.w ? std::vector<int64_t>{a.B, a.Ltot} : std::vector<int64_t>{0};
-  at::Tensor mean = at::empty(stats, f32), rstd = at::empty(stats, f32);
+  const Tensor mean = empty(stats, ScalarType::Float, feats[0]), rstd = empty(stats, ScalarType::Float, feats[0]);
   a.vec = a.vec && aligned16(out.const_data_ptr());
   const int64_t rows = a.B * a.Ltot;
   if (rows == 0 || a.D == 0) return {out, mean, rstd};
   const int64_t blocks = (rows + kWarps - 1) / kWarps;
   MMFAST_CHECK_ARG(blocks < (int64_t(1) << 31), "features", "too many rows (", rows, ")");
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  MMFAST_DISPATCH_CE_TYPES(out.scalar_type(), "concat_embed_forward_cuda", [&] {
+  const cudaStream_t stream = current_cuda_stream(feats[0]);
+  dispatch_cuda_types(out.scalar_type(), "features", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     concat_embed_fwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(
-        a, out.data_ptr<scalar_t>(), a.w ? mean.data_ptr<float>() : nullptr, a.w ? rstd.data_ptr<float>() : nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        a, out.mutable_data_ptr<scalar_t>(), a.w ? mean.mutable_data_ptr<float>() : nullptr,
+        a.w ? rstd.mutable_data_ptr<float>() : nullptr);
   });
+  check_launch("concat_embed_fwd_kernel");
   return {out, mean, rstd};
 }
 
-std::vector<at::Tensor> concat_embed_backward_cuda(
-    const at::Tensor& grad_out, at::TensorList features, const std::optional<at::Tensor>& type_emb,
-    at::TensorList pos_tables, at::IntArrayRef pos_index, const std::optional<at::Tensor>& ln_weight,
-    const std::optional<at::Tensor>& ln_bias, const at::Tensor& mean, const at::Tensor& rstd, double dropout_p,
-    const std::optional<at::Tensor>& seed) {
-  MMFAST_CHECK_ARG(!features.empty(), "features", "expected at least one modality");
-  const std::vector<at::Tensor> feats(features.begin(), features.end());
-  const std::vector<at::Tensor> pos(pos_tables.begin(), pos_tables.end());
-  const c10::cuda::CUDAGuard guard(feats[0].device());
+std::vector<Tensor> concat_embed_backward_cuda(
+    const Tensor& grad_out, const std::vector<Tensor>& feats, const std::optional<Tensor>& type_emb,
+    const std::vector<Tensor>& pos, const std::vector<int64_t>& pos_index, const std::optional<Tensor>& ln_weight,
+    const std::optional<Tensor>& ln_bias, const Tensor& mean, const Tensor& rstd, double dropout_p,
+    const std::optional<Tensor>& seed) {
+  MMFAST_CHECK_ARG(!feats.empty(), "features", "expected at least one modality");
+  const CudaDeviceGuard guard(feats[0]);
   Args a = make_args(feats, type_emb, pos, pos_index, ln_weight, ln_bias, 0.0, dropout_p, seed);
-  MMFAST_CHECK_ARG(grad_out.sizes() == at::IntArrayRef({a.B, a.Ltot, a.D}), "grad_out", "expected shape (", a.B, ", ",
-                   a.Ltot, ", ", a.D, "), got ", grad_out.sizes());
+  const IntArrayRef go_sizes = grad_out.sizes();
+  MMFAST_CHECK_ARG(go_sizes.size() == 3 && go_sizes[0] == a.B && go_sizes[1] == a.Ltot && go_sizes[2] == a.D,
+                   "grad_out", "expected shape (", a.B, ", ", a.Ltot, ", ", a.D, "), got ", shape(grad_out));
   MMFAST_CHECK_ARG(grad_out.scalar_type() == feats[0].scalar_type(), "grad_out", "expected dtype ",
                    feats[0].scalar_type(), ", got ", grad_out.scalar_type());
   check_same_device(grad_out, feats[0], "grad_out");
-  const at::Tensor go = grad_out.contiguous();
-  at::Tensor mean_c, rstd_c;
+  const Tensor go = torch::stable::contiguous(grad_out);
+  std::optional<Tensor> mean_c, rstd_c;
   if (a.w) {
-    MMFAST_CHECK_ARG(mean.numel() == a.B * a.Ltot && mean.scalar_type() == at::kFloat, "mean", "expected ",
-                     a.B * a.Ltot, " float32 values from the forward, got ", mean.sizes());
-    MMFAST_CHECK_ARG(rstd.numel() == a.B * a.Ltot && rstd.scalar_type() == at::kFloat, "rstd", "expected ",
-                     a.B * a.Ltot, " float32 values from the forward, got ", rstd.sizes());
+    MMFAST_CHECK_ARG(mean.numel() == a.B * a.Ltot && mean.scalar_type() == ScalarType::Float, "mean", "expected ",
+                     a.B * a.Ltot, " float32 values from the forward, got ", shape(mean));
+    MMFAST_CHECK_ARG(rstd.numel() == a.B * a.Ltot && rstd.scalar_type() == ScalarType::Float, "rstd", "expected ",
+                     a.B * a.Ltot, " float32 values from the forward, got ", shape(rstd));
     check_same_device(mean, feats[0], "mean");
     check_same_device(rstd, feats[0], "rstd");
-    mean_c = mean.contiguous();
-    rstd_c = rstd.contiguous();
+    mean_c = torch::stable::contiguous(mean);
+    rstd_c = torch::stable::contiguous(rstd);
   }
-  const auto f32 = feats[0].options().dtype(at::kFloat);
-  std::vector<at::Tensor> gfeat;
+  const Tensor& f0 = feats[0];
+  std::vector<Tensor> grads;  // [grad_features..., grad_type, grad_pos..., grad_ln_weight, grad_ln_bias]
   for (const auto& f : feats) {
-    gfeat.push_back(at::empty_like(f));
-    a.vec = a.vec && aligned16(gfeat.back().const_data_ptr());
+    grads.push_back(torch::stable::empty_like(f));
+    a.vec = a.vec && aligned16(grads.back().const_data_ptr());
   }
   a.vec = a.vec && aligned16(go.const_data_ptr());
-  std::vector<at::Tensor> gpos(pos.size());
-  std::vector<at::Tensor> parts_w, parts_b;
-  at::Tensor gtype = type_emb.has_value() ? at::zeros_like(*type_emb) : at::empty({0}, f32);
+  Tensor gtype = type_emb.has_value() ? torch::stable::new_zeros(*type_emb, type_emb->sizes()) : empty({0}, ScalarType::Float, f0);
+  std::vector<Tensor> gpos;
+  for (const auto& t : pos) gpos.push_back(torch::stable::new_zeros(t, t.sizes()));
+  // One buffer for every modality's per-block LayerNorm partials, so stage 2 is one sum each.
   const int64_t nbc = (a.B + kBatchChunk - 1) / kBatchChunk;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  int64_t ln_blocks = 0;
+  for (int m = 0; m < a.M; ++m) ln_blocks += nbc * ((a.L[m] + kWarps - 1) / kWarps);
+  const Tensor pw = empty({a.w ? ln_blocks : 0, a.D}, ScalarType::Float, f0);
+  const Tensor pb = empty({a.w ? ln_blocks : 0, a.D}, ScalarType::Float, f0);
+  const std::vector<int64_t> dim0{0};
+  const cudaStream_t stream = current_cuda_stream(f0);
+  int64_t ln_block0 = 0;
   for (int m = 0; m < a.M; ++m) {
     const int64_t L = a.L[m], nl = (L + kWarps - 1) / kWarps;
     const int64_t k = pos_index[m];
-    at::Tensor ppos = k >= 0 ? at::empty({nbc, L, a.D}, f32) : at::Tensor();
-    at::Tensor pw = a.w ? at::empty({nbc * nl, a.D}, f32) : at::Tensor();
-    at::Tensor pb = a.w ? at::empty({nbc * nl, a.D}, f32) : at::Tensor();
-    at::Tensor pt = a.type ? at::empty({nbc * nl, a.D}, f32) : at::Tensor();
+    const Tensor ppos = empty({k >= 0 ? nbc : 0, L, a.D}, ScalarType::Float, f0);
+    const Tensor pt = empty({a.type ? nbc * nl : 0, a.D}, ScalarType::Float, f0);
     if (nbc > 0 && a.D > 0) {
       MMFAST_CHECK_ARG(nl < (int64_t(1) << 31) && nbc < 65536, "features", "too many positions or batch rows");
       const dim3 grid(static_cast<unsigned>(nl), static_cast<unsigned>(nbc));
-      MMFAST_DISPATCH_CE_TYPES(go.scalar_type(), "concat_embed_backward_cuda", [&] {
+      float* pw_m = a.w ? pw.mutable_data_ptr<float>() + ln_block0 * a.D : nullptr;
+      float* pb_m = a.w ? pb.mutable_data_ptr<float>() + ln_block0 * a.D : nullptr;
+      dispatch_cuda_types(go.scalar_type(), "grad_out", [&](auto tag) {
+        using scalar_t = typename decltype(tag)::type;
         concat_embed_bwd_kernel<scalar_t><<<grid, kWarps * 32, 0, stream>>>(
-            a, m, go.const_data_ptr<scalar_t>(), a.w ? mean_c.const_data_ptr<float>() : nullptr,
-            a.w ? rstd_c.const_data_ptr<float>() : nullptr, gfeat[m].data_ptr<scalar_t>(),
-            k >= 0 ? ppos.data_ptr<float>() : nullptr, a.w ? pw.data_ptr<float>() : nullptr,
-            a.w ? pb.data_ptr<float>() : nullptr, a.type ? pt.data_ptr<float>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+            a, m, go.const_data_ptr<scalar_t>(), a.w ? mean_c->const_data_ptr<float>() : nullptr,
+            a.w ? rstd_c->const_data_ptr<float>() : nullptr, grads[m].mutable_data_ptr<scalar_t>(),
+            k >= 0 ? ppos.mutable_data_ptr<float>() : nullptr, pw_m, pb_m,
+            a.type ? pt.mutable_data_ptr<float>() : nullptr);
       });
+      check_launch("concat_embed_bwd_kernel");
     }
-    // Stage 2 (deterministic torch reductions over the partials).
-    if (k >= 0) {
-      gpos[k] = at::zeros_like(pos[k]);
-      if (nbc > 0) gpos[k].narrow(0, 0, L).copy_(at::sum(ppos, {0}));
+    ln_block0 += nbc * nl;
+    // Stage 2 (deterministic torch reductions over the partials), written into the gradient rows.
+    if (k >= 0 && nbc > 0) {
+      Tensor rows = torch::stable::narrow(gpos[k], 0, 0, L);
+      torch::stable::sum_out(rows, ppos, IntArrayRef(dim0));
     }
-    if (a.type && nbc > 0) gtype.select(0, m).copy_(at::sum(pt, {0}));
-    if (a.w) {
-      parts_w.push_back(pw);
-      parts_b.push_back(pb);
+    if (a.type && nbc > 0) {
+      Tensor row = torch::stable::select(gtype, 0, m);
+      torch::stable::sum_out(row, pt, IntArrayRef(dim0));
     }
   }
-  std::vector<at::Tensor> grads(gfeat.begin(), gfeat.end());
   grads.push_back(gtype);
   for (auto& g : gpos) grads.push_back(g);
-  if (a.w) {
-    grads.push_back(nbc > 0 ? at::sum(at::cat(parts_w), {0}) : at::zeros({a.D}, f32));
-    grads.push_back(a.bias ? (nbc > 0 ? at::sum(at::cat(parts_b), {0}) : at::zeros({a.D}, f32)) : at::empty({0}, f32));
-  } else {
-    grads.push_back(at::empty({0}, f32));
-    grads.push_back(at::empty({0}, f32));
-  }
+  // With no batch rows the partial buffers are empty and their sums are the zero gradients.
+  grads.push_back(a.w ? torch::stable::sum(pw, IntArrayRef(dim0)) : empty({0}, ScalarType::Float, f0));
+  grads.push_back(a.bias ? torch::stable::sum(pb, IntArrayRef(dim0)) : empty({0}, ScalarType::Float, f0));
   return grads;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmfast_C, CUDA, m) {
-  m.impl("concat_embed_forward", &concat_embed_forward_cuda);
-  m.impl("concat_embed_backward", &concat_embed_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(mmfast_C, CUDA, m) {
+  m.impl("concat_embed_forward", TORCH_BOX(&concat_embed_forward_cuda));
+  m.impl("concat_embed_backward", TORCH_BOX(&concat_embed_backward_cuda));
 }
 
 }  // namespace mmfast

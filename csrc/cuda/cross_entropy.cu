@@ -4,14 +4,6 @@
 // every thread reads x[j] before it writes g[j] for the same j, and a block owns its row).
 // Same formulas as csrc/cpu/cross_entropy.cpp. Launched on the current stream; no host sync.
 // Compiled on a machine without a GPU: not yet run (see tests/test_cross_entropy_gpu.py).
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
 #include <cmath>
 
 #include "common.h"
@@ -142,61 +134,60 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(
 
 
 // The shared checks plus what only this face cannot do.
-CrossEntropyInputs check_cuda_inputs(const at::Tensor& logits, const at::Tensor& target,
-                                     const std::optional<at::Tensor>& weight,
-                                     const std::optional<at::Tensor>& grad_scale) {
-  MMFAST_CHECK_ARG(logits.scalar_type() != at::kDouble, "logits",
+CrossEntropyInputs check_cuda_inputs(const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
+                                     const std::optional<Tensor>& grad_scale) {
+  MMFAST_CHECK_ARG(logits.scalar_type() != ScalarType::Double, "logits",
                    "float64 is not supported by the CUDA kernel (use backend='torch')");
   MMFAST_CHECK_ARG(logits.dim() != 2 || logits.size(0) <= 2147483647LL, "logits",
                    "at most 2^31-1 rows are supported, got ", logits.size(0));  // grid.x limit
   return check_cross_entropy_inputs(logits, target, weight, grad_scale);
 }
 
-void launch(const at::Tensor& logits, at::Tensor* grad, const CrossEntropyInputs& c, int64_t ignore_index,
-            double label_smoothing, at::Tensor& loss) {
+void launch(const Tensor& logits, const Tensor* grad, const CrossEntropyInputs& c, int64_t ignore_index,
+            double label_smoothing, const Tensor& loss) {
   const int64_t N = logits.size(0), C = logits.size(1);
   if (N == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cross_entropy_forward_cuda", [&] {
+  const cudaStream_t stream = current_cuda_stream(logits);
+  dispatch<float, Half, BFloat16>(logits.scalar_type(), "logits", [&](auto tag) {
+    using scalar_t = typename decltype(tag)::type;
     cross_entropy_forward_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), logits.stride(0), c.target.const_data_ptr<int64_t>(),
-        c.weight.defined() ? c.weight.const_data_ptr<float>() : nullptr, C, ignore_index,
-        static_cast<float>(label_smoothing), c.scale.defined() ? c.scale.const_data_ptr<float>() : nullptr,
-        c.scale_stride, loss.data_ptr<float>(), grad ? grad->data_ptr<scalar_t>() : nullptr,
+        c.weight ? c.weight->const_data_ptr<float>() : nullptr, C, ignore_index,
+        static_cast<float>(label_smoothing), c.scale ? c.scale->const_data_ptr<float>() : nullptr, c.scale_stride,
+        loss.mutable_data_ptr<float>(), grad ? grad->mutable_data_ptr<scalar_t>() : nullptr,
         grad ? grad->stride(0) : 0);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch("cross_entropy_forward_kernel");
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_forward_cuda(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, bool compute_grad,
-    const std::optional<at::Tensor>& grad_scale) {
-  const c10::cuda::CUDAGuard guard(logits.device());
+std::tuple<Tensor, Tensor> cross_entropy_forward_cuda(const Tensor& logits, const Tensor& target,
+                                                      const std::optional<Tensor>& weight, int64_t ignore_index,
+                                                      double label_smoothing, bool compute_grad,
+                                                      const std::optional<Tensor>& grad_scale) {
+  const CudaDeviceGuard guard(logits);
   const CrossEntropyInputs c = check_cuda_inputs(logits, target, weight, grad_scale);
   const int64_t N = logits.size(0), C = logits.size(1);
-  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
-  at::Tensor grad = compute_grad ? at::empty({N, C}, logits.options()) : at::empty({0}, logits.options());
+  const Tensor loss = empty({N}, ScalarType::Float, logits);
+  const Tensor grad = compute_grad ? empty({N, C}, logits.scalar_type(), logits) : empty({0}, logits.scalar_type(), logits);
   launch(logits, compute_grad ? &grad : nullptr, c, ignore_index, label_smoothing, loss);
   return {loss, grad};
 }
 
-at::Tensor cross_entropy_forward_inplace_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                              const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                              double label_smoothing, const std::optional<at::Tensor>& grad_scale) {
-  const c10::cuda::CUDAGuard guard(logits.device());
+Tensor cross_entropy_forward_inplace_cuda(const Tensor& logits, const Tensor& target,
+                                          const std::optional<Tensor>& weight, int64_t ignore_index,
+                                          double label_smoothing, const std::optional<Tensor>& grad_scale) {
+  const CudaDeviceGuard guard(logits);
   const CrossEntropyInputs c = check_cuda_inputs(logits, target, weight, grad_scale);
-  at::Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
-  at::Tensor grad = logits;
-  launch(logits, &grad, c, ignore_index, label_smoothing, loss);
+  const Tensor loss = empty({logits.size(0)}, ScalarType::Float, logits);
+  launch(logits, &logits, c, ignore_index, label_smoothing, loss);  // the gradient overwrites the logits
   return loss;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(mmfast_C, CUDA, m) {
-  m.impl("cross_entropy_forward", &cross_entropy_forward_cuda);
-  m.impl("cross_entropy_forward_inplace", &cross_entropy_forward_inplace_cuda);
+STABLE_TORCH_LIBRARY_IMPL(mmfast_C, CUDA, m) {
+  m.impl("cross_entropy_forward", TORCH_BOX(&cross_entropy_forward_cuda));
+  m.impl("cross_entropy_forward_inplace", TORCH_BOX(&cross_entropy_forward_inplace_cuda));
 }
 
 }  // namespace mmfast

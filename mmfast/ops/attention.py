@@ -122,13 +122,7 @@ def _face(backend: str):
     if backend == "cuda":
         fwd, bwd = _extension.op("attention_forward"), _extension.op("attention_backward")
 
-        def cuda_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p):
-            return fwd(q, k, v, key_padding_mask, causal, scale)
-
-        def cuda_backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p):
-            return bwd(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale)
-
-        return cuda_forward, cuda_backward
+        return fwd, bwd  # the C++ schema (csrc/attention.cpp) is the face contract itself
     mod = dispatch.triton_face("attention")
     return mod.attention_forward, mod.attention_backward
 
