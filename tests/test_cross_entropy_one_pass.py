@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(not BACKENDS, reason="neither the C++ extension 
 
 
 class _BigOps(TorchDispatchMode):
-    """Records every op (seen at the top level: a custom op's insides are not) with an output of
-    at least ``numel`` elements."""
+    """Records every op that moves data (seen at the top level: a custom op's insides are not; views
+    such as detach move nothing) with an output of at least ``numel`` elements."""
 
     def __init__(self, numel):
         super().__init__()
@@ -34,7 +34,7 @@ class _BigOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (tuple, list)) else [out]
-        if any(isinstance(o, torch.Tensor) and o.numel() >= self.numel for o in outs):
+        if not func.is_view and any(isinstance(o, torch.Tensor) and o.numel() >= self.numel for o in outs):
             self.ops.append(str(func))
         return out
 
@@ -77,18 +77,22 @@ def _reference_grad(x, t, w, eps, reduction, up):
     return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _upstream(kind, reduction, N):
+    if reduction == "none":
+        return torch.ones(N) if kind == "unit" else torch.rand(N) + 0.5
+    return torch.tensor(1.0) if kind == "unit" else torch.tensor(2.5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton unavailable")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("upstream", ["unit", "scalar"])
-def test_backward_is_one_kernel_pass_with_the_upstream_folded_in(backend, reduction, upstream, face_calls):
+def test_gpu_faces_backward_is_one_kernel_pass_with_the_upstream_folded_in(reduction, upstream, face_calls):
+    """The deferred gradient of the GPU faces (the Triton face runs here in the interpreter)."""
     x, t, w = _case()
     x.requires_grad_(True)
-    loss = mmfast.ops.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction, backend=backend)
+    loss = mmfast.ops.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction, backend="triton")
     assert [c[0] for c in face_calls] == [False]  # the forward computes the loss only
-    if reduction == "none":
-        up = torch.ones(x.shape[0]) if upstream == "unit" else torch.rand(x.shape[0]) + 0.5
-    else:
-        up = torch.tensor(1.0) if upstream == "unit" else torch.tensor(2.5)
+    up = _upstream(upstream, reduction, x.shape[0])
     with _BigOps(x.numel()) as mode:
         (g,) = torch.autograd.grad(loss, x, up)
     # one N x C op in the backward: the face kernel, inside the custom backward op; no scaling pass
@@ -99,8 +103,35 @@ def test_backward_is_one_kernel_pass_with_the_upstream_folded_in(backend, reduct
     want_scale = up.reshape(-1) / denom
     torch.testing.assert_close(face_calls[1][1], want_scale.float(), rtol=1e-6, atol=0)
     ref, eager = _reference_grad(x, t, w, 0.1, reduction, up)
-    testing.assert_close(g, ref, eager, grad=True, name=f"{backend} {reduction} {upstream}")
+    testing.assert_close(g, ref, eager, grad=True, name=f"triton {reduction} {upstream}")
     assert (g[~valid] == 0).all()
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="C++ extension unavailable")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("upstream", ["unit", "scalar"])
+def test_cpu_face_gradient_in_forward_costs_no_pass_for_a_unit_upstream(reduction, upstream, face_calls):
+    x, t, w = _case()
+    x.requires_grad_(True)
+    loss = mmfast.ops.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction, backend="cpu")
+    assert [c[0] for c in face_calls] == [True]
+    up = _upstream(upstream, reduction, x.shape[0])
+    with _BigOps(x.numel()) as mode:
+        (g,) = torch.autograd.grad(loss, x, up)
+    # a scalar 1.0: the saved gradient is the answer; otherwise one in-place scaling, no new N x C
+    assert mode.ops == ([] if upstream == "unit" and reduction != "none" else ["aten.mul_.Tensor"]), mode.ops
+    assert len(face_calls) == 1
+    ref, eager = _reference_grad(x, t, w, 0.1, reduction, up)
+    testing.assert_close(g, ref, eager, grad=True, name=f"cpu {reduction} {upstream}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_backward_op(backend):
+    x, t, w = _case(N=9, C=13, seed=7)
+    for red in ("mean", "sum", "none"):
+        up = torch.rand(9) + 0.5 if red == "none" else torch.tensor(2.5)
+        torch.library.opcheck(CE._cross_entropy_backward_op, (up, x, t, w, -100, 0.1, red, backend),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

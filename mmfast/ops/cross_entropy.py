@@ -21,17 +21,22 @@ row and raise a device-side assert (no host synchronisation), so the loss is nev
 Passes over the N x C data and memory, per mode of ``cross_entropy`` (R = one read, W = one write
 of N x C elements; "scalar upstream" covers 1, a loss weight, an AMP loss scale, 1/accumulation):
 
-    default              forward: R (loss only; the logits are saved, not copied).
-                         backward: R + W, any upstream (scalar or per row with reduction='none'):
-                         the kernel writes the gradient times the upstream factor. Extra memory:
-                         the N x C gradient, allocated in the backward only.
-    inplace_backward     forward: 2 R + W (the gradient of a unit upstream overwrites the logits).
-                         backward: nothing when the upstream is a CPU 1.0 and the graph is freed;
-                         otherwise R + W to scale it (in place; a copy under retain_graph). No
-                         N x C allocation.
+    GPU faces (cuda, triton: the gradient is deferred)
+      forward            R (loss only; the logits are saved, not copied; no N x C allocation).
+      backward           R + W for any upstream (scalar or per row with reduction='none'): the
+                         kernel writes the gradient times the upstream factor, read on the device
+                         (no host sync). Extra memory: the N x C gradient, allocated here.
+    CPU face (the gradient is computed in the forward, where a second sweep hits the cache)
+      forward            R + W (the N x C gradient of a unit upstream is allocated and kept).
+      backward           nothing for an upstream of 1.0 (read on the host, free there) with the
+                         graph freed; otherwise R + W to scale it (in place; a copy under
+                         retain_graph).
+    inplace_backward     as the CPU face, but the gradient overwrites the logits (no N x C
+    (opt-in, any face)   allocation; on a GPU the backward scales it unless the upstream is a CPU
+                         tensor equal to 1.0).
 
-The kernels hold a row on chip between their two sweeps when it fits (see each face), so
-"R" is one read of HBM. Double backward is refused with a clear error.
+The kernels keep a row on chip between their two sweeps when it fits (GPU: up to 32768 classes),
+so "R" is one read of the logits. Double backward is refused with a clear error.
 
 Host synchronisation: ``cross_entropy`` has none. ``linear_cross_entropy`` has one on the GPU (the
 row compaction below needs the number of non-ignored rows); while a CUDA graph is being captured
@@ -144,17 +149,33 @@ def _upstream_scale(grad_loss: Tensor, reduction: str, target: Tensor, weight: O
 
 @torch.library.custom_op("mmfast::cross_entropy", mutates_args=())
 def _cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-                      label_smoothing: float, reduction: str, backend: str) -> Tensor:
-    """The loss reduced as asked. No gradient here: the backward op writes it, already scaled."""
+                      label_smoothing: float, reduction: str, compute_grad: bool, backend: str
+                      ) -> tuple[Tensor, Tensor]:
+    """(loss reduced as asked, gradient of that loss w.r.t. logits for a unit upstream gradient, or
+    (0,) when not compute_grad). compute_grad is the CPU face's mode (see _grad_in_forward); for
+    the GPU faces it is False and the backward op writes the gradient."""
     C = logits.shape[1]
     denom = _reduction_denominator(target, weight, ignore_index, C) if reduction == "mean" else None
-    rows, _ = _face_forward(backend)(logits, target, weight, ignore_index, label_smoothing, False, None)
-    return _reduce(rows, reduction, denom)
+    grad_scale = (1.0 / denom).reshape(1) if (denom is not None and compute_grad) else None
+    rows, grad = _face_forward(backend)(logits, target, weight, ignore_index, label_smoothing,
+                                        compute_grad, grad_scale)
+    return _reduce(rows, reduction, denom), grad
 
 
 @_cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, reduction, backend):
-    return logits.new_empty((logits.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(logits))
+def _(logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad, backend):
+    N, C = logits.shape
+    loss = logits.new_empty((N,) if reduction == "none" else (), dtype=_loss_dtype(logits))
+    grad = logits.new_empty((N, C) if compute_grad else (0,))
+    return loss, grad
+
+
+def _grad_in_forward(backend: str) -> bool:
+    """The CPU face computes the gradient in the forward (its second sweep reads the row from cache)
+    and its backward reads the upstream gradient on the host for free: a unit upstream then costs
+    no pass at all. The GPU faces defer it: reading the upstream there would be a host sync, so the
+    backward kernel writes the gradient times the upstream instead (no extra pass for any upstream)."""
+    return backend == "cpu"
 
 
 @torch.library.custom_op("mmfast::cross_entropy_backward", mutates_args=())
@@ -173,28 +194,57 @@ def _(grad_loss, logits, target, weight, ignore_index, label_smoothing, reductio
 
 
 def _ce_setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing, reduction, backend = inputs
+    # The gradient output is never differentiated: without this autograd would materialise
+    # zeros the size of it as its incoming gradient (a full extra pass).
+    ctx.set_materialize_grads(False)
+    logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad, backend = inputs
     ctx.args = (ignore_index, label_smoothing, reduction, backend)
-    # the logits themselves (no copy): an in-place change to them before backward is reported
-    # by autograd's version counter instead of giving a wrong gradient
-    ctx.save_for_backward(logits, target, weight)
+    ctx.deferred = not compute_grad
+    # The logits themselves (no copy; every face, so the rules are the same): an in-place change
+    # to them before backward is reported by autograd's version counter.
+    ctx.save_for_backward(logits, target, weight, None if ctx.deferred else output[1])
 
 
-def _ce_backward(ctx, grad_loss):
-    logits, target, weight = ctx.saved_tensors
-    dlogits = _cross_entropy_backward_op(grad_loss, logits, target, weight, *ctx.args)
-    return dlogits, None, None, None, None, None, None
+def _ce_backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:  # only the (non-differentiable) gradient output was used
+        return None, None, None, None, None, None, None, None
+    logits, target, weight, grad = ctx.saved_tensors
+    if ctx.deferred:
+        dlogits = _cross_entropy_backward_op(grad_loss, logits, target, weight, *ctx.args)
+    else:
+        if ctx.args[2] == "none":
+            dlogits = _scaled(grad, grad_loss[:, None])
+        elif _unit_upstream(grad_loss):
+            # loss.backward() on the CPU: the saved gradient already is the answer. Returning it
+            # saves a full read+write pass over N x C (see _unit_upstream for why this is safe).
+            dlogits = grad
+        else:
+            dlogits = _scaled(grad, grad_loss)
+        if torch.is_grad_enabled():  # create_graph=True: no silently missing second derivative
+            dlogits = _NoDoubleBackward.apply(dlogits, logits)
+    return dlogits, None, None, None, None, None, None, None
 
 
 _cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
-def _refuse_double_backward(ctx, grad_dlogits):
+def _refuse_double_backward(ctx, *grads):
     raise RuntimeError("mmfast.cross_entropy: double backward (create_graph=True through the loss) is not "
                        "supported; use backend='torch' for second derivatives")
 
 
 _cross_entropy_backward_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """grad (identity), tied to the logits by a backward that refuses: a second derivative through
+    the CPU face's saved gradient is an error instead of silently missing."""
+
+    @staticmethod
+    def forward(ctx, grad, logits):
+        return grad.view_as(grad)
+
+    backward = staticmethod(_refuse_double_backward)
 
 
 # ---- inplace_backward=True: the gradient overwrites the logits buffer ----------------------------
@@ -270,12 +320,12 @@ def cross_entropy(logits: Tensor, target: Tensor, *, weight: Optional[Tensor] = 
     """``torch.nn.functional.cross_entropy`` for class-index targets, fused.
 
     logits ``(N, C)``, ``(C,)`` or ``(N, C, d1, ...)``; float32/float16/bfloat16 with float32
-    accumulation; the gradient w.r.t. logits comes in the logits' dtype. The forward reads the
-    logits once and saves them (no copy; changing them in place before ``backward()`` is reported
-    by autograd); the backward writes the gradient in one pass, already multiplied by the upstream
-    gradient, whatever it is (passes and memory per mode: module docstring). Targets outside
-    ``[0, C)`` that are not ``ignore_index`` raise an error naming 'target' (on GPU: a
-    device-side assert).
+    accumulation; the gradient w.r.t. logits comes in the logits' dtype. On a GPU the forward
+    reads the logits once and saves them (no copy; changing them in place before ``backward()``
+    is reported by autograd) and the backward writes the gradient in one pass, already multiplied
+    by the upstream gradient, whatever it is; the CPU face computes it in the forward (passes and
+    memory per mode: module docstring). Targets outside ``[0, C)`` that are not ``ignore_index``
+    raise an error naming 'target' (on GPU: a device-side assert).
 
     ``inplace_backward=True`` (opt-in) writes the gradient into the logits buffer instead of a new
     N x C tensor: after the call ``logits`` holds the gradient, not the logits. This saves one
@@ -311,8 +361,8 @@ def cross_entropy(logits: Tensor, target: Tensor, *, weight: Optional[Tensor] = 
         loss, _ = _CrossEntropyInplace.apply(logits2d, target1d.to(torch.int64), w, int(ignore_index),
                                              float(label_smoothing), reduction, be)
     else:
-        loss = _cross_entropy_op(logits2d, target1d.to(torch.int64), w, int(ignore_index), float(label_smoothing),
-                                 reduction, be)
+        loss, _ = _cross_entropy_op(logits2d, target1d.to(torch.int64), w, int(ignore_index), float(label_smoothing),
+                                    reduction, compute_grad and _grad_in_forward(be), be)
     if reduction == "none":
         loss = loss.reshape(out_shape)
     return loss.to(logits.dtype)
