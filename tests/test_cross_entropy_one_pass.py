@@ -268,3 +268,37 @@ def test_one_chunk_bert_vocab_compiles_for_sm90_without_spills():
     lines = [l.split() for l in r.stdout.strip().splitlines()]
     assert [l[:2] for l in lines] == [["30522", "True"], ["16384", "True"]]
     assert all(l[2] == "0" for l in lines), r.stdout
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton unavailable")
+def test_every_triton_launch_goes_through_the_device_guard(monkeypatch):
+    from mmfast.triton import cross_entropy as tce
+
+    entered = []
+    real = tce._device_guard
+    monkeypatch.setattr(tce, "_device_guard", lambda t: entered.append(t.device) or real(t))
+    x, t, _ = _case(N=5, C=11, seed=8)
+    x.requires_grad_(True)
+    mmfast.ops.cross_entropy(x, t, backend="triton").backward()
+    assert len(entered) == 2  # the loss kernel, then the gradient kernel
+    img = torch.randn(4, 8, requires_grad=True)
+    mmfast.ops.contrastive_loss(img, torch.randn(4, 8), torch.tensor(2.0), backend="triton").backward()
+    assert len(entered) == 3  # + the contrastive gradient tile
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("C", [8000, 50257])
+def test_gpu_deferred_gradient_register_row_and_chunk_loop(backend, C):
+    """C = 8000: the row in registers (CUDA 64 values/thread, Triton ONE_CHUNK); C = 50257: the
+    chunk loop of both faces. bf16, non-unit upstream (an AMP-style loss scale)."""
+    gen = torch.Generator().manual_seed(C)
+    x = (torch.randn(257, C, generator=gen) * 3).to(torch.bfloat16).cuda()
+    t = torch.randint(0, C, (257,), generator=gen)
+    t[::5] = -100
+    t = t.cuda()
+    testing.check_op(
+        lambda x, t: mmfast.ops.cross_entropy(x, t, label_smoothing=0.1, backend=backend) * 1024.0,
+        lambda x, t: F.cross_entropy(x, t.to(x.device), label_smoothing=0.1) * 1024.0,
+        [x, t], grad_inputs=[0], name=f"{backend} 257x{C} bf16")

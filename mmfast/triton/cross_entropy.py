@@ -20,6 +20,8 @@ raises (CPU/interpreter) or queues a device-side assert (``torch._assert_async``
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -217,7 +219,7 @@ def _run(logits, target, weight, ignore_index, label_smoothing, grad, grad_scale
     smooth = float(label_smoothing) != 0.0
     rows, block, warps, one_chunk = _launch_config(N, C, grad is not None, smooth)
     g = grad if grad is not None else logits  # unused when COMPUTE_GRAD is off
-    with torch.cuda.device(logits.device) if logits.is_cuda else _nullctx():
+    with _device_guard(logits):
         _ce_kernel[(triton.cdiv(N, rows),)](
             logits, logits.stride(0), g, g.stride(0) if g.dim() == 2 else 0, target,
             weight if weight is not None else loss, loss,
@@ -229,12 +231,9 @@ def _run(logits, target, weight, ignore_index, label_smoothing, grad, grad_scale
     return loss
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, compute_grad, grad_scale):
@@ -277,7 +276,7 @@ def contrastive_grad_tile(L, lse_r, lse_c, i0, eps, N):
     if L.stride(1) != 1 or L.dtype != torch.float32:
         raise RuntimeError("mmfast: contrastive_grad_tile expects a float32 tile with unit column stride")
     bm, bn = (128, 128) if triton_interpreting() else (64, 128)
-    with torch.cuda.device(L.device) if L.is_cuda else _nullctx():
+    with _device_guard(L):
         _contrastive_grad_kernel[(triton.cdiv(B, bm), triton.cdiv(N, bn))](
             L, L.stride(0), lse_r.contiguous(), lse_c.contiguous(), B, N, i0, float(eps), BM=bm, BN=bn)
     return L
