@@ -171,7 +171,7 @@ def _gpu_launch_config(N: int, C: int, compute_grad: bool, smooth: bool) -> tupl
     block_c = triton.next_power_of_2(max(C, 1))
     if C < 2048:  # several rows per program, ~2048 values (4096 needed ~240 registers)
         rows = max(1, min(16, 2048 // block_c, triton.next_power_of_2(max(N, 1))))
-        return rows, block_c, 4 if block_c >= 1024 or block_c <= 16 else 8, compute_grad
+        return rows, block_c, 4 if block_c >= 1024 or block_c <= 32 else 8, compute_grad
     if compute_grad and (block_c <= 16384 or (block_c <= _ONE_CHUNK_MAX and not smooth)):
         # 16..64 values per thread; at 32768 the smoothing sums tip it into a few spilled bytes
         return 1, block_c, max(4, min(32, block_c // 512)), True
