@@ -77,10 +77,23 @@ def _reference_grad(x, t, w, eps, reduction, up):
     return out
 
 
-def _upstream(kind, reduction, N):
+def _forward_backward(backend, reduction, upstream):
+    """Loss and gradient (weights, ignored rows, smoothing) with a unit or non-unit upstream, the
+    data-moving N x C ops of the backward, checked against float64 under the rule."""
+    x, t, w = _case()
+    x.requires_grad_(True)
+    loss = mmfast.ops.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction, backend=backend)
+    N = x.shape[0]
     if reduction == "none":
-        return torch.ones(N) if kind == "unit" else torch.rand(N) + 0.5
-    return torch.tensor(1.0) if kind == "unit" else torch.tensor(2.5)
+        up = torch.ones(N) if upstream == "unit" else torch.rand(N) + 0.5
+    else:
+        up = torch.tensor(1.0) if upstream == "unit" else torch.tensor(2.5)
+    with _BigOps(x.numel()) as mode:
+        (g,) = torch.autograd.grad(loss, x, up)
+    ref, eager = _reference_grad(x, t, w, 0.1, reduction, up)
+    testing.assert_close(g, ref, eager, grad=True, name=f"{backend} {reduction} {upstream}")
+    assert (g[t == -100] == 0).all()
+    return t, w, up, mode.ops
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton unavailable")
@@ -88,41 +101,24 @@ def _upstream(kind, reduction, N):
 @pytest.mark.parametrize("upstream", ["unit", "scalar"])
 def test_gpu_faces_backward_is_one_kernel_pass_with_the_upstream_folded_in(reduction, upstream, face_calls):
     """The deferred gradient of the GPU faces (the Triton face runs here in the interpreter)."""
-    x, t, w = _case()
-    x.requires_grad_(True)
-    loss = mmfast.ops.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction, backend="triton")
-    assert [c[0] for c in face_calls] == [False]  # the forward computes the loss only
-    up = _upstream(upstream, reduction, x.shape[0])
-    with _BigOps(x.numel()) as mode:
-        (g,) = torch.autograd.grad(loss, x, up)
-    # one N x C op in the backward: the face kernel, inside the custom backward op; no scaling pass
-    assert mode.ops == ["mmfast.cross_entropy_backward.default"], mode.ops
-    assert len(face_calls) == 2 and face_calls[1][0] is True
+    t, w, up, ops = _forward_backward("triton", reduction, upstream)
+    # the forward computed the loss only; one N x C op in the backward: the face kernel inside
+    # the custom backward op (no scaling pass), with the upstream folded into its grad_scale
+    assert ops == ["mmfast.cross_entropy_backward.default"], ops
+    assert [c[0] for c in face_calls] == [False, True]
     valid = t != -100
     denom = w[t.clamp(min=0)][valid].sum() if reduction == "mean" else torch.tensor(1.0)
-    want_scale = up.reshape(-1) / denom
-    torch.testing.assert_close(face_calls[1][1], want_scale.float(), rtol=1e-6, atol=0)
-    ref, eager = _reference_grad(x, t, w, 0.1, reduction, up)
-    testing.assert_close(g, ref, eager, grad=True, name=f"triton {reduction} {upstream}")
-    assert (g[~valid] == 0).all()
+    torch.testing.assert_close(face_calls[1][1], (up.reshape(-1) / denom).float(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="C++ extension unavailable")
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("upstream", ["unit", "scalar"])
 def test_cpu_face_gradient_in_forward_costs_no_pass_for_a_unit_upstream(reduction, upstream, face_calls):
-    x, t, w = _case()
-    x.requires_grad_(True)
-    loss = mmfast.ops.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction=reduction, backend="cpu")
-    assert [c[0] for c in face_calls] == [True]
-    up = _upstream(upstream, reduction, x.shape[0])
-    with _BigOps(x.numel()) as mode:
-        (g,) = torch.autograd.grad(loss, x, up)
+    _, _, _, ops = _forward_backward("cpu", reduction, upstream)
+    assert [c[0] for c in face_calls] == [True]  # the gradient came with the forward
     # a scalar 1.0: the saved gradient is the answer; otherwise one in-place scaling, no new N x C
-    assert mode.ops == ([] if upstream == "unit" and reduction != "none" else ["aten.mul_.Tensor"]), mode.ops
-    assert len(face_calls) == 1
-    ref, eager = _reference_grad(x, t, w, 0.1, reduction, up)
-    testing.assert_close(g, ref, eager, grad=True, name=f"cpu {reduction} {upstream}")
+    assert ops == ([] if upstream == "unit" and reduction != "none" else ["aten.mul_.Tensor"]), ops
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
