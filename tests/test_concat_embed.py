@@ -458,7 +458,7 @@ for dt, drop in (("bf16", True), ("fp16", False), ("fp32", False)):
              SEED="*i64")
     triton.compile(ASTSource(ce._fwd_kernel, sig(ce._fwd_kernel, p, {"eps", "scale"}, c, dt), constexprs=c),
                    target=target, options={"num_warps": 4})
-    c = dict(HAS_POS=True, HAS_TYPE=True, HAS_LN=True, DROPOUT=drop, LT=2, BB=32, BLOCK_D=1024)
+    c = dict(HAS_POS=True, HAS_TYPE=True, HAS_LN=True, DROPOUT=drop, LT=2, BLOCK_D=1024)
     p = dict(GO="*T", F="*T", POS="*fp32", TYPE="*fp32", W="*fp32", MEAN="*fp32", RSTD="*fp32", SEED="*i64",
              GF="*T", PPOS="*fp32", PW="*fp32", PB="*fp32", PT="*fp32")
     triton.compile(ASTSource(ce._bwd_kernel, sig(ce._bwd_kernel, p, {"scale"}, c, dt), constexprs=c),

@@ -297,10 +297,12 @@ from mmfast.triton import cross_entropy as m
 sig = {"x_ptr": "*bf16", "x_stride": "i64", "g_ptr": "*bf16", "g_stride": "i64", "t_ptr": "*i64", "w_ptr": "*fp32",
        "loss_ptr": "*fp32", "scale_ptr": "*fp32", "scale_stride": "i32", "N": "i32", "C": "i32",
        "ignore_index": "i32", "eps": "fp32", "HAS_WEIGHT": "constexpr", "SMOOTH": "constexpr",
-       "HAS_SCALE": "constexpr", "COMPUTE_GRAD": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr"}
-for hw, sm, hs, cg, rows, block in [(True, True, True, True, 1, 8192), (False, False, False, True, 16, 256)]:
+       "HAS_SCALE": "constexpr", "COMPUTE_GRAD": "constexpr", "ROWS": "constexpr", "BLOCK": "constexpr",
+       "ONE_CHUNK": "constexpr"}
+for hw, sm, hs, cg, rows, block, one in [(True, True, True, True, 1, 8192, False), (False, False, False, True, 16, 256, True)]:
     src = ASTSource(fn=m._ce_kernel, signature=sig, constexprs={"HAS_WEIGHT": hw, "SMOOTH": sm, "HAS_SCALE": hs,
-                                                               "COMPUTE_GRAD": cg, "ROWS": rows, "BLOCK": block})
+                                                               "COMPUTE_GRAD": cg, "ROWS": rows, "BLOCK": block,
+                                                               "ONE_CHUNK": one})
     assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
 sig2 = {"L_ptr": "*fp32", "stride": "i64", "lse_r_ptr": "*fp32", "lse_c_ptr": "*fp32", "B": "i32", "N": "i32",
         "i0": "i32", "eps": "fp32", "BM": "constexpr", "BN": "constexpr"}

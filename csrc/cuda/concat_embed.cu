@@ -6,13 +6,15 @@
 // reductions for the LayerNorm mean and (two-pass) variance, dropout from the shared hash, one
 // vector store. One read of every input and one write of the output.
 //
-// Backward: one launch per modality; block (i, j) has kWarps warps, warp w owning position
-// l = i*kWarps + w for batch rows [j*kBatchChunk, j*kBatchChunk + kBatchChunk). A warp recomputes x
-// from the inputs, writes the feature-gradient rows and keeps float32 register accumulators; the
-// position-gradient partial per (batch chunk, position) and one per-block partial each for the
-// LayerNorm weight, bias and type embedding (summed across warps through shared memory in warp
-// order) go to global memory; stage 2 sums them with torch's sum. Deterministic, no atomics.
-// Launched on the current stream with a device guard; no host synchronisation.
+// Backward: one launch per modality; block (l, j) (kBwdThreads threads, kMaxD / kBwdThreads values
+// per thread: <= 128 registers) owns position l for batch rows [j*bb, j*bb + bb). It recomputes x
+// from the inputs, writes the feature-gradient rows (the LayerNorm row sums go through the block
+// in warp order) and keeps float32 register accumulators; its partials (the position/type
+// gradient row, the LayerNorm weight and bias rows) go to global memory, and stage 2 sums them
+// with torch's sum. Deterministic, no atomics. The batch chunk bb is halved from
+// kMaxBatchChunk until the grid has kBwdBlocksPerSm blocks per SM (B >= 8 fills an H100 at the
+// usual lengths); each halving costs 16 bytes of partials per block and column, written and read
+// once. Launched on the current stream with a device guard; no host synchronisation.
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -24,9 +26,11 @@ namespace mmfast {
 namespace {
 
 constexpr int kMaxM = static_cast<int>(kConcatEmbedMaxModalities);
-constexpr int kWarps = 4;         // rows (forward) or positions (backward) per block
-constexpr int kMaxD = 1024;       // registers per lane: kMaxD / 32 values
-constexpr int kBatchChunk = 16;   // batch rows per backward block
+constexpr int kWarps = 4;          // rows per forward block
+constexpr int kMaxD = 1024;        // forward registers per lane: kMaxD / 32 values
+constexpr int kBwdThreads = 128;   // one position per backward block
+constexpr int kMaxBatchChunk = 32; // most batch rows per backward block
+constexpr int kBwdBlocksPerSm = 2; // backward grid target
 
 // float32 / float16 / bfloat16 only (no float64 instantiations: compile time).
 template <typename F>
@@ -216,40 +220,39 @@ __global__ void __launch_bounds__(kWarps * 32) concat_embed_fwd_kernel(Args a, T
   }
 }
 
-// Sums a per-warp accumulator over the block's warps (in warp order) into dst[0..D).
-template <int CH, int VEC>
-__device__ __forceinline__ void block_partial(float (&acc)[CH][VEC], float* smem, float* dst, int64_t D) {
+// The sums of a and b over the block, the same in every thread: warp shuffles, then the warps in
+// order (deterministic).
+__device__ __forceinline__ float2 block_sum2(float a, float b, float2* red) {
+  a = warp_sum(a);
+  b = warp_sum(b);
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int c = 0; c < CH; ++c)
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) smem[warp * kMaxD + (c * 32 + lane) * VEC + e] = acc[c][e];
+  if (lane == 0) red[warp] = make_float2(a, b);
   __syncthreads();
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-    float s = 0.f;
+  float2 s = red[0];
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += smem[w * kMaxD + j];
-    dst[j] = s;
+  for (int w = 1; w < kBwdThreads / 32; ++w) {
+    s.x += red[w].x;
+    s.y += red[w].y;
   }
-  __syncthreads();
+  __syncthreads();  // red is reused for the next row
+  return s;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kWarps * 32) concat_embed_bwd_kernel(
-    Args a, int m, const T* __restrict__ gout, const float* __restrict__ mean_in, const float* __restrict__ rstd_in,
-    T* __restrict__ gfeat, float* __restrict__ ppos, float* __restrict__ pw, float* __restrict__ pb,
-    float* __restrict__ pt) {
+__global__ void __launch_bounds__(kBwdThreads) concat_embed_bwd_kernel(
+    Args a, int m, int64_t batch_chunk, const T* __restrict__ gout, const float* __restrict__ mean_in,
+    const float* __restrict__ rstd_in, T* __restrict__ gfeat, float* __restrict__ pg, float* __restrict__ pw,
+    float* __restrict__ pb) {
   constexpr int VEC = 16 / sizeof(T);
-  constexpr int CH = kMaxD / (32 * VEC);
-  __shared__ float smem[kWarps * kMaxD];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  constexpr int CH = kMaxD / (kBwdThreads * VEC);  // CH * VEC = 8 values per thread and array
+  __shared__ float2 red[kBwdThreads / 32];
   const int64_t D = a.D, L = a.L[m];
-  const int64_t l = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  const bool valid = l < L;  // invalid warps still join the block reductions (with zeros)
+  const int64_t l = blockIdx.x;  // the grid has exactly L columns
   const bool ln = a.w != nullptr;
   const T* feat = static_cast<const T*>(a.feat[m]);
-  const float* pe = (a.pos[m] && valid) ? a.pos[m] + l * D : nullptr;
+  const float* pe = a.pos[m] ? a.pos[m] + l * D : nullptr;
   const float* te = a.type ? a.type + m * D : nullptr;
+  auto col0_of = [](int c) { return (static_cast<int64_t>(c) * kBwdThreads + threadIdx.x) * VEC; };
 
   // Accumulators in registers; the weight, position and type rows are re-read each batch row
   // (they stay in L1) to keep register pressure down.
@@ -264,84 +267,91 @@ __global__ void __launch_bounds__(kWarps * 32) concat_embed_bwd_kernel(
     k0 = static_cast<uint32_t>(s);
     k1 = static_cast<uint32_t>(s >> 32);
   }
-  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * kBatchChunk;
-  const int64_t b1 = b0 + kBatchChunk < a.B ? b0 + kBatchChunk : a.B;
-  if (valid) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t orow = b * a.Ltot + a.off[m] + l, frow = b * L + l;
-      float g[CH][VEC];
+  const int64_t b0 = static_cast<int64_t>(blockIdx.y) * batch_chunk;
+  const int64_t b1 = b0 + batch_chunk < a.B ? b0 + batch_chunk : a.B;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t orow = b * a.Ltot + a.off[m] + l, frow = b * L + l;
+    float g[CH][VEC];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int64_t col0 = col0_of(c);
+      load_row<T, VEC>(gout + orow * D, col0, D, a.vec, g[c]);
+      if (a.dropout) {
+        const uint64_t base = static_cast<uint64_t>(orow * D + col0);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) g[c][e] = dropout_keep(base + e, k0, k1, a.thresh) ? g[c][e] * a.scale : 0.f;
+      }
+    }
+    if (ln) {
+      const float mean = mean_in[orow], rstd = rstd_in[orow];
+      float xh[CH][VEC];
+      float s1 = 0.f, s2 = 0.f;
 #pragma unroll
       for (int c = 0; c < CH; ++c) {
-        const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
-        load_row<T, VEC>(gout + orow * D, col0, D, a.vec, g[c]);
-        if (a.dropout) {
-          const uint64_t base = static_cast<uint64_t>(orow * D + col0);
+        const int64_t col0 = col0_of(c);
+        float wv[VEC], tmp[VEC];
+        load_row<T, VEC>(feat + frow * D, col0, D, a.vec, xh[c]);
+        if (pe) {
+          load_param<VEC>(pe, col0, D, a.vec, tmp);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) g[c][e] = dropout_keep(base + e, k0, k1, a.thresh) ? g[c][e] * a.scale : 0.f;
+          for (int e = 0; e < VEC; ++e) xh[c][e] += tmp[e];
+        }
+        if (te) {
+          load_param<VEC>(te, col0, D, a.vec, tmp);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) xh[c][e] += tmp[e];
+        }
+        load_param<VEC>(a.w, col0, D, a.vec, wv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const bool in = col0 + e < D;
+          xh[c][e] = in ? (xh[c][e] - mean) * rstd : 0.f;
+          acc_w[c][e] += g[c][e] * xh[c][e];
+          acc_b[c][e] += g[c][e];
+          g[c][e] *= wv[e];  // d/d(x-hat)
+          s1 += g[c][e];
+          s2 += g[c][e] * xh[c][e];
         }
       }
+      const float2 sums = block_sum2(s1, s2, red);
+      const float c1 = sums.x / static_cast<float>(D), c2 = sums.y / static_cast<float>(D);
+#pragma unroll
+      for (int c = 0; c < CH; ++c)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) g[c][e] = rstd * (g[c][e] - c1 - xh[c][e] * c2);
+    }
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int64_t col0 = col0_of(c);
+      store_row<T, VEC>(gfeat + frow * D, col0, D, a.vec, g[c]);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc_g[c][e] += col0 + e < D ? g[c][e] : 0.f;
+    }
+  }
+  // This block's partials: row (blockIdx.y, l) of the (chunks, L, D) buffers.
+  const int64_t part = (static_cast<int64_t>(blockIdx.y) * L + l) * D;
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int64_t col0 = col0_of(c);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      if (col0 + e >= D) continue;
+      if (pg) pg[part + col0 + e] = acc_g[c][e];
       if (ln) {
-        const float mean = mean_in[orow], rstd = rstd_in[orow];
-        float xh[CH][VEC];
-        float s1 = 0.f, s2 = 0.f;
-#pragma unroll
-        for (int c = 0; c < CH; ++c) {
-          const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
-          float wv[VEC], tmp[VEC];
-          load_row<T, VEC>(feat + frow * D, col0, D, a.vec, xh[c]);
-          if (pe) {
-            load_param<VEC>(pe, col0, D, a.vec, tmp);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) xh[c][e] += tmp[e];
-          }
-          if (te) {
-            load_param<VEC>(te, col0, D, a.vec, tmp);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) xh[c][e] += tmp[e];
-          }
-          load_param<VEC>(a.w, col0, D, a.vec, wv);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const bool in = col0 + e < D;
-            xh[c][e] = in ? (xh[c][e] - mean) * rstd : 0.f;
-            acc_w[c][e] += g[c][e] * xh[c][e];
-            acc_b[c][e] += g[c][e];
-            g[c][e] *= wv[e];  // d/d(x-hat)
-            s1 += g[c][e];
-            s2 += g[c][e] * xh[c][e];
-          }
-        }
-        const float c1 = warp_sum(s1) / static_cast<float>(D), c2 = warp_sum(s2) / static_cast<float>(D);
-#pragma unroll
-        for (int c = 0; c < CH; ++c)
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) g[c][e] = rstd * (g[c][e] - c1 - xh[c][e] * c2);
-      }
-#pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
-        store_row<T, VEC>(gfeat + frow * D, col0, D, a.vec, g[c]);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc_g[c][e] += col0 + e < D ? g[c][e] : 0.f;
-      }
-    }
-    if (ppos) {
-      float* dst = ppos + (static_cast<int64_t>(blockIdx.y) * L + l) * D;
-#pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        const int64_t col0 = (static_cast<int64_t>(c) * 32 + lane) * VEC;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e)
-          if (col0 + e < D) dst[col0 + e] = acc_g[c][e];
+        pw[part + col0 + e] = acc_w[c][e];
+        pb[part + col0 + e] = acc_b[c][e];
       }
     }
   }
-  const int64_t prog = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * D;
-  if (ln) {
-    block_partial<CH, VEC>(acc_w, smem, pw + prog, D);
-    block_partial<CH, VEC>(acc_b, smem, pb + prog, D);
-  }
-  if (pt) block_partial<CH, VEC>(acc_g, smem, pt + prog, D);
+}
+
+// Batch rows per backward block for a modality of L positions: the largest power of two <= 32
+// whose grid reaches kBwdBlocksPerSm blocks per SM (1 when even that is not enough).
+int64_t batch_chunk(int64_t B, int64_t L, int sms) {
+  int64_t bb = kMaxBatchChunk;
+  auto blocks = [&](int64_t c) { return L * ((B + c - 1) / c); };
+  while (bb > 1 && blocks(bb) < static_cast<int64_t>(kBwdBlocksPerSm) * sms && (B + bb - 1) / bb < B) bb /= 2;
+  return bb;
 }
 
 inline uint32_t dropout_threshold(double p) {
@@ -469,43 +479,48 @@ std::vector<Tensor> concat_embed_backward_cuda(
   std::vector<Tensor> gpos;
   for (const auto& t : pos) gpos.push_back(torch::stable::new_zeros(t, t.sizes()));
   // One buffer for every modality's per-block LayerNorm partials, so stage 2 is one sum each.
-  const int64_t nbc = (a.B + kBatchChunk - 1) / kBatchChunk;
-  int64_t ln_blocks = 0;
-  for (int m = 0; m < a.M; ++m) ln_blocks += nbc * ((a.L[m] + kWarps - 1) / kWarps);
-  const Tensor pw = empty({a.w ? ln_blocks : 0, a.D}, ScalarType::Float, f0);
-  const Tensor pb = empty({a.w ? ln_blocks : 0, a.D}, ScalarType::Float, f0);
-  const std::vector<int64_t> dim0{0};
-  const cudaStream_t stream = current_cuda_stream(f0);
-  int64_t ln_block0 = 0;
+  int sms = 0;
+  MMFAST_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, f0.get_device_index()) == cudaSuccess,
+               "concat_embed: cannot read the GPU's SM count");
+  std::vector<int64_t> chunk(a.M), nbc(a.M);
+  int64_t ln_rows = 0;
   for (int m = 0; m < a.M; ++m) {
-    const int64_t L = a.L[m], nl = (L + kWarps - 1) / kWarps;
-    const int64_t k = pos_index[m];
-    const Tensor ppos = empty({k >= 0 ? nbc : 0, L, a.D}, ScalarType::Float, f0);
-    const Tensor pt = empty({a.type ? nbc * nl : 0, a.D}, ScalarType::Float, f0);
-    if (nbc > 0 && a.D > 0) {
-      MMFAST_CHECK_ARG(nl < (int64_t(1) << 31) && nbc < 65536, "features", "too many positions or batch rows");
-      const dim3 grid(static_cast<unsigned>(nl), static_cast<unsigned>(nbc));
-      float* pw_m = a.w ? pw.mutable_data_ptr<float>() + ln_block0 * a.D : nullptr;
-      float* pb_m = a.w ? pb.mutable_data_ptr<float>() + ln_block0 * a.D : nullptr;
+    chunk[m] = batch_chunk(a.B, a.L[m], sms);
+    nbc[m] = (a.B + chunk[m] - 1) / chunk[m];
+    ln_rows += nbc[m] * a.L[m];
+  }
+  const Tensor pw = empty({a.w ? ln_rows : 0, a.D}, ScalarType::Float, f0);
+  const Tensor pb = empty({a.w ? ln_rows : 0, a.D}, ScalarType::Float, f0);
+  const std::vector<int64_t> dim0{0}, dim01{0, 1};
+  const cudaStream_t stream = current_cuda_stream(f0);
+  int64_t ln_row0 = 0;
+  for (int m = 0; m < a.M; ++m) {
+    const int64_t L = a.L[m], k = pos_index[m];
+    // the position / type gradient partial of every (batch chunk, position)
+    const Tensor pg = empty({(k >= 0 || a.type) ? nbc[m] : 0, L, a.D}, ScalarType::Float, f0);
+    if (nbc[m] > 0 && a.D > 0) {
+      MMFAST_CHECK_ARG(L < (int64_t(1) << 31) && nbc[m] < 65536, "features", "too many positions or batch rows");
+      const dim3 grid(static_cast<unsigned>(L), static_cast<unsigned>(nbc[m]));
+      float* pw_m = a.w ? pw.mutable_data_ptr<float>() + ln_row0 * a.D : nullptr;
+      float* pb_m = a.w ? pb.mutable_data_ptr<float>() + ln_row0 * a.D : nullptr;
       dispatch_cuda_types(go.scalar_type(), "grad_out", [&](auto tag) {
         using scalar_t = typename decltype(tag)::type;
-        concat_embed_bwd_kernel<scalar_t><<<grid, kWarps * 32, 0, stream>>>(
-            a, m, go.const_data_ptr<scalar_t>(), a.w ? mean_c->const_data_ptr<float>() : nullptr,
+        concat_embed_bwd_kernel<scalar_t><<<grid, kBwdThreads, 0, stream>>>(
+            a, m, chunk[m], go.const_data_ptr<scalar_t>(), a.w ? mean_c->const_data_ptr<float>() : nullptr,
             a.w ? rstd_c->const_data_ptr<float>() : nullptr, grads[m].mutable_data_ptr<scalar_t>(),
-            k >= 0 ? ppos.mutable_data_ptr<float>() : nullptr, pw_m, pb_m,
-            a.type ? pt.mutable_data_ptr<float>() : nullptr);
+            (k >= 0 || a.type) ? pg.mutable_data_ptr<float>() : nullptr, pw_m, pb_m);
       });
       check_launch("concat_embed_bwd_kernel");
     }
-    ln_block0 += nbc * nl;
+    ln_row0 += nbc[m] * L;
     // Stage 2 (deterministic torch reductions over the partials), written into the gradient rows.
-    if (k >= 0 && nbc > 0) {
+    if (k >= 0 && nbc[m] > 0) {
       Tensor rows = torch::stable::narrow(gpos[k], 0, 0, L);
-      torch::stable::sum_out(rows, ppos, IntArrayRef(dim0));
+      torch::stable::sum_out(rows, pg, IntArrayRef(dim0));
     }
-    if (a.type && nbc > 0) {
+    if (a.type && nbc[m] > 0) {
       Tensor row = torch::stable::select(gtype, 0, m);
-      torch::stable::sum_out(row, pt, IntArrayRef(dim0));
+      torch::stable::sum_out(row, pg, IntArrayRef(dim01));
     }
   }
   grads.push_back(gtype);

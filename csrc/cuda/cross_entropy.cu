@@ -1,7 +1,10 @@
 // Softmax cross-entropy, CUDA face. One thread block per row: pass 1 reads the row once with an
-// online max/sum-exp (plus the sums label smoothing needs), pass 2 writes the scaled gradient,
-// either into a new (N, C) tensor or over the logits themselves (cross_entropy_forward_inplace:
-// every thread reads x[j] before it writes g[j] for the same j, and a block owns its row).
+// online max/sum-exp (plus the sums label smoothing needs), pass 2 writes the gradient times
+// grad_scale, either into a new (N, C) tensor or over the logits themselves
+// (cross_entropy_forward_inplace: every thread reads x[j] before it writes g[j] for the same j,
+// and a block owns its row). Rows of up to kThreads * kMaxItems classes stay in registers from
+// pass 1 to pass 2 (ITEMS values per thread, all loads issued at once): the kernel then reads the
+// logits once; longer rows read them again in pass 2.
 // Same formulas as csrc/cpu/cross_entropy.cpp. Launched on the current stream; no host sync.
 // Compiled on a machine without a GPU: not yet run (see tests/test_cross_entropy_gpu.py).
 #include <cmath>
@@ -13,6 +16,7 @@ namespace mmfast {
 namespace {
 
 constexpr int kThreads = 512;
+constexpr int kMaxItems = 64;  // 32768 classes in registers (BERT's 30522); <= 128 registers/thread
 
 struct RowStats {
   float max, sum_exp, sum_wx;
@@ -64,7 +68,36 @@ __device__ float block_sum(float v) {
   return total;
 }
 
-template <typename scalar_t>
+// Pass 1, one element: the online max / sum-exp and the label-smoothing sums.
+__device__ __forceinline__ void accumulate(RowStats& s, float& weight_total, float xj, int64_t j,
+                                           const float* __restrict__ weight, float eps) {
+  const float m = fmaxf(s.max, xj);
+  if (m != -INFINITY) s.sum_exp = s.sum_exp * __expf(s.max - m) + __expf(xj - m);
+  s.max = m;
+  if (eps != 0.f) {
+    const float wj = weight ? weight[j] : 1.f;
+    s.sum_wx += wj * xj;
+    weight_total += wj;
+  }
+}
+
+// Pass 2: everything the gradient of one element needs.
+struct GradCoef {
+  float shift, inv_sum, ab, a, smooth, scale;  // smooth = eps / C
+  int64_t t;
+  __device__ __forceinline__ float operator()(float xj, int64_t j, const float* __restrict__ weight) const {
+    // p_j = exp(x_j - max) / sum: x_j - max is exact, x_j - lse loses digits when |x| ~ 1e4.
+    // A row of only -inf gives 0 * inf = NaN, as torch does.
+    float gj = ab * (expf(xj - shift) * inv_sum);
+    if (smooth != 0.f) gj -= smooth * (weight ? weight[j] : 1.f);
+    if (j == t) gj -= a;
+    return gj * scale;
+  }
+};
+
+// ITEMS > 0: C <= ITEMS * kThreads, the row is held in registers (element threadIdx.x + i * kThreads
+// in v[i]); ITEMS == 0: any C, pass 2 reads the row again.
+template <typename scalar_t, int ITEMS>
 __global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(
     const scalar_t* logits, int64_t row_stride, const int64_t* __restrict__ target,
     const float* __restrict__ weight, int64_t C, int64_t ignore_index, float eps,
@@ -92,16 +125,20 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(
 
   RowStats s{-INFINITY, 0.f, 0.f};
   float weight_total = 0.f;
-  for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-    const float xj = static_cast<float>(x[j]);
-    const float m = fmaxf(s.max, xj);
-    if (m != -INFINITY) s.sum_exp = s.sum_exp * __expf(s.max - m) + __expf(xj - m);
-    s.max = m;
-    if (eps != 0.f) {
-      const float wj = weight ? weight[j] : 1.f;
-      s.sum_wx += wj * xj;
-      weight_total += wj;
+  float v[ITEMS > 0 ? ITEMS : 1];
+  if constexpr (ITEMS > 0) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {  // every load in flight before the first use
+      const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
+      v[i] = j < C ? static_cast<float>(x[j]) : -INFINITY;
     }
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
+      if (j < C) accumulate(s, weight_total, v[i], j, weight, eps);
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < C; j += kThreads) accumulate(s, weight_total, static_cast<float>(x[j]), j, weight, eps);
   }
   s = block_reduce(s);
   if (eps != 0.f) weight_total = weight ? block_sum(weight_total) : static_cast<float>(C);
@@ -117,18 +154,16 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_forward_kernel(
     loss[row] = l;
   }
   if (!g) return;
-  const float scale = grad_scale ? grad_scale[row * grad_scale_stride] : 1.f;
-  const float b = eps / C * weight_total;
-  // p_j = exp(x_j - max) / sum: x_j - max is exact, x_j - lse loses digits when |x| ~ 1e4.
-  // A row of only -inf gives 0 * inf = NaN, as torch does.
-  const float shift = s.max == -INFINITY ? 0.f : s.max;
-  const float inv_sum = 1.f / s.sum_exp;
-  for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-    const float p = expf(static_cast<float>(x[j]) - shift) * inv_sum;
-    float gj = (a + b) * p;
-    if (eps != 0.f) gj -= eps / C * (weight ? weight[j] : 1.f);
-    if (j == t) gj -= a;
-    g[j] = static_cast<scalar_t>(gj * scale);
+  const GradCoef k{s.max == -INFINITY ? 0.f : s.max, 1.f / s.sum_exp, a + eps / C * weight_total, a, eps / C,
+                   grad_scale ? grad_scale[row * grad_scale_stride] : 1.f, t};
+  if constexpr (ITEMS > 0) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int64_t j = threadIdx.x + static_cast<int64_t>(i) * kThreads;
+      if (j < C) g[j] = static_cast<scalar_t>(k(v[i], j, weight));
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < C; j += kThreads) g[j] = static_cast<scalar_t>(k(static_cast<float>(x[j]), j, weight));
   }
 }
 
@@ -150,12 +185,20 @@ void launch(const Tensor& logits, const Tensor* grad, const CrossEntropyInputs& 
   const cudaStream_t stream = current_cuda_stream(logits);
   dispatch<float, Half, BFloat16>(logits.scalar_type(), "logits", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    cross_entropy_forward_kernel<scalar_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-        logits.const_data_ptr<scalar_t>(), logits.stride(0), c.target.const_data_ptr<int64_t>(),
-        c.weight ? c.weight->const_data_ptr<float>() : nullptr, C, ignore_index,
-        static_cast<float>(label_smoothing), c.scale ? c.scale->const_data_ptr<float>() : nullptr, c.scale_stride,
-        loss.mutable_data_ptr<float>(), grad ? grad->mutable_data_ptr<scalar_t>() : nullptr,
-        grad ? grad->stride(0) : 0);
+    auto run = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+          logits.const_data_ptr<scalar_t>(), logits.stride(0), c.target.const_data_ptr<int64_t>(),
+          c.weight ? c.weight->const_data_ptr<float>() : nullptr, C, ignore_index,
+          static_cast<float>(label_smoothing), c.scale ? c.scale->const_data_ptr<float>() : nullptr, c.scale_stride,
+          loss.mutable_data_ptr<float>(), grad ? grad->mutable_data_ptr<scalar_t>() : nullptr,
+          grad ? grad->stride(0) : 0);
+    };
+    if (C <= 8 * kThreads)
+      run(cross_entropy_forward_kernel<scalar_t, 8>);
+    else if (C <= kMaxItems * kThreads)
+      run(cross_entropy_forward_kernel<scalar_t, kMaxItems>);
+    else
+      run(cross_entropy_forward_kernel<scalar_t, 0>);
   });
   check_launch("cross_entropy_forward_kernel");
 }

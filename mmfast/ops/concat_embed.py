@@ -17,7 +17,10 @@ for float64 features)::
             grad_weight (D,) or (0,), grad_bias (D,) or (0,)]      parameter grads in the params' dtype
 
 Parameter gradients are reduced in float32 in two stages (per-block partial sums, then a sum over
-blocks in a fixed order): deterministic, no atomics.
+blocks in a fixed order): deterministic, no atomics. The GPU faces size the backward grid to the
+GPU (two blocks per SM: the Triton face splits positions, then batch rows; the CUDA face batch
+rows), so results are bit-for-bit reproducible on one GPU model; on GPUs with another SM count
+the partial sums are grouped differently (last-bit differences).
 
 Dropout does not use torch's Philox stream directly (a kernel cannot share it across the three
 faces); instead a 64-bit seed is drawn from torch's generator for every call (so ``torch.manual_seed``

@@ -11,11 +11,32 @@ implements the same kernel contract::
     cross_entropy_forward_inplace(logits (N, C) [overwritten by the gradient], target, weight,
                                   ignore_index, label_smoothing, grad_scale) -> loss (N,) f32
 
-``logits`` needs unit stride along C only (any row stride); all offsets are int64. The gradient
-is produced in the forward pass (no saved softmax); backward only scales it. Ignored rows get
-loss 0 and a zero gradient. A target outside ``[0, C)`` that is not ``ignore_index`` is never
+``logits`` needs unit stride along C only (any row stride); all offsets are int64. ``grad_scale``
+multiplies each row's gradient inside the kernel (read on the device, never on the host): the
+gradient comes out already scaled, with no separate pass to scale it. Ignored rows get loss 0
+and a zero gradient. A target outside ``[0, C)`` that is not ``ignore_index`` is never
 used as an index: the CPU face raises an error naming 'target'; the GPU faces write NaN for that
 row and raise a device-side assert (no host synchronisation), so the loss is never finite and wrong.
+
+Passes over the N x C data and memory, per mode of ``cross_entropy`` (R = one read, W = one write
+of N x C elements; "scalar upstream" covers 1, a loss weight, an AMP loss scale, 1/accumulation):
+
+    GPU faces (cuda, triton: the gradient is deferred)
+      forward            R (loss only; the logits are saved, not copied; no N x C allocation).
+      backward           R + W for any upstream (scalar or per row with reduction='none'): the
+                         kernel writes the gradient times the upstream factor, read on the device
+                         (no host sync). Extra memory: the N x C gradient, allocated here.
+    CPU face (the gradient is computed in the forward, where a second sweep hits the cache)
+      forward            R + W (the N x C gradient of a unit upstream is allocated and kept).
+      backward           nothing for an upstream of 1.0 (read on the host, free there) with the
+                         graph freed; otherwise R + W to scale it (in place; a copy under
+                         retain_graph).
+    inplace_backward     as the CPU face, but the gradient overwrites the logits (no N x C
+    (opt-in, any face)   allocation; on a GPU the backward scales it unless the upstream is a CPU
+                         tensor equal to 1.0).
+
+The kernels keep a row on chip between their two sweeps when it fits (GPU: up to 32768 classes),
+so "R" is one read of the logits. Double backward is refused with a clear error.
 
 Host synchronisation: ``cross_entropy`` has none. ``linear_cross_entropy`` has one on the GPU (the
 row compaction below needs the number of non-ignored rows); while a CUDA graph is being captured
@@ -114,14 +135,28 @@ def _unit_upstream(grad_loss: Tensor) -> bool:
     return _graph_freed() and float(grad_loss) == 1.0
 
 
+def _upstream_scale(grad_loss: Tensor, reduction: str, target: Tensor, weight: Optional[Tensor],
+                    ignore_index: int, C: int) -> Tensor:
+    """The factor each row's gradient is multiplied by, as a float32 device tensor of 1 or N elements
+    (tiny device ops, never a host read): the upstream gradient, divided by torch's 'mean' divisor."""
+    up = grad_loss.to(torch.float32)
+    if reduction == "none":
+        return up.reshape(-1).contiguous()
+    if reduction == "mean":
+        up = up / _reduction_denominator(target, weight, ignore_index, C)
+    return up.reshape(1)
+
+
 @torch.library.custom_op("mmfast::cross_entropy", mutates_args=())
 def _cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                       label_smoothing: float, reduction: str, compute_grad: bool, backend: str
                       ) -> tuple[Tensor, Tensor]:
-    """Returns (loss reduced as asked, gradient of that loss w.r.t. logits for a unit upstream grad)."""
+    """(loss reduced as asked, gradient of that loss w.r.t. logits for a unit upstream gradient, or
+    (0,) when not compute_grad). compute_grad is the CPU face's mode (see _grad_in_forward); for
+    the GPU faces it is False and the backward op writes the gradient."""
     C = logits.shape[1]
     denom = _reduction_denominator(target, weight, ignore_index, C) if reduction == "mean" else None
-    grad_scale = (1.0 / denom).reshape(1) if denom is not None else None
+    grad_scale = (1.0 / denom).reshape(1) if (denom is not None and compute_grad) else None
     rows, grad = _face_forward(backend)(logits, target, weight, ignore_index, label_smoothing,
                                         compute_grad, grad_scale)
     return _reduce(rows, reduction, denom), grad
@@ -135,30 +170,81 @@ def _(logits, target, weight, ignore_index, label_smoothing, reduction, compute_
     return loss, grad
 
 
+def _grad_in_forward(backend: str) -> bool:
+    """The CPU face computes the gradient in the forward (its second sweep reads the row from cache)
+    and its backward reads the upstream gradient on the host for free: a unit upstream then costs
+    no pass at all. The GPU faces defer it: reading the upstream there would be a host sync, so the
+    backward kernel writes the gradient times the upstream instead (no extra pass for any upstream)."""
+    return backend == "cpu"
+
+
+@torch.library.custom_op("mmfast::cross_entropy_backward", mutates_args=())
+def _cross_entropy_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                               ignore_index: int, label_smoothing: float, reduction: str, backend: str) -> Tensor:
+    """d(loss)/d(logits) times the upstream gradient, written in one pass by the face kernel: the
+    upstream factor (scalar or per row) goes in as the kernel's grad_scale, read on the device."""
+    scale = _upstream_scale(grad_loss, reduction, target, weight, ignore_index, logits.shape[1])
+    _, grad = _face_forward(backend)(logits, target, weight, ignore_index, label_smoothing, True, scale)
+    return grad
+
+
+@_cross_entropy_backward_op.register_fake
+def _(grad_loss, logits, target, weight, ignore_index, label_smoothing, reduction, backend):
+    return torch.empty_like(logits)
+
+
 def _ce_setup_context(ctx, inputs, output):
-    # The gradient outputs are never differentiated: without this autograd would materialise
-    # zeros the size of each of them as their incoming gradient (a full extra pass).
+    # The gradient output is never differentiated: without this autograd would materialise
+    # zeros the size of it as its incoming gradient (a full extra pass).
     ctx.set_materialize_grads(False)
-    ctx.reduction = inputs[5]
-    ctx.save_for_backward(output[1])
+    logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad, backend = inputs
+    ctx.args = (ignore_index, label_smoothing, reduction, backend)
+    ctx.deferred = not compute_grad
+    # The logits themselves (no copy; every face, so the rules are the same): an in-place change
+    # to them before backward is reported by autograd's version counter.
+    ctx.save_for_backward(logits, target, weight, None if ctx.deferred else output[1])
 
 
 def _ce_backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:  # only the (non-differentiable) gradient output was used
         return None, None, None, None, None, None, None, None
-    (grad,) = ctx.saved_tensors
-    if ctx.reduction == "none":
-        dlogits = _scaled(grad, grad_loss[:, None])
-    elif _unit_upstream(grad_loss):
-        # loss.backward() on the CPU: the saved gradient already is the answer. Returning it saves
-        # a full read+write pass over N x C (see _unit_upstream for why this is safe).
-        dlogits = grad
+    logits, target, weight, grad = ctx.saved_tensors
+    if ctx.deferred:
+        dlogits = _cross_entropy_backward_op(grad_loss, logits, target, weight, *ctx.args)
     else:
-        dlogits = _scaled(grad, grad_loss)
+        if ctx.args[2] == "none":
+            dlogits = _scaled(grad, grad_loss[:, None])
+        elif _unit_upstream(grad_loss):
+            # loss.backward() on the CPU: the saved gradient already is the answer. Returning it
+            # saves a full read+write pass over N x C (see _unit_upstream for why this is safe).
+            dlogits = grad
+        else:
+            dlogits = _scaled(grad, grad_loss)
+        if torch.is_grad_enabled():  # create_graph=True: no silently missing second derivative
+            dlogits = _NoDoubleBackward.apply(dlogits, logits)
     return dlogits, None, None, None, None, None, None, None
 
 
 _cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError("mmfast.cross_entropy: double backward (create_graph=True through the loss) is not "
+                       "supported; use backend='torch' for second derivatives")
+
+
+_cross_entropy_backward_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """grad (identity), tied to the logits by a backward that refuses: a second derivative through
+    the CPU face's saved gradient is an error instead of silently missing."""
+
+    @staticmethod
+    def forward(ctx, grad, logits):
+        return grad.view_as(grad)
+
+    backward = staticmethod(_refuse_double_backward)
 
 
 # ---- inplace_backward=True: the gradient overwrites the logits buffer ----------------------------
@@ -234,9 +320,12 @@ def cross_entropy(logits: Tensor, target: Tensor, *, weight: Optional[Tensor] = 
     """``torch.nn.functional.cross_entropy`` for class-index targets, fused.
 
     logits ``(N, C)``, ``(C,)`` or ``(N, C, d1, ...)``; float32/float16/bfloat16 with float32
-    accumulation; the gradient w.r.t. logits comes in the logits' dtype, computed during the
-    forward pass (backward only scales it). Targets outside ``[0, C)`` that are not
-    ``ignore_index`` raise an error naming 'target' (on GPU: a device-side assert).
+    accumulation; the gradient w.r.t. logits comes in the logits' dtype. On a GPU the forward
+    reads the logits once and saves them (no copy; changing them in place before ``backward()``
+    is reported by autograd) and the backward writes the gradient in one pass, already multiplied
+    by the upstream gradient, whatever it is; the CPU face computes it in the forward (passes and
+    memory per mode: module docstring). Targets outside ``[0, C)`` that are not ``ignore_index``
+    raise an error naming 'target' (on GPU: a device-side assert).
 
     ``inplace_backward=True`` (opt-in) writes the gradient into the logits buffer instead of a new
     N x C tensor: after the call ``logits`` holds the gradient, not the logits. This saves one
@@ -274,7 +363,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, weight: Optional[Tensor] = 
                                              float(label_smoothing), reduction, be)
     else:
         loss, _ = _cross_entropy_op(logits2d, target1d.to(torch.int64), w, int(ignore_index), float(label_smoothing),
-                                    reduction, compute_grad, be)
+                                    reduction, compute_grad and _grad_in_forward(be), be)
     if reduction == "none":
         loss = loss.reshape(out_shape)
     return loss.to(logits.dtype)

@@ -5,12 +5,15 @@ per modality, M <= 4): load the feature rows, add the position and type rows in 
 dropout, store into the rows' place in the concatenated output. One read of every input, one write
 of the output.
 
-Backward: one program per (tile of consecutive positions, chunk of BB batch rows) of a modality. It
+Backward: one program per (tile of LT consecutive positions, chunk of BB batch rows) of a modality. It
 recomputes x from the inputs (no saved activations beyond mean/rstd), writes the feature gradient
 rows, and accumulates in float32 registers: the position-gradient row of each of its positions
 (summed over its batch chunk) and one partial sum each for the LayerNorm weight, bias and type
 embedding. A second stage sums the partials over chunks/blocks with torch's (deterministic)
-reductions. No atomics, so results are reproducible run to run.
+reductions. No atomics, so results are reproducible run to run. LT and BB are chosen per launch
+(:func:`_bwd_split`) so that the grid has at least two programs per SM: a batch split more finely
+costs partial sums (8/BB + 24/(BB*LT) bytes per element, written and read once), so positions
+are split first, then batch rows, and only as far as needed.
 
 Dropout: the keep mask is a hash of (seed, flat output index), identical in every face (see
 mmfast.ops.concat_embed.dropout_keep_mask); the backward regenerates it.
@@ -18,11 +21,15 @@ mmfast.ops.concat_embed.dropout_keep_mask); the backward regenerates it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
-_BB = 32  # batch rows per backward program (positions per program: half the forward tile's rows)
+_BB = 32  # most batch rows per backward program (positions per program: half the forward tile's rows)
+_PROGRAMS_PER_SM = 2  # backward grid target: every SM gets at least this many programs
+_INTERPRETER_SMS = 1  # "SMs" under the interpreter, where every program costs Python time
 
 
 @triton.jit
@@ -86,9 +93,9 @@ def _fwd_kernel(F, POS, TYPE, W, BIAS, OUT, MEAN, RSTD, SEED, B, L, Ltot, off, D
 
 
 @triton.jit
-def _bwd_kernel(GO, F, POS, TYPE, W, MEAN, RSTD, SEED, GF, PPOS, PW, PB, PT, B, L, Ltot, off, D, scale, thresh,
+def _bwd_kernel(GO, F, POS, TYPE, W, MEAN, RSTD, SEED, GF, PPOS, PW, PB, PT, B, L, Ltot, off, D, BB, scale, thresh,
                 HAS_POS: tl.constexpr, HAS_TYPE: tl.constexpr, HAS_LN: tl.constexpr, DROPOUT: tl.constexpr,
-                LT: tl.constexpr, BB: tl.constexpr, BLOCK_D: tl.constexpr):
+                LT: tl.constexpr, BLOCK_D: tl.constexpr):
     # Program (pl, pb): a tile of LT consecutive positions (contiguous rows), for batch rows
     # [pb*BB, pb*BB+BB) one after another. Accumulators stay 2-D (one row per position) and are
     # reduced once at the end. No nested @triton.jit calls (tl.sum is one) inside the loop beyond
@@ -191,6 +198,41 @@ def _launch_cfg(D: int):
     return block, rows, (4 if block <= 1024 else 8)
 
 
+def _bwd_launch_cfg(D: int):
+    """(BLOCK_D, most positions per program, warps) of the backward. Three float32 accumulator
+    tiles live across its batch loop: tiles of <= 1024 values, <= 8 per thread, keep it at
+    48-128 registers with no spills (sm_90 compiles, bf16/fp32, with/without dropout, D 16..4096)."""
+    block = triton.next_power_of_2(max(int(D), 16))
+    return block, max(1, 1024 // block), max(8, min(32, block // 128))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _bwd_split(B: int, L: int, lt_max: int, sms: int) -> tuple[int, int]:
+    """(LT positions, BB batch rows) per backward program for one modality: the largest tiles
+    whose grid cdiv(L, LT) * cdiv(B, BB) reaches _PROGRAMS_PER_SM * sms programs (or the finest
+    split, one position and one batch row per program, when B * L is smaller than that)."""
+    lt, bb = lt_max, _BB
+    target = _PROGRAMS_PER_SM * sms
+    while triton.cdiv(L, lt) * triton.cdiv(B, bb) < target:
+        if lt > 1:
+            lt //= 2  # costs nothing: the position partial is per position anyway
+        elif bb > 1 and triton.cdiv(B, bb) < B:
+            bb //= 2
+        else:
+            break
+    return lt, bb
+
+
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensors' GPU, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def concat_embed_forward(features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, eps, dropout_p, seed):
     _check(features, pos_tables, pos_index, seed, dropout_p)
     f0 = features[0]
@@ -207,17 +249,18 @@ def concat_embed_forward(features, type_emb, pos_tables, pos_index, ln_weight, l
     block, rows, warps = _launch_cfg(D)
     dummy = out  # never read: the matching constexpr flag is off
     off = 0
-    for m, f in enumerate(features):
-        L = f.shape[1]
-        k = pos_index[m]
-        _fwd_kernel[(triton.cdiv(B * L, rows),)](
-            f, pos_tables[k] if k >= 0 else dummy, type_emb[m] if type_emb is not None else dummy,
-            ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy, out,
-            mean if has_ln else dummy, rstd if has_ln else dummy, seed if dropout_p > 0 else dummy,
-            B, L, Ltot, off, D, float(eps), scale, thresh,
-            HAS_POS=k >= 0, HAS_TYPE=type_emb is not None, HAS_LN=has_ln, HAS_BIAS=ln_bias is not None,
-            DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_D=block, num_warps=warps)
-        off += L
+    with _device_guard(f0):
+        for m, f in enumerate(features):
+            L = f.shape[1]
+            k = pos_index[m]
+            _fwd_kernel[(triton.cdiv(B * L, rows),)](
+                f, pos_tables[k] if k >= 0 else dummy, type_emb[m] if type_emb is not None else dummy,
+                ln_weight if has_ln else dummy, ln_bias if ln_bias is not None else dummy, out,
+                mean if has_ln else dummy, rstd if has_ln else dummy, seed if dropout_p > 0 else dummy,
+                B, L, Ltot, off, D, float(eps), scale, thresh,
+                HAS_POS=k >= 0, HAS_TYPE=type_emb is not None, HAS_LN=has_ln, HAS_BIAS=ln_bias is not None,
+                DROPOUT=dropout_p > 0, ROWS=rows, BLOCK_D=block, num_warps=warps)
+            off += L
     return out, mean, rstd
 
 
@@ -231,32 +274,32 @@ def concat_embed_backward(grad_out, features, type_emb, pos_tables, pos_index, l
     go = grad_out.contiguous()
     has_ln, has_type = ln_weight is not None, type_emb is not None
     scale, thresh = _dropout_args(dropout_p)
-    block, rows, warps = _launch_cfg(D)
-    # Three float32 accumulator tiles live across the batch loop: half the forward's tile keeps
-    # the kernel at ~156 registers for D = 768 (sm_90 compile, no spills) instead of ~250.
-    lt = max(1, rows // 2)
+    block, lt_max, warps = _bwd_launch_cfg(D)
+    sms = _sm_count(dev)
     gfeat = [torch.empty_like(f) for f in features]
     gpos = [None] * len(pos_tables)
     parts_w, parts_b, parts_t = [], [], []
-    nbc = triton.cdiv(B, _BB) if B > 0 else 0
     off = 0
     for m, f in enumerate(features):
         L = f.shape[1]
         k = pos_index[m]
+        lt, bb = _bwd_split(B, L, lt_max, sms)
         nlb = triton.cdiv(L, lt)
+        nbc = triton.cdiv(B, bb) if B > 0 else 0
         ppos = torch.empty((nbc, L, D), dtype=torch.float32, device=dev) if k >= 0 else None
         pw = torch.empty((nbc * nlb, D), dtype=torch.float32, device=dev) if has_ln else None
         pb = torch.empty((nbc * nlb, D), dtype=torch.float32, device=dev) if has_ln else None
         pt = torch.empty((nbc * nlb, D), dtype=torch.float32, device=dev) if has_type else None
         if B > 0 and D > 0:
             dummy = gfeat[m]
-            _bwd_kernel[(nlb, nbc)](
-                go, f, pos_tables[k] if k >= 0 else dummy, type_emb[m] if has_type else dummy,
-                ln_weight if has_ln else dummy, mean if has_ln else dummy, rstd if has_ln else dummy,
-                seed if dropout_p > 0 else dummy, gfeat[m], ppos if k >= 0 else dummy, pw if has_ln else dummy,
-                pb if has_ln else dummy, pt if has_type else dummy, B, L, Ltot, off, D, scale, thresh,
-                HAS_POS=k >= 0, HAS_TYPE=has_type, HAS_LN=has_ln, DROPOUT=dropout_p > 0, LT=lt, BB=_BB,
-                BLOCK_D=block, num_warps=warps)
+            with _device_guard(f0):
+                _bwd_kernel[(nlb, nbc)](
+                    go, f, pos_tables[k] if k >= 0 else dummy, type_emb[m] if has_type else dummy,
+                    ln_weight if has_ln else dummy, mean if has_ln else dummy, rstd if has_ln else dummy,
+                    seed if dropout_p > 0 else dummy, gfeat[m], ppos if k >= 0 else dummy, pw if has_ln else dummy,
+                    pb if has_ln else dummy, pt if has_type else dummy, B, L, Ltot, off, D, bb, scale, thresh,
+                    HAS_POS=k >= 0, HAS_TYPE=has_type, HAS_LN=has_ln, DROPOUT=dropout_p > 0, LT=lt,
+                    BLOCK_D=block, num_warps=warps)
         if k >= 0:  # stage 2 for the position table: sum over batch chunks; rows >= L get zero
             table = pos_tables[k]
             g = torch.zeros_like(table)

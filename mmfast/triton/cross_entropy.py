@@ -5,8 +5,13 @@ and under the interpreter, where fewer programs means much less Python overhead)
 
     pass 1  online max / sum(exp) over the row in BLOCK-wide chunks (+ the sums label smoothing
             needs: sum w_j x_j and, with class weights, sum w_j)
-    pass 2  (compute_grad) the gradient chunk by chunk; it may overwrite the logits (in place):
-            every chunk is loaded before the same chunk is stored, and a program owns its rows.
+    pass 2  (compute_grad) the gradient times grad_scale, chunk by chunk; it may overwrite the
+            logits (in place): every chunk is loaded before the same chunk is stored, and a
+            program owns its rows.
+
+When the row fits in one chunk (ONE_CHUNK: C <= 32768 on a GPU, 16384 with label smoothing) it
+stays in registers from pass 1 to pass 2, so the kernel reads the logits once and writes the
+gradient once; longer rows read each chunk again in pass 2 (mostly from L2).
 
 All offsets are int64 (N*C may exceed 2^31). A target outside [0, C) that is not ignore_index
 reads nothing out of bounds: its row gets loss NaN and a NaN gradient, and the host wrapper
@@ -14,6 +19,8 @@ raises (CPU/interpreter) or queues a device-side assert (``torch._assert_async``
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -23,10 +30,77 @@ from mmfast.dispatch import triton_interpreting
 
 
 @triton.jit
+def _stats_update(x, mask, cm, cols, w_ptr, m, s, swx, wtot, SMOOTH: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """Pass 1 on one (ROWS, BLOCK) chunk ``x`` (float32, -inf where masked): the running max m,
+    sum(exp(x - m)) s, and the sums label smoothing needs, sum w_j x_j and sum w_j."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    # A chunk of only -inf keeps m = -inf: shift by 0 then so exp() gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+    if SMOOTH:
+        xz = tl.where(mask, x, 0.0)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=cm, other=0.0)
+            swx += tl.sum(xz * w[None, :], 1)
+            wtot += tl.sum(tl.where(mask, w[None, :], 0.0), 1)
+        else:
+            swx += tl.sum(xz, 1)
+    return m_new, s, swx, wtot
+
+
+@triton.jit
+def _row_loss(x_row, rows, row_ok, active, ignored, bad, t, w_ptr, loss_ptr, scale_ptr, scale_stride, m, s, swx,
+              wtot, C, eps, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """Stores the rows' losses; returns what pass 2 needs: (m_fin, coef, a * scale, scale)."""
+    # torch computes x - max: a row made only of -inf (or holding +inf / NaN) gives NaN.
+    lse = tl.where(m == float("-inf"), float("nan"), m + tl.log(tl.where(m == float("-inf"), 1.0, s)))
+    t_safe = tl.where(active, t, 0)
+    x_t = tl.load(x_row + t_safe, mask=active, other=0.0).to(tl.float32)
+    if HAS_WEIGHT:
+        w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0)
+    else:
+        w_t = tl.full(t.shape, 1.0, tl.float32)
+    if not HAS_WEIGHT:
+        wtot = tl.full(t.shape, 1.0, tl.float32) * C
+    a = (1.0 - eps) * w_t
+    loss = a * (lse - x_t)
+    if SMOOTH:
+        loss += eps / C * (wtot * lse - swx)
+    loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + rows * scale_stride, mask=row_ok, other=0.0)
+    else:
+        scale = tl.full(t.shape, 1.0, tl.float32)
+    # p_j = exp(x_j - max) / sum: x_j - max is exact, x_j - lse would lose digits at |x| ~ 1e4
+    m_fin = tl.where(m == float("-inf"), 0.0, m)
+    coef = (a + eps / C * wtot) * scale / tl.where(active, s, 1.0)  # s = 0 (all -inf): NaN, as torch
+    return m_fin, coef, a * scale, scale
+
+
+@triton.jit
+def _grad_chunk(x, cols, cm, w_ptr, t, ignored, bad, m_fin, coef, a_scale, scale, C, eps,
+                SMOOTH: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """Pass 2 on one chunk: the gradient, already multiplied by the row's scale."""
+    g = tl.exp(x - m_fin[:, None]) * coef[:, None]
+    if SMOOTH:
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + cols, mask=cm, other=0.0)
+            g -= (eps / C) * w[None, :] * scale[:, None]
+        else:
+            g -= (eps / C) * scale[:, None]
+    g = tl.where(cols[None, :] == t[:, None], g - a_scale[:, None], g)
+    return tl.where(ignored[:, None], 0.0, tl.where(bad[:, None], float("nan"), g))
+
+
+@triton.jit
 def _ce_kernel(x_ptr, x_stride, g_ptr, g_stride, t_ptr, w_ptr, loss_ptr, scale_ptr, scale_stride,
                N, C, ignore_index, eps,
                HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, HAS_SCALE: tl.constexpr,
-               COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+               COMPUTE_GRAD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+               ONE_CHUNK: tl.constexpr = False):
+    # ONE_CHUNK (the host checked C <= BLOCK): the row stays in registers from pass 1 to pass 2,
+    # so the logits are read once; otherwise pass 2 reads each chunk again.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < N
@@ -35,86 +109,73 @@ def _ce_kernel(x_ptr, x_stride, g_ptr, g_stride, t_ptr, w_ptr, loss_ptr, scale_p
     bad = (~ignored) & ((t < 0) | (t >= C))
     active = row_ok & (~ignored) & (~bad)
     x_row = x_ptr + rows * x_stride
-
+    g_row = g_ptr + rows * g_stride
     m = tl.full([ROWS], float("-inf"), tl.float32)
     s = tl.zeros([ROWS], tl.float32)
     swx = tl.zeros([ROWS], tl.float32)
     wtot = tl.zeros([ROWS], tl.float32)
-    for c0 in range(0, C, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK).to(tl.int64)
+    if ONE_CHUNK:
+        cols = tl.arange(0, BLOCK).to(tl.int64)
         cm = cols < C
         mask = active[:, None] & cm[None, :]
-        x = tl.load(x_row[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, 1))
-        # A chunk of only -inf keeps m = -inf: shift by 0 then so exp() gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
-        m = m_new
-        if SMOOTH:
-            xz = tl.where(mask, x, 0.0)
-            if HAS_WEIGHT:
-                w = tl.load(w_ptr + cols, mask=cm, other=0.0)
-                swx += tl.sum(xz * w[None, :], 1)
-                wtot += tl.sum(tl.where(mask, w[None, :], 0.0), 1)
-            else:
-                swx += tl.sum(xz, 1)
-    # torch computes x - max: a row made only of -inf (or holding +inf / NaN) gives NaN.
-    lse = tl.where(m == float("-inf"), float("nan"), m + tl.log(tl.where(m == float("-inf"), 1.0, s)))
-    t_safe = tl.where(active, t, 0)
-    x_t = tl.load(x_row + t_safe, mask=active, other=0.0).to(tl.float32)
-    if HAS_WEIGHT:
-        w_t = tl.load(w_ptr + t_safe, mask=active, other=0.0)
+        x = tl.load(x_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
+        m, s, swx, wtot = _stats_update(x.to(tl.float32), mask, cm, cols, w_ptr, m, s, swx, wtot, SMOOTH,
+                                        HAS_WEIGHT)
+        m_fin, coef, a_scale, scale = _row_loss(x_row, rows, row_ok, active, ignored, bad, t, w_ptr, loss_ptr,
+                                                scale_ptr, scale_stride, m, s, swx, wtot, C, eps,
+                                                HAS_WEIGHT, SMOOTH, HAS_SCALE)
+        if COMPUTE_GRAD:
+            g = _grad_chunk(x.to(tl.float32), cols, cm, w_ptr, t, ignored, bad, m_fin, coef, a_scale, scale, C,
+                            eps, SMOOTH, HAS_WEIGHT)
+            tl.store(g_row[:, None] + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & cm[None, :])
     else:
-        w_t = tl.full([ROWS], 1.0, tl.float32)
-    if not HAS_WEIGHT:
-        wtot = tl.full([ROWS], 1.0, tl.float32) * C
-    a = (1.0 - eps) * w_t
-    loss = a * (lse - x_t)
-    if SMOOTH:
-        loss += eps / C * (wtot * lse - swx)
-    loss = tl.where(ignored, 0.0, tl.where(bad, float("nan"), loss))
-    tl.store(loss_ptr + rows, loss, mask=row_ok)
-
-    if COMPUTE_GRAD:
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr + rows * scale_stride, mask=row_ok, other=0.0)
-        else:
-            scale = tl.full([ROWS], 1.0, tl.float32)
-        # p_j = exp(x_j - max) / sum: x_j - max is exact, x_j - lse would lose digits at |x| ~ 1e4
-        m_fin = tl.where(m == float("-inf"), 0.0, m)
-        coef = (a + eps / C * wtot) * scale / tl.where(active, s, 1.0)  # s = 0 (all -inf): NaN, as torch
-        g_row = g_ptr + rows * g_stride
         for c0 in range(0, C, BLOCK):
             cols = c0 + tl.arange(0, BLOCK).to(tl.int64)
             cm = cols < C
             mask = active[:, None] & cm[None, :]
             x = tl.load(x_row[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            g = tl.exp(x - m_fin[:, None]) * coef[:, None]
-            if SMOOTH:
-                if HAS_WEIGHT:
-                    w = tl.load(w_ptr + cols, mask=cm, other=0.0)
-                    g -= (eps / C) * w[None, :] * scale[:, None]
-                else:
-                    g -= (eps / C) * scale[:, None]
-            g = tl.where(cols[None, :] == t[:, None], g - (a * scale)[:, None], g)
-            g = tl.where(ignored[:, None], 0.0, tl.where(bad[:, None], float("nan"), g))
-            tl.store(g_row[:, None] + cols[None, :], g.to(g_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & cm[None, :])
+            m, s, swx, wtot = _stats_update(x, mask, cm, cols, w_ptr, m, s, swx, wtot, SMOOTH, HAS_WEIGHT)
+        m_fin, coef, a_scale, scale = _row_loss(x_row, rows, row_ok, active, ignored, bad, t, w_ptr, loss_ptr,
+                                                scale_ptr, scale_stride, m, s, swx, wtot, C, eps,
+                                                HAS_WEIGHT, SMOOTH, HAS_SCALE)
+        if COMPUTE_GRAD:  # pass 2 reads each chunk again
+            for c0 in range(0, C, BLOCK):
+                cols = c0 + tl.arange(0, BLOCK).to(tl.int64)
+                cm = cols < C
+                mask = active[:, None] & cm[None, :]
+                x = tl.load(x_row[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+                g = _grad_chunk(x, cols, cm, w_ptr, t, ignored, bad, m_fin, coef, a_scale, scale, C, eps,
+                                SMOOTH, HAS_WEIGHT)
+                tl.store(g_row[:, None] + cols[None, :], g.to(g_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & cm[None, :])
 
 
-def _launch_config(N: int, C: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK, num_warps)."""
+_ONE_CHUNK_MAX = 32768  # longest row kept in registers between the passes (32 warps, sm_90: no spills)
+
+
+def _launch_config(N: int, C: int, compute_grad: bool, smooth: bool) -> tuple[int, int, int, bool]:
+    """(ROWS, BLOCK, num_warps, ONE_CHUNK). ONE_CHUNK (only when C <= BLOCK) keeps the row in
+    registers for the gradient pass: the kernel then reads the logits once."""
     block_c = triton.next_power_of_2(max(C, 1))
     if triton_interpreting():
         # numpy executes a whole block at once: big blocks, few programs.
         block = min(block_c, 32768)
         rows = max(1, min(4096, (1 << 18) // block, triton.next_power_of_2(max(N, 1))))
-        return rows, block, 1
-    if C >= 2048:
-        return 1, min(block_c, 8192), 8 if C <= 16384 else 16
-    block = block_c
-    rows = max(1, min(16, 4096 // block, triton.next_power_of_2(max(N, 1))))
-    return rows, block, 4
+        return rows, block, 1, compute_grad and C <= block
+    return _gpu_launch_config(N, C, compute_grad, smooth)
+
+
+def _gpu_launch_config(N: int, C: int, compute_grad: bool, smooth: bool) -> tuple[int, int, int, bool]:
+    """Register use of every choice here was read from sm_90 compiles (bundled ptxas -v, bf16/fp16/
+    fp32, with and without weights/smoothing): none spills."""
+    block_c = triton.next_power_of_2(max(C, 1))
+    if C < 2048:  # several rows per program, ~2048 values (4096 needed ~240 registers)
+        rows = max(1, min(16, 2048 // block_c, triton.next_power_of_2(max(N, 1))))
+        return rows, block_c, 4 if block_c >= 1024 or block_c <= 32 else 8, compute_grad
+    if compute_grad and (block_c <= 16384 or (block_c <= _ONE_CHUNK_MAX and not smooth)):
+        # 16..64 values per thread; at 32768 the smoothing sums tip it into a few spilled bytes
+        return 1, block_c, max(4, min(32, block_c // 512)), True
+    return 1, min(block_c, 8192), 8 if C <= 16384 else 16, False
 
 
 def _check_targets(target: torch.Tensor, C: int, ignore_index: int) -> None:
@@ -155,26 +216,24 @@ def _run(logits, target, weight, ignore_index, label_smoothing, grad, grad_scale
         if grad_scale.dtype != torch.float32 or grad_scale.numel() not in (1, N):
             raise RuntimeError(f"mmfast: argument 'grad_scale': expected float32 with 1 or {N} elements")
         scale_stride = 0 if grad_scale.numel() == 1 else 1
-    rows, block, warps = _launch_config(N, C)
+    smooth = float(label_smoothing) != 0.0
+    rows, block, warps, one_chunk = _launch_config(N, C, grad is not None, smooth)
     g = grad if grad is not None else logits  # unused when COMPUTE_GRAD is off
-    with torch.cuda.device(logits.device) if logits.is_cuda else _nullctx():
+    with _device_guard(logits):
         _ce_kernel[(triton.cdiv(N, rows),)](
             logits, logits.stride(0), g, g.stride(0) if g.dim() == 2 else 0, target,
             weight if weight is not None else loss, loss,
             grad_scale if grad_scale is not None else loss, scale_stride,
             N, C, ignore_index, float(label_smoothing),
-            HAS_WEIGHT=weight is not None, SMOOTH=float(label_smoothing) != 0.0,
+            HAS_WEIGHT=weight is not None, SMOOTH=smooth,
             HAS_SCALE=grad_scale is not None, COMPUTE_GRAD=grad is not None,
-            ROWS=rows, BLOCK=block, num_warps=warps)
+            ROWS=rows, BLOCK=block, ONE_CHUNK=one_chunk, num_warps=warps)
     return loss
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def cross_entropy_forward(logits, target, weight, ignore_index, label_smoothing, compute_grad, grad_scale):
@@ -217,7 +276,7 @@ def contrastive_grad_tile(L, lse_r, lse_c, i0, eps, N):
     if L.stride(1) != 1 or L.dtype != torch.float32:
         raise RuntimeError("mmfast: contrastive_grad_tile expects a float32 tile with unit column stride")
     bm, bn = (128, 128) if triton_interpreting() else (64, 128)
-    with torch.cuda.device(L.device) if L.is_cuda else _nullctx():
+    with _device_guard(L):
         _contrastive_grad_kernel[(triton.cdiv(B, bm), triton.cdiv(N, bn))](
             L, L.stride(0), lse_r.contiguous(), lse_c.contiguous(), B, N, i0, float(eps), BM=bm, BN=bn)
     return L
