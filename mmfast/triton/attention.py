@@ -394,8 +394,8 @@ _tuned: dict = {}
 def _choose(key: tuple, candidates: list[dict], run) -> dict:
     """The config to launch: ``candidates[0]`` (the static one), except under the offline tuner,
     which times every candidate once per ``key`` with ``run(cfg)`` (it overwrites its outputs),
-    skips one that fails to compile (e.g. out of shared memory) and records the fastest in
-    ``_tuned``."""
+    skips one that fails to compile (e.g. out of shared memory) or spills registers, and records
+    the fastest in ``_tuned`` (``candidates[0]`` when none qualifies)."""
     if len(candidates) == 1 or not _autotuning():
         return candidates[0]
     if key not in _tuned:
@@ -403,9 +403,12 @@ def _choose(key: tuple, candidates: list[dict], run) -> dict:
 
         best, best_ms = candidates[0], float("inf")
         for cfg in candidates:
+            _last_launch.clear()
             try:
                 ms = do_bench(lambda: run(cfg), warmup=3, rep=15)
             except Exception:  # noqa: BLE001 (a config the compiler or the GPU rejects)
+                continue
+            if any(getattr(k, "n_spills", 0) for k in _last_launch):
                 continue
             if ms < best_ms:
                 best, best_ms = cfg, ms
@@ -504,9 +507,11 @@ def _bwd_launches(grad_out, q, k, v, out, lse, delta, dq, dk, dv, key_padding_ma
     ]
 
 
+_last_launch: list = []  # the compiled kernels of the latest launch (the tuner reads their spills)
+
+
 def _launch(launches) -> None:
-    for kernel, grid, args, kwargs in launches:
-        kernel[grid](*args, **kwargs)
+    _last_launch[:] = [kernel[grid](*args, **kwargs) for kernel, grid, args, kwargs in launches]
 
 
 def attention_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p):
