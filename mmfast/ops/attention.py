@@ -216,6 +216,19 @@ def _plain_eager(q: Tensor, k: Tensor, v: Tensor) -> bool:
 _NO_CUDA_DROPOUT = (("cuda", "dropout is done by the Triton face"),)
 # triton #11584: garbage, not an error
 _NO_INTERPRETED_BF16 = (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),)
+_FP32_AUTO_TO_REFERENCE = (("triton", "float32 Triton attention runs IEEE dots on CUDA cores (no tensor cores) and "
+                                      "some of its sm_90 configs spill; backend='auto' takes the reference"),)
+
+
+def _unsupported(device_type: str, dtype: torch.dtype, dropout: bool, backend: str) -> tuple:
+    """The (face, reason) pairs this call's arguments rule out (dispatch.resolve's ``unsupported``)."""
+    u = _NO_CUDA_DROPOUT if dropout else ()
+    if device_type == "cpu" and dtype == torch.bfloat16:
+        u += _NO_INTERPRETED_BF16
+    if (device_type == "cuda" and dtype == torch.float32 and backend == "auto"
+            and dispatch.get_default_backend() == "auto"):
+        u += _FP32_AUTO_TO_REFERENCE  # an explicit backend="triton" still runs it
+    return u
 
 
 def _check_args(q, k, v, key_padding_mask, scale, dropout_p, backend) -> None:
@@ -291,10 +304,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     _check_args(q, k, v, key_padding_mask, scale, dropout_p, backend)
     dtype, dropout = q.dtype, dropout_p > 0
     device_type = "cuda" if q.is_cuda else "cpu" if q.is_cpu else q.device.type
-    unsupported = _NO_CUDA_DROPOUT if dropout else ()
-    if device_type == "cpu" and dtype == torch.bfloat16:
-        unsupported += _NO_INTERPRETED_BF16
-    be = dispatch.resolve("attention", backend, device_type, dtype, unsupported)
+    be = dispatch.resolve("attention", backend, device_type, dtype, _unsupported(device_type, dtype, dropout, backend))
     if be == "torch":
         return _ref.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
                               dropout_p=dropout_p)
