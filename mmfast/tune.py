@@ -4,7 +4,7 @@ On a GPU, for every key of the static table (dtype, head-dim block, Lq bucket, c
 runs attention forward+backward on a representative shape with MMFAST_TUNE=1, which makes
 ``mmfast.triton.attention._choose`` time each candidate config once (``triton.testing.do_bench``),
 drops a candidate that fails to compile or (fp16/bf16) spills registers, and writes the winners to
-``mmfast/triton/attention_configs.json`` under the GPU's architecture (e.g. "sm_90"). User calls
+``mmfast/triton_attention_configs.json`` under the GPU's architecture (e.g. "sm_90"). User calls
 then read that table and never time anything (MMFAST_TUNE unset).
 
     MMFAST_TUNE=1 python -m mmfast.tune [--dtypes bfloat16,float16] [--out PATH]

@@ -11,14 +11,12 @@ batch*head, row, column), one Philox call per four neighbouring columns, compare
 threshold computed on the host; the seed is a tensor drawn from torch's generator, so the backward
 regenerates exactly the forward's mask and nothing of size Lq x Lk is stored.
 
-Launch configurations are static (no timing inside a user call): ``attention_configs.json`` holds
-the tuned (BLOCK_M, BLOCK_N, warps, stages) per (arch, dtype, head-dim block, Lq bucket, causal,
-dropout), written offline by ``MMFAST_TUNE=1 python -m mmfast.tune`` on a GPU; keys it lacks get
-the heuristic default, chosen so that no fp16/bf16/fp32 default spills registers on sm_90
-(``mmfast kernels-report`` compiles and checks every configuration this module can launch).
-
-The log-sum-exp is kept in base 2 (scores are pre-multiplied by scale * log2(e), exp2 in the
-loop). float32 inputs use IEEE-precision dots unless torch.backends.cuda.matmul.allow_tf32 is set.
+Launch configurations are static (no timing inside a user call): the table
+``mmfast/triton_attention_configs.json`` holds the tuned (BLOCK_M, BLOCK_N, warps, stages) per
+(arch, dtype, head-dim block, Lq bucket, causal, dropout), written offline on a GPU by
+``MMFAST_TUNE=1 python -m mmfast.tune``; keys it lacks get the heuristic default, chosen so that
+no fp16/bf16 default spills registers on sm_90 (``mmfast kernels-report`` compiles and checks every
+configuration this module can launch).
 """
 
 from __future__ import annotations
@@ -285,7 +283,8 @@ def _attn_bwd_dq_kernel(
 LQ_BUCKETS = (32, 64, 128)  # a query length's bucket: the first >= Lq; 128 stands for every Lq > 64
 HEAD_DIM_BLOCKS = (16, 32, 64, 128)  # BLOCK_D: D padded to a power of two (D is a multiple of 8, <= 128)
 DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-TABLE_PATH = Path(__file__).with_name("attention_configs.json")
+# next to kernel_table.json: packaged by pyproject's package-data ("*.json" at the package root)
+TABLE_PATH = Path(__file__).resolve().parent.parent / "triton_attention_configs.json"
 
 
 def _pow2_at_least(n: int, lo: int) -> int:
@@ -330,7 +329,7 @@ def _default_bwd(dtype, block_d, lqb, dropout) -> dict:
 
 @lru_cache(maxsize=None)
 def config_table() -> dict:
-    """``attention_configs.json``: {arch: {table_key: {"fwd": cfg, "bwd": cfg}}} (written by the
+    """``triton_attention_configs.json``: {arch: {table_key: {"fwd": cfg, "bwd": cfg}}} (written by the
     offline tuner, ``MMFAST_TUNE=1 python -m mmfast.tune``)."""
     try:
         return json.loads(TABLE_PATH.read_text())
