@@ -404,7 +404,15 @@ def main(argv=None) -> int:
     p_demo.add_argument("--speed-steps", type=int, default=None, help="steps timed per twin for the speed table")
     p_demo.add_argument("--out", default=None, help="keep the run (checkpoint, metrics.jsonl) in this directory")
 
+    p_kr = sub.add_parser("kernels-report", help="registers, spills, shared memory of every GPU kernel config "
+                                                 "(offline sm_90 compile)")
+    from mmfast import kernels_report
+
+    kernels_report.add_arguments(p_kr)
+
     args = parser.parse_args(argv)
+    if args.command == "kernels-report":
+        return kernels_report.run(args)
     if args.command == "info":
         import mmfast
 

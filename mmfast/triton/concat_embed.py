@@ -319,3 +319,34 @@ def concat_embed_backward(grad_out, features, type_emb, pos_tables, pos_index, l
     gw = torch.cat(parts_w).sum(0) if has_ln else empty()
     gb = torch.cat(parts_b).sum(0) if ln_bias is not None else empty()
     return gfeat + [gtype] + gpos + [gw, gb]
+
+
+# ---- the launches dispatch can make (mmfast.triton convention, for `mmfast kernels-report`) -----
+def launches(arch: str = "sm_90"):
+    """Forward and backward per dtype and hidden size regime of ``_launch_cfg`` (D 384 / 768 /
+    1024), every optional input on (the most registers), with and without dropout."""
+    from mmfast.triton import Launch
+
+    B, L, Ltot = 64, 197, 237
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        dname = str(dtype).replace("torch.", "")
+        for D in (384, 768, 1024):
+            block, rows, warps = _launch_cfg(D)
+            lt = max(1, rows // 2)
+            f = torch.empty((B, L, D), dtype=dtype, device="meta")
+            out = torch.empty((B, Ltot, D), dtype=dtype, device="meta")
+            vec = torch.empty(D, dtype=dtype, device="meta")
+            stats = torch.empty((B, Ltot), dtype=torch.float32, device="meta")
+            seed = torch.empty(1, dtype=torch.int64, device="meta")
+            part = torch.empty((64, D), dtype=torch.float32, device="meta")
+            for dropout in (False, True):
+                flag = " dropout" * dropout
+                yield Launch("concat_embed", _fwd_kernel, dname, f"ROWS{rows} D{block} w{warps} pos type ln bias" + flag,
+                             (f, vec, vec, vec, vec, out, stats, stats, seed, B, L, Ltot, 40, D, 1e-12, 1.1, 429496729),
+                             dict(HAS_POS=True, HAS_TYPE=True, HAS_LN=True, HAS_BIAS=True, DROPOUT=dropout, ROWS=rows,
+                                  BLOCK_D=block, num_warps=warps))
+                yield Launch("concat_embed", _bwd_kernel, dname, f"LT{lt} BB{_BB} D{block} w{warps} pos type ln" + flag,
+                             (out, f, vec, vec, vec, stats, stats, seed, f, part, part, part, part, B, L, Ltot, 40, D,
+                              1.1, 429496729),
+                             dict(HAS_POS=True, HAS_TYPE=True, HAS_LN=True, DROPOUT=dropout, LT=lt, BB=_BB,
+                                  BLOCK_D=block, num_warps=warps))

@@ -280,3 +280,30 @@ def contrastive_grad_tile(L, lse_r, lse_c, i0, eps, N):
         _contrastive_grad_kernel[(triton.cdiv(B, bm), triton.cdiv(N, bn))](
             L, L.stride(0), lse_r.contiguous(), lse_c.contiguous(), B, N, i0, float(eps), BM=bm, BN=bn)
     return L
+
+
+# ---- the launches dispatch can make (mmfast.triton convention, for `mmfast kernels-report`) -----
+def launches(arch: str = "sm_90"):
+    """The cross-entropy kernel per dtype and per launch-config regime of ``_launch_config`` (class
+    counts from 2 to 65536), with its flags all off and all on (the most registers), with and
+    without the gradient; the contrastive tile kernel (float32)."""
+    from mmfast.triton import Launch
+
+    N = 4096
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for C in (2, 64, 1024, 4096, 30522, 65536):
+            rows, block, warps = _launch_config(N, C)
+            x = torch.empty((N, C), dtype=dtype, device="meta")
+            t = torch.empty(N, dtype=torch.int64, device="meta")
+            w = loss = torch.empty(N, dtype=torch.float32, device="meta")
+            for flags in (False, True):
+                for grad in (False, True):
+                    yield Launch("cross_entropy", _ce_kernel, str(dtype).replace("torch.", ""),
+                                 f"ROWS{rows} BLOCK{block} w{warps}" + " weight smooth scale" * flags + " grad" * grad,
+                                 (x, C, x, C, t, w, loss, loss, 0, N, C, -100, 0.1),
+                                 dict(HAS_WEIGHT=flags, SMOOTH=flags, HAS_SCALE=flags, COMPUTE_GRAD=grad, ROWS=rows,
+                                      BLOCK=block, num_warps=warps))
+    L = torch.empty((256, 256), dtype=torch.float32, device="meta")
+    lse = torch.empty(256, dtype=torch.float32, device="meta")
+    yield Launch("cross_entropy", _contrastive_grad_kernel, "float32", "BM64 BN128 w4",
+                 (L, 256, lse, lse, 256, 256, 0, 0.1), dict(BM=64, BN=128))
