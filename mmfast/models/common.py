@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmfast import ops, reference  # reference: the eager formulas the eager twin runs
+from mmfast import dispatch, ops, reference  # reference: the eager formulas the eager twin runs
+from mmfast.ops.attention import cpu_attention
 
 OP_NAMES = ("attention", "concat_embed", "cross_entropy", "linear_cross_entropy", "contrastive_loss")
 
@@ -54,8 +55,13 @@ class Kernels:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
                   causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
         if self.fused:
+            backend = self.backend["attention"]
+            if (q.device.type == "cpu" and not torch.compiler.is_compiling()
+                    and dispatch.resolve("attention", backend, "cpu", q.dtype) == "cpu"):
+                # the CPU face without per-call dispatch overhead (the model's arguments are valid)
+                return cpu_attention(q, k, v, key_padding_mask, causal, scale, dropout_p)
             return ops.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                                 dropout_p=dropout_p, backend=self.backend["attention"])
+                                 dropout_p=dropout_p, backend=backend)
         return eager_attention(q, k, v, key_padding_mask, causal, scale, dropout_p)
 
     def concat_embed(self, features, type_embeddings=None, pos_embeddings=None, ln_weight=None, ln_bias=None,
