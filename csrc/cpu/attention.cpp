@@ -48,16 +48,6 @@ constexpr int64_t kColumnPad = 16;   // score rows are padded to whole vectors
 
 // ------------------------------------------------------------------ element access
 template <typename T>
-inline T load_as(const void* base, int64_t offset, ScalarType st) {
-  switch (st) {
-    case ScalarType::Float: return static_cast<T>(static_cast<const float*>(base)[offset]);
-    case ScalarType::Double: return static_cast<T>(static_cast<const double*>(base)[offset]);
-    case ScalarType::Half: return static_cast<T>(static_cast<float>(static_cast<const c10::Half*>(base)[offset]));
-    default: return static_cast<T>(static_cast<float>(static_cast<const c10::BFloat16*>(base)[offset]));
-  }
-}
-
-template <typename T>
 inline void store_as(void* base, int64_t offset, ScalarType st, T value) {
   switch (st) {
     case ScalarType::Float: static_cast<float*>(base)[offset] = static_cast<float>(value); break;
@@ -101,70 +91,139 @@ inline int64_t visible_end(const Problem& P, int64_t i) {
 // Everything below is inlined into one function per instruction set (see the *_range wrappers).
 #define MMFAST_INLINE inline __attribute__((always_inline))
 
-// exp2(x) for x <= 0 (x = -inf gives 0): 2^floor(x) * poly(frac), relative error ~2e-7; written
-// without calls so the compiler vectorises it. float64 uses std::exp2 (the gradcheck path).
-MMFAST_INLINE float exp2_nonpos(float x) {
-  x = x < -126.f ? -126.f : x;  // also maps -inf: the result below is then ~1e-38, set to 0 by the caller
-  const float fl = std::floor(x);
-  const float f = x - fl;  // [0, 1)
-  float p = 1.535336188319500e-4f;
+// One 64-byte vector of T (an AVX-512 register; two AVX2 or four SSE registers on smaller ISAs),
+// loaded and stored unaligned. GCC's vector extensions: the compiler maps them onto the ISA of the
+// function they are inlined into.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
+  static constexpr int64_t n = 64 / sizeof(T);
+};
+template <typename T>
+using V = typename Vec<T>::type;
+template <typename T>
+MMFAST_INLINE V<T> vload(const T* p) { return *reinterpret_cast<const V<T>*>(p); }
+template <typename T>
+MMFAST_INLINE void vstore(T* p, V<T> x) { *reinterpret_cast<V<T>*>(p) = x; }
+template <typename T>
+MMFAST_INLINE V<T> vsplat(T x) { return V<T>{} + x; }
+
+// exp2(x) for x <= 0 (x = -inf gives 0): 2^n * poly(x - n), n = round-down(x); relative error ~2e-7
+// in float32. Vectorised by hand (no library call in the loop); float64 uses std::exp2.
+MMFAST_INLINE V<float> exp2_nonpos(V<float> x) {
+  typedef int32_t VI __attribute__((vector_size(64)));
+  const V<float> lo = vsplat(-127.f);
+  const VI below = x < lo;
+  x = below ? lo : x;
+  VI n = __builtin_convertvector(x, VI);  // truncates toward zero
+  V<float> fl = __builtin_convertvector(n, V<float>);
+  const VI fix = fl > x;  // negative non-integers: step down
+  n += fix;               // fix is -1 where true
+  fl = __builtin_convertvector(n, V<float>);
+  const V<float> f = x - fl;
+  V<float> p = vsplat(1.535336188319500e-4f);
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.0f;
-  const int32_t e = static_cast<int32_t>(fl) + 127;
-  int32_t bits = e << 23;
-  float scale;
+  VI bits = (n + 127) << 23;
+  V<float> scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return below ? V<float>{} : p * scale;
 }
-MMFAST_INLINE double exp2_nonpos(double x) { return std::exp2(x); }
+MMFAST_INLINE V<double> exp2_nonpos(V<double> x) {
+  for (int64_t c = 0; c < Vec<double>::n; ++c) x[c] = std::exp2(x[c]);
+  return x;
+}
+
+// s[j] = exp2(s[j] - m) over j in [0, n), n a multiple of kColumnPad (-inf gives 0); returns the sum.
+template <typename T>
+MMFAST_INLINE T exp2_row(T* __restrict s, T m, int64_t n) {
+  constexpr int64_t W = Vec<T>::n;
+  V<T> sum = {};
+  for (int64_t j = 0; j < n; j += W) {
+    const V<T> e = exp2_nonpos(vload(s + j) - m);
+    vstore(s + j, e);
+    sum += e;
+  }
+  T total = 0;
+  for (int64_t c = 0; c < W; ++c) total += sum[c];
+  return total;
+}
 
 // s[j] = sum_d q[d] * kt[d * ld + j] for j in [0, n), n a multiple of kColumnPad. Columns in chunks
 // of 4 vectors so four independent FMA chains run per query element.
 template <typename T>
 MMFAST_INLINE void row_scores(const T* __restrict q, const T* __restrict kt, int64_t ld, int64_t D, int64_t n,
                               T* __restrict s) {
-  constexpr int64_t W = 64 / sizeof(T);  // elements of one AVX-512 register
+  constexpr int64_t W = Vec<T>::n;
   int64_t j0 = 0;
   for (; j0 + 4 * W <= n; j0 += 4 * W) {
-    T acc[4 * W] = {};
+    V<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t d = 0; d < D; ++d) {
-      const T qd = q[d];
+      const V<T> qd = vsplat(q[d]);
       const T* kr = kt + d * ld + j0;
-      for (int64_t c = 0; c < 4 * W; ++c) acc[c] += qd * kr[c];
+      a0 += qd * vload(kr);
+      a1 += qd * vload(kr + W);
+      a2 += qd * vload(kr + 2 * W);
+      a3 += qd * vload(kr + 3 * W);
     }
-    for (int64_t c = 0; c < 4 * W; ++c) s[j0 + c] = acc[c];
+    vstore(s + j0, a0);
+    vstore(s + j0 + W, a1);
+    vstore(s + j0 + 2 * W, a2);
+    vstore(s + j0 + 3 * W, a3);
   }
-  for (; j0 < n; j0 += kColumnPad) {
-    T acc[kColumnPad] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const T qd = q[d];
+  for (; j0 < n; j0 += W) {  // the last 1-3 vectors: four partial sums over d instead of over columns
+    V<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    int64_t d = 0;
+    for (; d + 4 <= D; d += 4) {
       const T* kr = kt + d * ld + j0;
-      for (int64_t c = 0; c < kColumnPad; ++c) acc[c] += qd * kr[c];
+      a0 += vsplat(q[d]) * vload(kr);
+      a1 += vsplat(q[d + 1]) * vload(kr + ld);
+      a2 += vsplat(q[d + 2]) * vload(kr + 2 * ld);
+      a3 += vsplat(q[d + 3]) * vload(kr + 3 * ld);
     }
-    for (int64_t c = 0; c < kColumnPad; ++c) s[j0 + c] = acc[c];
+    for (; d < D; ++d) a0 += vsplat(q[d]) * vload(kt + d * ld + j0);
+    vstore(s + j0, (a0 + a1) + (a2 + a3));
   }
 }
 
-// acc[0:D] += sum_j w[j] * rows[j * D : j * D + D] over j in [0, n); two rows per step so two
-// independent FMA chains run.
+// y[0:D] += a * x[0:D]
+template <typename T>
+MMFAST_INLINE void axpy(T a, const T* __restrict x, int64_t D, T* __restrict y) {
+  constexpr int64_t W = Vec<T>::n;
+  int64_t c = 0;
+  const V<T> av = vsplat(a);
+  for (; c + W <= D; c += W) vstore(y + c, vload(y + c) + av * vload(x + c));
+  for (; c < D; ++c) y[c] += a * x[c];
+}
+
+// acc[0:D] += sum_j w[j] * rows[j * D : j * D + D] over j in [0, n): per vector of acc, four
+// partial sums over j so four FMA chains run.
 template <typename T>
 MMFAST_INLINE void accumulate_rows(const T* __restrict w, const T* __restrict rows, int64_t D, int64_t n,
                                    T* __restrict acc) {
-  int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    const T w0 = w[j], w1 = w[j + 1];
-    const T* r0 = rows + j * D;
-    const T* r1 = r0 + D;
-    for (int64_t c = 0; c < D; ++c) acc[c] += w0 * r0[c] + w1 * r1[c];
+  constexpr int64_t W = Vec<T>::n;
+  int64_t c = 0;
+  for (; c + W <= D; c += W) {
+    V<T> a0 = vload(acc + c), a1 = {}, a2 = {}, a3 = {};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const T* r = rows + j * D + c;
+      a0 += vsplat(w[j]) * vload(r);
+      a1 += vsplat(w[j + 1]) * vload(r + D);
+      a2 += vsplat(w[j + 2]) * vload(r + 2 * D);
+      a3 += vsplat(w[j + 3]) * vload(r + 3 * D);
+    }
+    for (; j < n; ++j) a0 += vsplat(w[j]) * vload(rows + j * D + c);
+    vstore(acc + c, (a0 + a1) + (a2 + a3));
   }
-  for (; j < n; ++j) {
-    const T w0 = w[j];
-    const T* r0 = rows + j * D;
-    for (int64_t c = 0; c < D; ++c) acc[c] += w0 * r0[c];
+  for (; c < D; ++c) {
+    T a = acc[c];
+    for (int64_t j = 0; j < n; ++j) a += w[j] * rows[j * D + c];
+    acc[c] = a;
   }
 }
 
@@ -185,20 +244,58 @@ MMFAST_INLINE void dropout_row(const Problem& P, int64_t bh, int64_t i, int64_t 
   }
 }
 
-// Packs keys of batch-head (b, h) transposed and zero-padded: kt[d * Lkp + j]; rows: r[j * D + d].
-template <typename T>
-MMFAST_INLINE void pack_transposed(const View4& x, int64_t b, int64_t h, int64_t L, int64_t D, int64_t Lp, T* kt) {
+// Packs keys of batch-head (b, h) transposed and zero-padded: kt[d * Lp + j]; rows: r[j * D + d] * mul.
+// The dtype switch sits outside the loops.
+template <typename T, typename S>
+MMFAST_INLINE void pack_transposed_from(const View4& x, const S* src, int64_t b, int64_t h, int64_t L, int64_t D,
+                                        int64_t Lp, T* kt) {
   for (int64_t d = 0; d < D; ++d) {
     T* dst = kt + d * Lp;
-    for (int64_t j = 0; j < L; ++j) dst[j] = load_as<T>(x.data, x.at(b, h, j, d), x.dtype);
+    const S* col = src + x.at(b, h, 0, d);
+    for (int64_t j = 0; j < L; ++j) dst[j] = static_cast<T>(static_cast<float>(col[j * x.sl]));
     for (int64_t j = L; j < Lp; ++j) dst[j] = T(0);
   }
 }
 
+template <typename T, typename S>
+MMFAST_INLINE void pack_rows_from(const View4& x, const S* src, int64_t b, int64_t h, int64_t first, int64_t L,
+                                  int64_t D, T* r, T mul) {
+  for (int64_t j = 0; j < L; ++j) {
+    const S* row = src + x.at(b, h, first + j, 0);
+    for (int64_t d = 0; d < D; ++d) r[j * D + d] = static_cast<T>(static_cast<float>(row[d * x.sd])) * mul;
+  }
+}
+
 template <typename T>
-MMFAST_INLINE void pack_rows(const View4& x, int64_t b, int64_t h, int64_t L, int64_t D, T* r, T mul = T(1)) {
-  for (int64_t j = 0; j < L; ++j)
-    for (int64_t d = 0; d < D; ++d) r[j * D + d] = load_as<T>(x.data, x.at(b, h, j, d), x.dtype) * mul;
+MMFAST_INLINE void pack_transposed(const View4& x, int64_t b, int64_t h, int64_t L, int64_t D, int64_t Lp, T* kt) {
+  switch (x.dtype) {
+    case ScalarType::Float: return pack_transposed_from(x, static_cast<const float*>(x.data), b, h, L, D, Lp, kt);
+    case ScalarType::Half: return pack_transposed_from(x, static_cast<const c10::Half*>(x.data), b, h, L, D, Lp, kt);
+    case ScalarType::BFloat16:
+      return pack_transposed_from(x, static_cast<const c10::BFloat16*>(x.data), b, h, L, D, Lp, kt);
+    default:  // float64: no float round trip
+      for (int64_t d = 0; d < D; ++d) {
+        const double* col = static_cast<const double*>(x.data) + x.at(b, h, 0, d);
+        for (int64_t j = 0; j < L; ++j) kt[d * Lp + j] = static_cast<T>(col[j * x.sl]);
+        for (int64_t j = L; j < Lp; ++j) kt[d * Lp + j] = T(0);
+      }
+  }
+}
+
+template <typename T>
+MMFAST_INLINE void pack_rows(const View4& x, int64_t b, int64_t h, int64_t first, int64_t L, int64_t D, T* r,
+                             T mul = T(1)) {
+  switch (x.dtype) {
+    case ScalarType::Float: return pack_rows_from(x, static_cast<const float*>(x.data), b, h, first, L, D, r, mul);
+    case ScalarType::Half:
+      return pack_rows_from(x, static_cast<const c10::Half*>(x.data), b, h, first, L, D, r, mul);
+    case ScalarType::BFloat16:
+      return pack_rows_from(x, static_cast<const c10::BFloat16*>(x.data), b, h, first, L, D, r, mul);
+    default:
+      for (int64_t j = 0; j < L; ++j)
+        for (int64_t d = 0; d < D; ++d)
+          r[j * D + d] = static_cast<T>(static_cast<const double*>(x.data)[x.at(b, h, first + j, d)]) * mul;
+  }
 }
 
 // Scores of query row (already multiplied by scale * log2 e) -> probabilities numerators in s,
@@ -230,13 +327,13 @@ MMFAST_INLINE void forward_task(const Problem& P, const FwdOut& o, int64_t task,
   const int64_t b = bh / P.H, h = bh % P.H, D = P.D;
   const int64_t i1 = std::min(P.Lq, i0 + kQueryBlock);
   pack_transposed(P.k, b, h, P.Lk, D, P.Lkp, kt);
-  pack_rows(P.v, b, h, P.Lk, D, vr);
+  pack_rows(P.v, b, h, 0, P.Lk, D, vr);
   const T qmul = static_cast<T>(P.scale * kLog2e);
   const ScalarType odt = P.q.dtype;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t row = bh * P.Lq + i;
     const int64_t end = visible_end(P, i);
-    for (int64_t d = 0; d < D; ++d) qrow[d] = load_as<T>(P.q.data, P.q.at(b, h, i, d), P.q.dtype) * qmul;
+    pack_rows(P.q, b, h, i, 1, D, qrow, qmul);
     row_scores(qrow, kt, P.Lkp, D, P.Lkp, s);
     const T mx = mask_and_max(P, b, end, s);
     if (mx == -std::numeric_limits<T>::infinity()) {  // no visible key: zeros, lse 0
@@ -244,12 +341,7 @@ MMFAST_INLINE void forward_task(const Problem& P, const FwdOut& o, int64_t task,
       o.lse[row] = 0.f;
       continue;
     }
-    T sum = 0;
-    for (int64_t j = 0; j < end; ++j) {
-      const T p = exp2_nonpos(s[j] - mx);
-      s[j] = s[j] == -std::numeric_limits<T>::infinity() ? T(0) : p;
-      sum += s[j];
-    }
+    const T sum = exp2_row(s, mx, P.Lkp);  // invisible columns hold -inf: 0
     if (P.dropout_p > 0) {
       dropout_row(P, bh, i, end, keep);
       for (int64_t j = 0; j < end; ++j) s[j] *= keep[j];
@@ -275,19 +367,16 @@ MMFAST_INLINE void backward_task(const Problem& P, const BwdIn& g, int64_t bh, T
   const int64_t b = bh / P.H, h = bh % P.H, D = P.D, Lk = P.Lk;
   pack_transposed(P.k, b, h, Lk, D, P.Lkp, kt);
   pack_transposed(P.v, b, h, Lk, D, P.Lkp, vt);
-  pack_rows(P.k, b, h, Lk, D, kr);
+  pack_rows(P.k, b, h, 0, Lk, D, kr);
   for (int64_t x = 0; x < Lk * D; ++x) dk[x] = dv[x] = T(0);
   const T qmul = static_cast<T>(P.scale * kLog2e);
   const ScalarType odt = P.q.dtype;
   for (int64_t i = 0; i < P.Lq; ++i) {
     const int64_t row = bh * P.Lq + i;
     const int64_t end = visible_end(P, i);
-    for (int64_t d = 0; d < D; ++d) {
-      qrow[d] = load_as<T>(P.q.data, P.q.at(b, h, i, d), P.q.dtype);
-      dorow[d] = load_as<T>(g.grad_out.data, g.grad_out.at(b, h, i, d), g.grad_out.dtype);
-      dqrow[d] = T(0);
-    }
-    for (int64_t d = 0; d < D; ++d) dqrow[d] = qrow[d] * qmul;  // scratch: the scaled query
+    pack_rows(P.q, b, h, i, 1, D, qrow);
+    pack_rows(g.grad_out, b, h, i, 1, D, dorow);
+    pack_rows(P.q, b, h, i, 1, D, dqrow, qmul);  // scratch: the scaled query
     row_scores(dqrow, kt, P.Lkp, D, P.Lkp, s);
     const T mx = mask_and_max(P, b, end, s);
     if (mx == -std::numeric_limits<T>::infinity()) {  // no visible key: the row contributes nothing
@@ -300,13 +389,11 @@ MMFAST_INLINE void backward_task(const Problem& P, const BwdIn& g, int64_t bh, T
       for (int64_t j = 0; j < end; ++j) sum += s[j] == -std::numeric_limits<T>::infinity() ? T(0) : std::exp2(s[j] - mx);
       lse = mx + std::log2(sum);
     }
-    for (int64_t j = 0; j < end; ++j) {
-      const T p = exp2_nonpos(s[j] - lse);
-      s[j] = s[j] == -std::numeric_limits<T>::infinity() ? T(0) : p;
-    }
+    exp2_row(s, lse, P.Lkp);
     row_scores(dorow, vt, P.Lkp, D, P.Lkp, dp);  // dp_j = dO_i . v_j
-    T delta = 0;                                  // dO_i . O_i
-    for (int64_t d = 0; d < D; ++d) delta += dorow[d] * load_as<T>(g.out.data, g.out.at(b, h, i, d), g.out.dtype);
+    pack_rows(g.out, b, h, i, 1, D, dqrow);  // scratch: O_i
+    T delta = 0;                             // dO_i . O_i
+    for (int64_t d = 0; d < D; ++d) delta += dorow[d] * dqrow[d];
     if (P.dropout_p > 0) {
       dropout_row(P, bh, i, end, keep);
       for (int64_t j = 0; j < end; ++j) {
@@ -320,13 +407,8 @@ MMFAST_INLINE void backward_task(const Problem& P, const BwdIn& g, int64_t bh, T
     for (int64_t d = 0; d < D; ++d) dqrow[d] = T(0);
     accumulate_rows(dp, kr, D, end, dqrow);
     for (int64_t j = 0; j < end; ++j) {
-      const T w = s[j], ds = dp[j];
-      T* dvj = dv + j * D;
-      T* dkj = dk + j * D;
-      for (int64_t d = 0; d < D; ++d) {
-        dvj[d] += w * dorow[d];
-        dkj[d] += ds * qrow[d];
-      }
+      axpy(s[j], dorow, D, dv + j * D);
+      axpy(dp[j], qrow, D, dk + j * D);
     }
     const T sc = static_cast<T>(P.scale);
     for (int64_t d = 0; d < D; ++d) store_as<T>(g.dq, row * D + d, odt, dqrow[d] * sc);
