@@ -73,8 +73,10 @@ def _aten_mask(key_padding_mask: Optional[Tensor], causal: bool, Lq: int, Lk: in
     ATen's kernels as zeros with zero gradients, which is mmfast's definition."""
     if key_padding_mask is None and (not causal or Lq == Lk):
         return None, causal
-    key = (id(key_padding_mask), getattr(key_padding_mask, "_version", 0), causal, Lq, Lk, dtype)
-    hit = _mask_memo.get(key)
+    memo = key_padding_mask is None or not key_padding_mask.is_inference()  # those have no version counter
+    key = (id(key_padding_mask), key_padding_mask._version if key_padding_mask is not None and memo else 0, causal,
+           Lq, Lk, dtype)
+    hit = _mask_memo.get(key) if memo else None
     if hit is not None and hit[0] is key_padding_mask:
         return hit[1], False
     if key_padding_mask is not None and not causal:
@@ -85,9 +87,10 @@ def _aten_mask(key_padding_mask: Optional[Tensor], causal: bool, Lq: int, Lk: in
     mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
     # Every layer of a tower passes the same mask tensor, forward and backward: build its additive
     # form once. Entries hold the mask tensor itself, so an id is never reused while it is stored.
-    if len(_mask_memo) >= 8:
-        _mask_memo.pop(next(iter(_mask_memo)))
-    _mask_memo[key] = (key_padding_mask, mask)
+    if memo:
+        if len(_mask_memo) >= 8:
+            _mask_memo.pop(next(iter(_mask_memo)))
+        _mask_memo[key] = (key_padding_mask, mask)
     return mask, False
 
 
