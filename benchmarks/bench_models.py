@@ -15,11 +15,25 @@ Recorded per case (``extra_info``): samples/s, ratio to the eager twin, peak ext
 Environment: ``MMFAST_BENCH_MODELS_ARCHS=dual_encoder,captioner`` runs only those architectures;
 ``MMFAST_BENCH_MODELS_COMPILE=0`` skips the torch.compile cases (inductor compiles a base model's
 forward+backward in tens of seconds per architecture and mode).
+
+CPU table (issue #18; real sizes, not smoke), one command that prints it::
+
+    MMFAST_BENCH_CPU=1 python benchmarks/bench_models.py
+
+per architecture, fused speed / eager-twin speed (same weights, same batch of 8, median of
+``MMFAST_BENCH_CPU_STEPS`` (default 5) interleaved steps after a warm-up): training step (forward +
+backward + AdamW) at tiny size with 1 thread and at small size (MiniLM-L6 + ViT-S/16, 224 px, text
+40) with 2 threads, inference (eval, no grad) at small size with 2 threads, and the tiny training
+step against ``torch.compile(eager twin)`` (inductor; skipped with ``MMFAST_BENCH_MODELS_COMPILE=0``).
 """
 
 from __future__ import annotations
 
 import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
 
 import pytest
 import torch
@@ -120,3 +134,112 @@ def test_model_step(benchmark, arch, impl, mode):
                  samples=BATCH, extra={"arch": arch, "size": SIZE, "task": TASK[arch],
                                        "params": sum(p.numel() for p in _cache["eager"].parameters())})
     assert info["median_ms"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU table (MMFAST_BENCH_CPU=1): fused vs eager twin measured side by side in one process.
+CPU_BATCH = 8
+CPU_SIZES = {"tiny": {}, "small": {"text_len": 40, "img_size": 224}}
+
+
+def _cpu_pair(arch: str, size: str, mode: str):
+    """Step functions of the fused model and its eager twin (same weights, same inputs)."""
+    torch.manual_seed(0)
+    fused = mm.create_model(f"{arch}_{size}", task=TASK[arch], **CPU_SIZES[size])
+    eager = mm.create_model(f"{arch}_{size}", task=TASK[arch], fused=False, **CPU_SIZES[size])
+    eager.load_state_dict(fused.state_dict())
+    inputs = fused.example_inputs(CPU_BATCH)
+    steps = {name: _cpu_step(model, model, inputs, mode) for name, model in (("fused", fused), ("eager", eager))}
+    return steps, eager, inputs
+
+
+def _cpu_step(model, params_owner, inputs, mode: str):
+    if mode == "train":
+        params_owner.train()
+        opt = torch.optim.AdamW(params_owner.parameters(), lr=1e-5)
+
+        def step():
+            model(**inputs).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+    params_owner.eval()
+
+    def infer():
+        with torch.inference_mode():
+            model(**inputs)
+    return infer
+
+
+def _interleaved_medians(steps: dict, rounds: int, warmup: int = 2) -> dict:
+    """Median seconds per step of each function; every round runs each once, the order alternating
+    so that load from other processes falls on both alike."""
+    names = list(steps)
+    for _ in range(warmup):
+        for n in names:
+            steps[n]()
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - t)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def cpu_table(archs=None, rounds: int = 5, compile_: bool = True) -> list[dict]:
+    archs = archs or list(mm.ARCHS)
+    cases = [("tiny", 1, "train"), ("small", 2, "train"), ("small", 2, "infer")]
+    rows = []
+    for arch in archs:
+        row = {"arch": arch}
+        for size, threads, mode in cases:
+            torch.set_num_threads(threads)
+            steps, _, _ = _cpu_pair(arch, size, mode)
+            med = _interleaved_medians(steps, rounds)
+            row[f"{size}/{threads}/{mode}"] = med["eager"] / med["fused"]
+            row[f"{size}/{threads}/{mode}/ms"] = (med["fused"] * 1e3, med["eager"] * 1e3)
+            print(f"  {arch} {size} {threads} thread(s) {mode}: fused {med['fused'] * 1e3:.1f} ms, "
+                  f"eager {med['eager'] * 1e3:.1f} ms", flush=True)
+        if compile_:
+            torch.set_num_threads(1)
+            steps, eager, inputs = _cpu_pair(arch, "tiny", "train")
+            steps["compile"] = _cpu_step(torch.compile(eager), eager, inputs, "train")
+            del steps["eager"]
+            med = _interleaved_medians(steps, rounds, warmup=3)  # the first compiled calls compile
+            row["tiny/1/train/compile"] = med["compile"] / med["fused"]
+            print(f"  {arch} tiny 1 thread train: fused {med['fused'] * 1e3:.1f} ms, "
+                  f"torch.compile(eager) {med['compile'] * 1e3:.1f} ms", flush=True)
+        rows.append(row)
+    return rows
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def print_cpu_table(rows: list[dict]) -> None:
+    fmt = lambda r, k: f"{r[k]:.2f}x" if k in r else "-"
+    print(f"\n{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load average {os.getloadavg()[0]:.1f}; batch {CPU_BATCH}, "
+          f"fused speed / eager speed (>1: fused faster), median of interleaved steps\n")
+    print("| architecture | tiny train, 1 thread | small train, 2 threads | small inference, 2 threads "
+          "| tiny train vs torch.compile(eager), 1 thread |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['arch']} | {fmt(r, 'tiny/1/train')} | {fmt(r, 'small/2/train')} | {fmt(r, 'small/2/infer')} "
+              f"| {fmt(r, 'tiny/1/train/compile')} |")
+
+
+if __name__ == "__main__":
+    if os.environ.get("MMFAST_BENCH_CPU") != "1":
+        raise SystemExit("run the pytest suite (pytest benchmarks/bench_models.py), or set MMFAST_BENCH_CPU=1 "
+                         "for the CPU table")
+    print_cpu_table(cpu_table(ARCHS, rounds=int(os.environ.get("MMFAST_BENCH_CPU_STEPS", "5")), compile_=COMPILE))

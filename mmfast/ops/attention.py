@@ -2,15 +2,17 @@
 registrations.
 
 Faces: reference ``mmfast/reference/attention.py`` ("torch"), Triton ``mmfast/triton/attention.py``,
-CUDA ``csrc/cuda/attention.cu`` (schema ``csrc/attention.cpp``), and a Python CPU face here (SDPA
-forward, explicit recomputing backward). Every non-reference face implements one contract::
+CUDA ``csrc/cuda/attention.cu`` (schema ``csrc/attention.cpp``), and the CPU face below (ATen's CPU
+flash kernels; the C++ kernel ``csrc/cpu/attention.cpp`` for dropout and float64). Every
+non-reference face implements one contract::
 
     forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p) -> (out, lse)
     backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p)
         -> (dq, dk, dv)
 
-q (B, H, Lq, D), k/v (B, H, Lk, D) with any strides; out contiguous (B, H, Lq, D); lse float32
-(B, H, Lq) in base 2 (the CPU face saves none: (0,)); seed an int64 tensor of one element drawn
+q (B, H, Lq, D), k/v (B, H, Lk, D) with any strides; out (B, H, Lq, D), contiguous (the CPU face:
+(B, Lq, H, D)-major); lse float32 (B, H, Lq) (base 2 in mmfast's kernels, natural log from ATen's;
+only the same face's backward reads it); seed an int64 tensor of one element drawn
 from torch's generator on the inputs' device (dropout only). The backward recomputes the softmax
 (from lse) and regenerates the dropout mask from the seed, so nothing of size Lq x Lk is saved.
 """
@@ -45,12 +47,108 @@ MAX_HEAD_DIM = 128
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU face: SDPA for the forward (with mmfast's semantics patched in), explicit math backward.
+# CPU face. Without dropout: ATen's CPU flash-attention kernels (blocked, saving the log-sum-exp;
+# measured faster than mmfast's own C++ kernel, see README "CPU"), given mmfast's masks. With dropout
+# (and for float64, whose gradcheck needs a float64 log-sum-exp): the C++ kernel
+# csrc/cpu/attention.cpp, whose dropout mask is the Philox contract shared with the GPU faces; when
+# the extension is not built, an explicit Python path with the same Philox mask.
+#
+# Layouts: out and the gradients come back (B, Lq, H, D)-major (seen as (B, H, Lq, D)), lse
+# (B, Lq, H)-major: what ATen's kernels produce, and what the model code wants (out.transpose(1, 2)
+# is then contiguous). The fake registrations below state the same strides.
 
-def _keep_mask_cpu(seed: Tensor, shape, p: float, device) -> Tensor:
-    """The dropout keep mask of the CPU face, a pure function of the seed (the backward redraws it)."""
-    gen = torch.Generator(device="cpu").manual_seed(int(seed.reshape(-1)[0]))
-    return (torch.rand(shape, generator=gen, dtype=torch.float32) >= p).to(device)
+_aten_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_aten_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _blhd(x: Tensor) -> Tensor:
+    """x (B, H, L, D) laid out (B, L, H, D)-major (a copy only when it is not already)."""
+    if x.transpose(1, 2).is_contiguous():
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _aten_mask(key_padding_mask: Optional[Tensor], causal: bool, Lq: int, Lk: int, dtype: torch.dtype):
+    """(additive mask for ATen's kernel or None, is_causal flag). ATen's causal is aligned top-left,
+    mmfast's bottom-right: the two agree only when Lq == Lk. Rows without a visible key come out of
+    ATen's kernels as zeros with zero gradients, which is mmfast's definition."""
+    if key_padding_mask is None and (not causal or Lq == Lk):
+        return None, causal
+    memo = key_padding_mask is None or not key_padding_mask.is_inference()  # those have no version counter
+    key = (id(key_padding_mask), key_padding_mask._version if key_padding_mask is not None and memo else 0, causal,
+           Lq, Lk, dtype)
+    hit = _mask_memo.get(key) if memo else None
+    if hit is not None and hit[0] is key_padding_mask:
+        return hit[1], False
+    if key_padding_mask is not None and not causal:
+        visible = key_padding_mask[:, None, None, :]
+    else:
+        visible = _dense_mask(key_padding_mask, causal, Lq, Lk,
+                              "cpu" if key_padding_mask is None else key_padding_mask.device)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    # Every layer of a tower passes the same mask tensor, forward and backward: build its additive
+    # form once. Entries hold the mask tensor itself, so an id is never reused while it is stored.
+    if memo:
+        if len(_mask_memo) >= 8:
+            _mask_memo.pop(next(iter(_mask_memo)))
+        _mask_memo[key] = (key_padding_mask, mask)
+    return mask, False
+
+
+_mask_memo: dict = {}
+
+
+def _needs_own_kernel(q: Tensor, k: Tensor, dropout_p: float) -> bool:
+    """Cases ATen's kernels cannot serve: dropout (mmfast's Philox mask), float64 (ATen's lse is then
+    float64, the contract's float32), one key (softmax is exactly 1 and dq exactly 0; ATen's blocked
+    backward leaves round-off there)."""
+    return dropout_p > 0 or q.dtype == torch.float64 or k.shape[2] == 1
+
+
+def _use_cpp(q: Tensor, k: Tensor, dropout_p: float) -> bool:
+    return _needs_own_kernel(q, k, dropout_p) and _extension.has_kernel("attention_forward", "CPU")
+
+
+def cpu_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p):
+    if _use_cpp(q, k, dropout_p):
+        out, lse = _extension.op("attention_forward")(q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
+        return _blhd(out), lse.transpose(1, 2).contiguous().transpose(1, 2)
+    if _needs_own_kernel(q, k, dropout_p):
+        return _python_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
+    B, H, Lq, D = q.shape
+    if Lq == 0 or B * H == 0 or k.shape[2] == 0:
+        return _blhd(q.new_zeros((B, H, Lq, D))), _lse_like(q)
+    mask, is_causal = _aten_mask(key_padding_mask, causal, Lq, k.shape[2], q.dtype)
+    out, lse = _aten_flash(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+    return _blhd(out), lse
+
+
+def cpu_backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p):
+    if _use_cpp(q, k, dropout_p):
+        grads = _extension.op("attention_backward")(grad_out, q, k, v, out, lse.contiguous(), key_padding_mask, seed,
+                                                    causal, scale, dropout_p)
+        return tuple(_blhd(g) for g in grads)
+    if _needs_own_kernel(q, k, dropout_p):
+        return _python_backward(grad_out, q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if Lq == 0 or Lk == 0 or B * H == 0:
+        return _blhd(torch.zeros_like(q)), _blhd(torch.zeros_like(k)), _blhd(torch.zeros_like(v))
+    mask, is_causal = _aten_mask(key_padding_mask, causal, Lq, Lk, q.dtype)
+    return _aten_flash_backward(grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+
+
+def _lse_like(q: Tensor) -> Tensor:
+    """Empty lse (B, H, Lq) float32 in the CPU face's (B, Lq, H)-major layout."""
+    B, H, Lq, _ = q.shape
+    return q.new_zeros((B, Lq, H), dtype=torch.float32).transpose(1, 2)
+
+
+# The Python path (extension not built): explicit probabilities, the Philox dropout mask.
+def _keep_mask(seed: Tensor, B: int, H: int, Lq: int, Lk: int, p: float) -> Tensor:
+    from mmfast.reference.dropout import keep_mask
+
+    return keep_mask(int(seed.reshape(-1)[0]), B, H, Lq, Lk, p)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,50 +166,60 @@ def _cpu_probs(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float) -> Te
     return torch.softmax(s, -1).masked_fill(~any_key, 0.0)
 
 
-def cpu_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p):
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    lse = q.new_empty((0,), dtype=torch.float32)
-    if Lq == 0 or B * H == 0:
-        return q.new_empty((B, H, Lq, D)), lse
-    if dropout_p > 0:
-        mask = _dense_mask(key_padding_mask, causal, Lq, Lk, q.device)
-        probs = _cpu_probs(q, k, mask, scale)
-        keep = _keep_mask_cpu(seed, (B, H, Lq, Lk), dropout_p, q.device)
-        probs = probs * keep / (1.0 - dropout_p)
-        return (probs @ v.to(probs.dtype)).to(q.dtype).contiguous(), lse
-    if key_padding_mask is None and (not causal or Lq == Lk):
-        # no row can be fully masked here: plain SDPA (its causal mask is top-left = bottom-right)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-        return out.contiguous(), lse
-    mask = _dense_mask(key_padding_mask, causal, Lq, Lk, q.device)  # (B|1, 1, Lq|1, Lk)
-    any_key = mask.any(-1, keepdim=True)
-    # SDPA gives NaN for a row without keys; let such rows see every key (finite), then zero them.
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~any_key, scale=scale)
-    return out.masked_fill(~any_key, 0.0).contiguous(), lse
+def _dropped(p: Tensor, seed: Optional[Tensor], dropout_p: float) -> Tensor:
+    """Probabilities times the dropout mask's keep / (1 - p) factor (p itself without dropout)."""
+    if dropout_p == 0:
+        return p
+    B, H, Lq, Lk = p.shape
+    return p * (_keep_mask(seed, B, H, Lq, Lk, dropout_p).to(p.dtype) / (1.0 - dropout_p))
 
 
-def cpu_backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p):
-    B, H, Lq, D = q.shape
-    Lk = k.shape[2]
-    if Lq == 0 or Lk == 0 or B * H == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+def _python_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p):
+    Lq, Lk = q.shape[2], k.shape[2]
+    probs = _cpu_probs(q, k, _dense_mask(key_padding_mask, causal, Lq, Lk, q.device), scale)
+    out = _dropped(probs, seed, dropout_p) @ v.to(probs.dtype)
+    return _blhd(out.to(q.dtype)), _lse_like(q)
+
+
+def _python_backward(grad_out, q, k, v, key_padding_mask, seed, causal, scale, dropout_p):
     ct = _compute_dtype(q.dtype)
-    mask = _dense_mask(key_padding_mask, causal, Lq, Lk, q.device)
-    p = _cpu_probs(q, k, mask, scale)
+    p = _cpu_probs(q, k, _dense_mask(key_padding_mask, causal, q.shape[2], k.shape[2], q.device), scale)
     do = grad_out.to(ct)
-    dp = do @ v.to(ct).transpose(-2, -1)  # d loss / d (dropped probabilities)
-    if dropout_p > 0:
-        z = _keep_mask_cpu(seed, (B, H, Lq, Lk), dropout_p, q.device).to(ct) / (1.0 - dropout_p)
-        pd = p * z
-        dp = dp * z
-    else:
-        pd = p
+    pd = _dropped(p, seed, dropout_p)
+    dpd = do @ v.to(ct).transpose(-2, -1)  # d loss / d (dropped probabilities)
+    dp = _dropped(dpd, seed, dropout_p)    # d loss / d probabilities
     dv = pd.transpose(-2, -1) @ do
     ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward; masked entries have p = 0
     dq = (ds @ k.to(ct)) * scale
     dk = (ds.transpose(-2, -1) @ q.to(ct)) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _blhd(dq.to(q.dtype)), _blhd(dk.to(k.dtype)), _blhd(dv.to(v.dtype))
+
+
+class _CpuAttention(torch.autograd.Function):
+    """The CPU face under autograd without the custom op's dispatch (eager callers only)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, seed, causal, scale, dropout_p):
+        out, lse = cpu_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (key_padding_mask, seed, causal, scale, dropout_p)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        return cpu_backward(grad_out, q, k, v, out, lse, *ctx.args) + (None,) * 5
+
+
+def cpu_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+                  scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
+    """``attention(..., backend="cpu")`` for callers that already hold valid arguments (the model zoo)
+    and run eagerly: the same face, minus the argument checks and the custom-op dispatch, which cost
+    more than ATen's kernel itself at small sizes (measured ~0.25 ms per forward + backward). Under
+    torch.compile use :func:`attention`: the compiler must see the opaque custom op."""
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0 else None
+    return _CpuAttention.apply(q, k, v, key_padding_mask, seed, bool(causal), scale, float(dropout_p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +245,9 @@ def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optiona
 @_attention_fwd_op.register_fake
 def _(q, k, v, key_padding_mask, seed, causal, scale, dropout_p, backend):
     B, H, Lq, D = q.shape
-    lse_shape = (0,) if backend == "cpu" else (B, H, Lq)
-    return q.new_empty((B, H, Lq, D)), q.new_empty(lse_shape, dtype=torch.float32)
+    if backend == "cpu":  # the CPU face's layouts (see its section)
+        return q.new_empty((B, Lq, H, D)).transpose(1, 2), _lse_like(q)
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("mmfast::attention_backward", mutates_args=())
@@ -150,6 +259,8 @@ def _attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Te
 
 @_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p, backend):
+    if backend == "cpu":
+        return tuple(_blhd(x.new_empty(x.shape)) for x in (q, k, v))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
