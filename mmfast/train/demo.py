@@ -16,7 +16,7 @@ import torch
 # The board is 3 x 3 cells of one 8-px patch each (24 px images) with up to 3 objects.
 _TINY_128 = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "vision_width": 128,
              "vision_heads": 4, "vision_depth": 2, "num_hidden_layers": 3, "fusion_layer": 1, "img_size": 24}
-CPU_DEFAULTS = dict(model="cross_attention_tiny", steps=1000, batch_size=64, lr=2e-3, train_size=20000, max_objects=3,
+CPU_DEFAULTS = dict(model="cross_attention_tiny", steps=1300, batch_size=64, lr=2e-3, train_size=20000, max_objects=3,
                     overrides=_TINY_128)
 GPU_DEFAULTS = dict(model="cross_attention_tiny", steps=1500, batch_size=64, lr=2e-3, train_size=20000, max_objects=3,
                     overrides=_TINY_128)
