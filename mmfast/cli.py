@@ -223,8 +223,17 @@ def cmd_train(args) -> int:
            "answers": getattr(train_ds, "answers", None) and list(train_ds.answers)}
     torch.manual_seed(args.seed)
     model = W.build_model(run)
-    cfg = _config(args, task in ("vqa", "itm", "classification"), eval_ds is not None)
-    return _fit(args, model, train_ds, eval_ds, cfg, run, task)
+    classification = task in ("vqa", "itm", "classification")
+    cfg = _config(args, classification, eval_ds is not None)
+    return _fit(args, model, train_ds, eval_ds, cfg, run, task, eval_fn=_classification_eval if classification else None)
+
+
+def _classification_eval(model, loader, device, autocast) -> dict:
+    """Evaluation during training scores like `mmfast eval`: every example, unseen answers counted wrong."""
+    from mmfast.train.metrics import evaluate_classification
+
+    r = evaluate_classification(model, loader.dataset, None, loader.batch_size, device)
+    return {"loss": r["loss"], "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "unseen_answers": r["unseen_answers"]}
 
 
 def _take_settings_from_checkpoint(args) -> None:
