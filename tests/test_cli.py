@@ -193,6 +193,8 @@ def test_log_lines_without_a_terminal_and_no_bar(tmp_path, capsys):
     assert "\r" not in err and "it/s" not in err  # no tqdm bar in a log file
     assert [line.split(":")[0] for line in err.splitlines() if line.startswith("[train] step")] == \
         ["[train] step 2/4", "[train] step 4/4"]
+    # without --checkpoint-every a checkpoint every 10 % of the steps (here: every step; two are kept)
+    assert sorted(p.name for p in (tmp_path / "r").glob("step_*")) == ["step_000003", "step_000004"]
 
 
 def test_tensorboard_flag_without_the_package_says_so(tmp_path, capsys, monkeypatch):
