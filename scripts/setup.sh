@@ -31,19 +31,25 @@ else
 fi
 $VPY -c "import transformers, timm, pytest" || { echo "[setup] missing dependencies (see above)"; exit 1; }
 
-# One arch where there is no GPU to ask (CI and this CPU machine): halves nvcc time.
 if ! $VPY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  # No GPU here: C++ CPU kernels only unless asked. The CUDA sources take minutes and gigabytes to
+  # compile and could not run here; MMFAST_BUILD_CUDA=1 builds them anyway (CI does, so they cannot rot).
+  export MMFAST_BUILD_CUDA=${MMFAST_BUILD_CUDA:-0}
+  # One arch where there is no GPU to ask: halves nvcc time.
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 fi
+export MMFAST_BUILD_CUDA=${MMFAST_BUILD_CUDA:-auto}  # a GPU machine: its CUDA kernels, when nvcc is there
 # Skip the build when mmfast is installed and its extension is newer than every source file
 # (MMFAST_FORCE_BUILD=1 rebuilds anyway).
 so=$(ls mmfast/_C*.so 2>/dev/null | head -1 || true)
-if [ -z "${MMFAST_FORCE_BUILD:-}" ] && [ -n "$so" ] && $VPY -m pip show -q mmfast >/dev/null 2>&1 \
+# A CPU-only build does not satisfy MMFAST_BUILD_CUDA=1.
+cuda_missing=$([ "$MMFAST_BUILD_CUDA" = 1 ] && ! grep -qs '"cuda": true' mmfast/_build_info.json && echo 1 || true)
+if [ -z "${MMFAST_FORCE_BUILD:-}" ] && [ -n "$so" ] && [ -z "$cuda_missing" ] && $VPY -m pip show -q mmfast >/dev/null 2>&1 \
    && [ -z "$(find csrc setup.py pyproject.toml -newer "$so" -print -quit)" ]; then
   echo "[setup] mmfast already built and up to date ($so)"
 else
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  echo "[setup] building mmfast (MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
+  echo "[setup] building mmfast (MMFAST_BUILD_CUDA=$MMFAST_BUILD_CUDA MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
   start=$(date +%s)
   build_log=$(mktemp)
   rc=0

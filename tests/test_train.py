@@ -233,3 +233,130 @@ def test_epochs_and_linear_schedule():
     assert t.max_steps == 8
     t.fit()
     assert t.step == 8 and (t.epoch, t.batch_in_epoch) == (1, 4) and t.scheduler.get_last_lr()[0] == 0.0
+
+
+class _SignalAt(StandIn):
+    """StandIn that sends this process ``signum`` during its ``at``-th training forward."""
+
+    def __init__(self, at, signum, **kw):
+        super().__init__(**kw)
+        self.at, self.signum = at, signum
+
+    def forward(self, *args, **kwargs):
+        if self.training and self.calls + 1 == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().forward(*args, **kwargs)
+
+
+def _train_rows(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r and "event" not in r]
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resume_is_exact(tmp_path):
+    import signal
+
+    from mmfast.train.trainer import TrainingInterrupted
+
+    torch.manual_seed(0)
+    straight = Trainer(StandIn(), data(20), config=cfg(max_steps=10, out_dir=str(tmp_path / "a")))
+    straight.fit()
+
+    torch.manual_seed(0)
+    first = Trainer(_SignalAt(4, signal.SIGTERM), data(20), config=cfg(max_steps=10, out_dir=str(tmp_path / "b")))
+    with pytest.raises(TrainingInterrupted) as stop:
+        first.fit()
+    assert stop.value.exit_code == 143 and stop.value.step == 4 and stop.value.signal_name == "SIGTERM"
+    assert stop.value.checkpoint == tmp_path / "b" / "step_000004"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone again
+    second = Trainer(StandIn(), data(20), config=cfg(max_steps=10, out_dir=str(tmp_path / "b"), resume=True))
+    summary = second.fit()
+    assert first.losses + second.losses == straight.losses
+    assert summary["steps"] == 6 and summary["global_step"] == 10 and summary["resumed_from"] == 4
+
+
+def test_metrics_keep_one_row_per_step_after_a_crash_and_resume(tmp_path):
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    crashing = Trainer(StandIn(poison_step=7, poison=float("nan")), data(20),
+                       config=cfg(max_steps=10, out_dir=str(out), checkpoint_every=4))
+    with pytest.raises(NonFiniteLossError):
+        crashing.fit()  # rows for steps 1..6 are written, the last checkpoint is step 4
+    assert [r["step"] for r in _train_rows(out)] == [1, 2, 3, 4, 5, 6]
+    for _ in range(2):  # any number of resumes
+        Trainer(StandIn(), data(20), config=cfg(max_steps=10, out_dir=str(out), resume=True)).fit()
+    assert [r["step"] for r in _train_rows(out)] == list(range(1, 11))
+
+
+def test_resume_refuses_changed_hyper_parameters(tmp_path):
+    Trainer(StandIn(), data(20), config=cfg(max_steps=4, out_dir=str(tmp_path))).fit()
+    with pytest.raises(ValueError, match=r"lr 0\.1 \(checkpoint: 0\.003\); max_steps 8 \(checkpoint: 4\)"):
+        Trainer(StandIn(), data(20), config=cfg(max_steps=8, lr=0.1, out_dir=str(tmp_path), resume=True))
+
+
+def test_checkpoint_errors_name_the_file_and_never_fall_back_silently(tmp_path):
+    Trainer(StandIn(), data(20), config=cfg(max_steps=4, out_dir=str(tmp_path), checkpoint_every=2)).fit()
+    (tmp_path / "step_000004" / "state.pt").unlink()
+    with pytest.raises(ckpt_io.CheckpointError, match=r"latest: names 'step_000004', which is not a complete "
+                                                      r"checkpoint \(missing state\.pt\)"):
+        ckpt_io.find_checkpoint(tmp_path)
+    (tmp_path / "latest").unlink()  # without `latest`: the older complete one, with a warning naming both
+    with pytest.warns(RuntimeWarning, match="step_000004 is incomplete.*using step_000002"):
+        assert ckpt_io.find_checkpoint(tmp_path).name == "step_000002"
+    (tmp_path / "step_000002" / "state.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ckpt_io.CheckpointError, match=r"step_000002/state\.pt: cannot be loaded"):
+        ckpt_io.load_state(tmp_path / "step_000002")
+
+
+def test_without_a_terminal_no_bar_but_a_line_every_log_every_steps(capsys):
+    Trainer(StandIn(), data(20), config=cfg(max_steps=6, log_every=3, progress=None)).fit()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line.split(":")[0] for line in err.splitlines()] == ["[train] step 3/6", "[train] step 6/6"]
+
+
+def test_tensorboard_writes_loss_lr_throughput_and_eval(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, purge_step=None):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("closed", None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    t = Trainer(StandIn(), data(20), data(8, "val"), config=cfg(max_steps=4, log_every=2, eval_every=2,
+                                                               out_dir=str(tmp_path), tensorboard=True))
+    t.fit()
+    assert t._tensorboard.log_dir == str(tmp_path / "tensorboard")
+    tags = {tag for tag, _ in written}
+    assert {"train/loss", "train/lr", "train/samples_per_s", "eval/loss", "eval/accuracy", "closed"} <= tags
+    assert sorted(step for tag, step in written if tag == "train/loss") == [2, 4]
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ValueError, match="tensorboard package is not installed; pip install tensorboard"):
+        Trainer(StandIn(), data(20), config=cfg(out_dir=str(tmp_path / "x"), tensorboard=True))
+
+
+def test_threads_default_to_physical_cores(monkeypatch):
+    from mmfast.train import threads
+
+    cpus = sorted(os.sched_getaffinity(0))
+    pairs = set()
+    for cpu in cpus:
+        topo = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        pairs.add((open(topo + "physical_package_id").read(), open(topo + "core_id").read()))
+    assert threads.physical_cores() == len(pairs) <= len(cpus)
+    before = torch.get_num_threads()
+    try:
+        assert threads.choose_threads(None) == len(pairs) == torch.get_num_threads()
+        assert threads.choose_threads(1) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

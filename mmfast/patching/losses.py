@@ -40,9 +40,14 @@ def _backend(model) -> str:
 
 def _original_forward(model):
     """The forward that would run without the patch (an earlier instance override, e.g. an
-    accelerate hook, or the class's)."""
+    accelerate hook, or the class's), as a function taking ``model`` first.
+
+    Not a bound method of ``model``: torch.compile rebuilds a bound method of a module after a graph
+    break as ``model.forward``, which is this patch's own override (infinite recursion)."""
     saved = getattr(model, "_mmfast_saved_forward", None)
-    return saved if saved is not None else type(model).forward.__get__(model)
+    if saved is not None:
+        return lambda _model, *args, **kwargs: saved(*args, **kwargs)
+    return type(model).forward
 
 
 def _with_loss(output, loss):
@@ -109,20 +114,21 @@ NOT_CE = {
 
 def _ce_forward(self, *args, **kwargs):
     orig = _original_forward(self)
-    sig = inspect.signature(orig)
+    saved = getattr(self, "_mmfast_saved_forward", None)
+    sig = inspect.signature(saved if saved is not None else type(self).forward.__get__(self))
     try:
         bound = sig.bind(*args, **kwargs)
     except TypeError:
-        return orig(*args, **kwargs)  # let the stock forward raise its own error
+        return orig(self, *args, **kwargs)  # let the stock forward raise its own error
     labels = bound.arguments.get("labels")
     if labels is None or labels.is_floating_point():
-        return orig(*args, **kwargs)
+        return orig(self, *args, **kwargs)
     bound.arguments["labels"] = None
-    output = orig(*bound.args, **bound.kwargs)
+    output = orig(self, *bound.args, **bound.kwargs)
     logits = _logits_of(output)
     flat = CE_HEADS[type(self).__name__](self, logits, labels)
     if flat is None:  # not a single-label problem: the stock loss
-        return orig(*args, **kwargs)
+        return orig(self, *args, **kwargs)
     lg, tg = flat
     loss = ops.cross_entropy(lg, tg, backend=_backend(self))
     return _with_loss(output, loss)
@@ -135,7 +141,7 @@ def _mlm_forward(self, input_ids=None, attention_mask=None, token_type_ids=None,
                  return_logits: Optional[bool] = None, **kwargs):
     orig = _original_forward(self)
     if labels is None:
-        return orig(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+        return orig(self, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                     position_ids=position_ids, inputs_embeds=inputs_embeds,
                     encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
                     **kwargs)

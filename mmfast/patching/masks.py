@@ -41,9 +41,16 @@ def causal_keep(Lq: int, Lk: int, device) -> Tensor:
     return j <= i + (Lk - Lq)
 
 
+def _version_of(mask: Tensor) -> Optional[int]:
+    # Under torch.compile a tensor's version counter is an unbacked symbol: comparing two of them
+    # is a data-dependent guard that fails fullgraph=True. A traced graph cannot edit the mask in
+    # place between building it and reading its tag unnoticed by the graph, so None = "trust it".
+    return None if torch.compiler.is_compiling() else mask._version
+
+
 def tag(mask: Tensor, key_padding_mask: Optional[Tensor], causal: bool) -> Tensor:
     """Attaches the decomposition to a mask this package built."""
-    setattr(mask, TAG, (key_padding_mask, bool(causal), mask._version))
+    setattr(mask, TAG, (key_padding_mask, bool(causal), _version_of(mask)))
     return mask
 
 
@@ -61,7 +68,7 @@ def decompose(mask: Optional[Tensor], B: int, Lq: int, Lk: int) -> Tuple[Optiona
     tagged = getattr(mask, TAG, None)
     if tagged is not None:
         kpm, causal, version = tagged
-        if version == mask._version and (kpm is None or tuple(kpm.shape) == (B, Lk)):
+        if (version is None or version == _version_of(mask)) and (kpm is None or tuple(kpm.shape) == (B, Lk)):
             return kpm, causal
     cached = getattr(mask, _CACHE, None)
     if cached is not None and cached[0] == mask._version and cached[1] == (B, Lq, Lk):

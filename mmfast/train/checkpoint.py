@@ -20,10 +20,15 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, cut short or not what it should be; the message names the file."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,7 +44,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -94,7 +99,7 @@ def save_checkpoint(out_dir, step: int, model: torch.nn.Module, state: dict, run
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(out_dir)
-    _write_text_atomic(out_dir / "latest", name + "\n")
+    write_text_atomic(out_dir / "latest", name + "\n")
     steps = sorted(p for p in out_dir.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
         if old != final:
@@ -102,33 +107,79 @@ def save_checkpoint(out_dir, step: int, model: torch.nn.Module, state: dict, run
     return final
 
 
+_FILES = ("model.safetensors", "state.pt", "run.json")
+
+
+def _missing(ckpt: Path) -> list[str]:
+    return [f for f in _FILES if not (ckpt / f).is_file()]
+
+
 def find_checkpoint(path) -> Path | None:
-    """The checkpoint folder for ``path``: a checkpoint folder itself, or a run directory (its
-    ``latest``, else its newest complete ``step_*``). None when there is none."""
+    """The checkpoint folder for ``path``: a checkpoint folder itself, or a run directory (the folder
+    its ``latest`` names, else its newest complete ``step_*``). None when there is none.
+
+    Never falls back silently to an older step: ``latest`` naming an incomplete folder raises
+    :class:`CheckpointError`; without ``latest``, newer incomplete folders are skipped with a warning
+    naming both."""
     path = Path(path)
-    if (path / "model.safetensors").is_file() and (path / "state.pt").is_file():
+    if path.is_dir() and (path.name.startswith("step_") or (path / "model.safetensors").is_file()):
+        if _missing(path):
+            raise CheckpointError(f"{path}: not a complete checkpoint (missing {', '.join(_missing(path))})")
         return path
     latest = path / "latest"
     if latest.is_file():
         ckpt = path / latest.read_text().strip()
-        if (ckpt / "model.safetensors").is_file() and (ckpt / "state.pt").is_file():
+        if ckpt.name.startswith("step_") and ckpt.is_dir() and not _missing(ckpt):
             return ckpt
-    complete = [p for p in sorted(path.glob("step_*")) if (p / "state.pt").is_file() and (p / "model.safetensors").is_file()]
+        what = f"missing {', '.join(_missing(ckpt))}" if ckpt.is_dir() else "no such folder"
+        raise CheckpointError(f"{latest}: names {ckpt.name!r}, which is not a complete checkpoint ({what}); pass an "
+                              f"older step_* folder explicitly if you want it")
+    steps = sorted(p for p in path.glob("step_*") if p.is_dir())
+    complete = [p for p in steps if not _missing(p)]
+    if complete and complete[-1] != steps[-1]:
+        warnings.warn(f"{path}: newest checkpoint folder {steps[-1].name} is incomplete (missing "
+                      f"{', '.join(_missing(steps[-1]))}); using {complete[-1].name}", RuntimeWarning, stacklevel=2)
     return complete[-1] if complete else None
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def load_weights(model: torch.nn.Module, ckpt: Path, strict: bool = True) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    missing, unexpected = load_model(model, str(Path(ckpt) / "model.safetensors"), strict=False)
+    file = Path(ckpt) / "model.safetensors"
+    try:
+        missing, unexpected = load_model(model, str(file), strict=False)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # e.g. a file cut short
+        raise CheckpointError(f"{file}: cannot be read as safetensors weights ({_first_line(e)})") from None
     if strict and (missing or unexpected):
         raise RuntimeError(f"checkpoint {ckpt} does not fit the model: missing keys {sorted(missing)[:10]}, "
                            f"unexpected keys {sorted(unexpected)[:10]}")
 
 
 def load_state(ckpt: Path) -> dict:
-    return torch.load(Path(ckpt) / "state.pt", map_location="cpu", weights_only=True)
+    file = Path(ckpt) / "state.pt"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        raise CheckpointError(f"{file}: cannot be loaded ({_first_line(e)})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file}: not a trainer state (no 'step')")
+    return state
 
 
 def load_run_info(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "run.json").read_text())
+    file = Path(ckpt) / "run.json"
+    try:
+        info = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(info).__name__}")
+    return info

@@ -37,7 +37,9 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    progress: bool = True                # tqdm bar on rank 0
+    progress: bool | None = None         # tqdm bar on rank 0; None: only when stderr is a terminal (else
+                                         # one line every log_every steps); False: neither
+    tensorboard: bool = False            # also write loss, lr, throughput, eval metrics to out_dir/tensorboard
     max_skipped_steps: int = 20          # fp16: consecutive non-finite steps before giving up
 
     def __post_init__(self):
@@ -69,6 +71,22 @@ class TrainConfig:
     @property
     def minimize(self) -> bool:
         return self.eval_mode == "min" if self.eval_mode else self.eval_metric.endswith("loss")
+
+    # What decides the trajectory of a run: a resume must not change these silently.
+    RESUME_FIXED = ("lr", "weight_decay", "betas", "schedule", "warmup_steps", "min_lr_ratio", "max_steps", "epochs",
+                    "batch_size", "grad_accum", "max_grad_norm", "precision", "seed")
+
+    def differences(self, saved: dict) -> list[tuple]:
+        """``(name, this value, saved value)`` for each trajectory setting that differs from ``saved`` (a
+        checkpoint's ``run.json`` config)."""
+        out = []
+        for name in self.RESUME_FIXED:
+            mine, theirs = getattr(self, name), saved.get(name)
+            if isinstance(theirs, list):
+                theirs = tuple(theirs)
+            if name in saved and mine != theirs:
+                out.append((name, mine, theirs))
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

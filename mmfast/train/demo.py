@@ -3,7 +3,6 @@ held-out VQA accuracy rising, then measure fused vs eager training throughput of
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import torch
 # The board is 3 x 3 cells of one 8-px patch each (24 px images) with up to 3 objects.
 _TINY_128 = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "vision_width": 128,
              "vision_heads": 4, "vision_depth": 2, "num_hidden_layers": 3, "fusion_layer": 1, "img_size": 24}
-CPU_DEFAULTS = dict(model="cross_attention_tiny", steps=1000, batch_size=64, lr=2e-3, train_size=20000, max_objects=3,
+CPU_DEFAULTS = dict(model="cross_attention_tiny", steps=1300, batch_size=64, lr=2e-3, train_size=20000, max_objects=3,
                     overrides=_TINY_128)
 GPU_DEFAULTS = dict(model="cross_attention_tiny", steps=1500, batch_size=64, lr=2e-3, train_size=20000, max_objects=3,
                     overrides=_TINY_128)
@@ -68,19 +67,28 @@ def speed_table(name: str, task: str, num_labels, overrides: dict, state_dict, b
     return out
 
 
+def _describe(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+# what `mmfast demo --help` says the demo trains (the same model and settings run_demo builds)
+DEMO_MODEL_HELP = (f"{CPU_DEFAULTS['model']} with {_describe(CPU_DEFAULTS['overrides'])}; "
+                   "the zoo's own configuration of that name is smaller")
+
+
 def run_demo(model=None, steps=None, batch_size=None, lr=None, seed: int = 0, out=None, quiet: bool = False,
-             speed_steps=None) -> dict:
-    from mmfast.data import ShapesDataset, collate
+             speed_steps=None, threads=None, progress=None) -> dict:
+    """``threads``: torch CPU threads (default: physical cores); ``progress``: the progress bar (None:
+    on a terminal only, else one line every few steps)."""
+    from mmfast.data import collate
     from mmfast.models import create_model
     from mmfast.train import TrainConfig, Trainer
     from mmfast.train import workflows as W
+    from mmfast.train.threads import choose_threads
 
     t0 = time.perf_counter()
     gpu = torch.cuda.is_available()
-    if not gpu:
-        # a model this small gains little from intra-op threads, and on a busy machine (a shared CI box)
-        # two OpenMP threads waiting on each other made a step 40x slower than one thread
-        torch.set_num_threads(int(os.environ.get("MMFAST_DEMO_THREADS", "1")))
+    n_threads = choose_threads(threads)
     device = torch.device("cuda" if gpu else "cpu")
     d = dict(GPU_DEFAULTS if gpu else CPU_DEFAULTS)
     if model is not None and model != d["model"]:
@@ -100,9 +108,17 @@ def run_demo(model=None, steps=None, batch_size=None, lr=None, seed: int = 0, ou
     net = create_model(name, task="vqa", num_labels=len(train.answers), **overrides)
     n_params = sum(p.numel() for p in net.parameters())
     majority = held_out.majority_baseline()
-    n_threads = torch.get_num_threads()
     dev_name = torch.cuda.get_device_name() if gpu else f"CPU ({n_threads} thread{'s' if n_threads != 1 else ''})"
-    _say(quiet, f"mmfast demo: {name} ({n_params / 1e6:.2f}M parameters, fused ops) learns visual question answering "
+    # the settings that make this model differ from the zoo entry `mmfast models` lists under the same name
+    changed = dict(d["overrides"])
+    if changed:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            zoo_params = sum(p.numel() for p in create_model(name).parameters())
+        what = f"{name} with {_describe(changed)} ({n_params / 1e6:.2f}M parameters; `mmfast models` lists the " \
+               f"zoo's {name} at {zoo_params / 1e6:.2f}M)"
+    else:
+        what = f"{name} ({n_params / 1e6:.2f}M parameters)"
+    _say(quiet, f"mmfast demo: {what}, fused ops, learns visual question answering "
                 f"on ShapesDataset ({train_spec['image_size']} px images, {train_spec['grid']}x{train_spec['grid']} "
                 f"board, questions about colour, shape, count and position) on {dev_name}.")
     _say(quiet, f"  {steps} steps x batch {batch_size}; held-out set: {len(held_out)} questions, where always "
@@ -112,7 +128,7 @@ def run_demo(model=None, steps=None, batch_size=None, lr=None, seed: int = 0, ou
            "data": train_spec, "eval_data": eval_spec, "answers": list(train.answers)}
     cfg = TrainConfig(lr=lr, max_steps=steps, batch_size=batch_size, warmup_steps=steps // 20, weight_decay=0.01,
                       eval_every=max(1, steps // 5), eval_metric="accuracy", eval_batch_size=250, out_dir=run_dir,
-                      seed=seed, log_every=max(1, steps // 50), progress=True, device=str(device))
+                      seed=seed, log_every=max(1, steps // 50), progress=progress, device=str(device))
     trainer = Trainer(net, train, held_out, cfg, run_info=run)
     summary = trainer.fit()
 
@@ -134,7 +150,7 @@ def run_demo(model=None, steps=None, batch_size=None, lr=None, seed: int = 0, ou
     _say(quiet, f"  fused / eager speed-up: {speed['speedup']:.2f}x")
     seconds = time.perf_counter() - t0
     _say(quiet, f"demo finished in {seconds:.0f} s")
-    return {"model": name, "device": dev_name, "params": n_params, "steps": steps, "batch_size": batch_size,
+    return {"model": name, "model_overrides": changed, "device": dev_name, "threads": n_threads, "params": n_params, "steps": steps, "batch_size": batch_size,
             "accuracy": report["accuracy"], "majority_baseline": majority,
             "accuracy_by_question_type": report["accuracy_by_question_type"], "macro_f1": report["macro_f1"],
             "train_seconds": summary["seconds"], "seconds": seconds, "samples_per_s": summary["samples_per_s"],

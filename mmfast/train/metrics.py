@@ -69,7 +69,13 @@ def evaluate_classification(model, dataset, names=None, batch_size=64, device="c
         if _get(out, "loss") is not None:
             loss_sum += _get(out, "loss").float().item() * len(batch["labels"])
     preds, labels = torch.cat(preds), torch.cat(labels)
+    # label -100: an answer outside the model's answer set (e.g. a held-out answer never seen in training).
+    # The model cannot give it, so the example counts as wrong; dropping it would inflate the accuracy.
+    unseen = labels == -100
     report = classification_report(preds, labels, names)
+    report["accuracy"] = (preds == labels).float().mean().item()
+    report["n"] = len(labels)
+    report["unseen_answers"] = int(unseen.sum())
     report["loss"] = loss_sum / len(labels)
     report["predictions"] = preds.tolist()
     return report

@@ -23,7 +23,9 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +40,50 @@ from mmfast.train.config import TrainConfig
 
 class NonFiniteLossError(FloatingPointError):
     """The loss (or gradient norm) became NaN/inf; the weights were not updated by that step."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived: the optimizer step under way was finished, a checkpoint written
+    (``checkpoint``; None without ``out_dir``), and training stopped. ``exit_code``: 128 + the signal
+    number, what a shell reports for a process the signal ended (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (no out_dir)"
+        super().__init__(f"{self.signal_name} at step {step}: {where}")
+
+
+class _StopSignals:
+    """While training: the first SIGINT/SIGTERM only asks the loop to stop after the optimizer step
+    under way (a half-applied step cannot be checkpointed); the previous handlers come back at once,
+    so a second Ctrl-C stops immediately."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        self._restore()
+
+    def _restore(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
 
 
 class _ResumableSampler(DistributedSampler):
@@ -98,6 +144,10 @@ class Trainer:
             self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"TrainConfig.device={cfg.device!r}: torch sees no CUDA GPU here; use 'cpu' or 'auto'")
+        if self.device.type == "cuda" and self.device.index is None:  # set_device needs an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if cfg.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -127,6 +177,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None  # rank 0 only
         self._saved_step = None  # every rank: the step of the newest checkpoint
         self.stopped_early = False
+        self._tensorboard = self._open_tensorboard() if cfg.tensorboard and self.is_main else None
         torch.manual_seed(cfg.seed + self.rank)  # dropout etc.; differs per rank, like the data
         if cfg.resume:
             self._resume()
@@ -135,6 +186,16 @@ class Trainer:
                                   "--resume) or choose another directory")
 
     # ----------------------------------------------------------------------------------- set-up
+    def _open_tensorboard(self):
+        if not self.config.out_dir:
+            raise ValueError("TrainConfig.tensorboard: needs out_dir (the event files go to out_dir/tensorboard)")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("TrainConfig.tensorboard (--tensorboard): the tensorboard package is not installed; "
+                             "pip install tensorboard, or leave it off (metrics.jsonl has the same numbers)") from None
+        return SummaryWriter(str(Path(self.config.out_dir) / "tensorboard"), purge_step=self.step or None)
+
     @staticmethod
     def _accepted_keys(model):
         params = inspect.signature(model.forward).parameters.values()
@@ -216,20 +277,32 @@ class Trainer:
         batches = self._micro_batches()
         samples_per_step = cfg.batch_size * cfg.grad_accum * self.world_size
         bar = None
-        if cfg.progress and self.is_main:
+        # the bar only on a terminal: in a log file its carriage-return updates pile up (~100 KB a run)
+        show_bar = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        log_lines = self.is_main and not show_bar and cfg.progress is None
+        if show_bar and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         self.train_model.train()
-        t_start = time.perf_counter()
-        t_window, window_steps, window_tokens, window_loss = t_start, 0, 0.0, 0.0
-        total_steps, total_tokens, skipped = 0, 0.0, 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
+        signals = _StopSignals()
+        with signals:
+            self._loop(stop_at, batches, samples_per_step, bar, log_lines, signals)
+        return self._finish(bar)
+
+    def _loop(self, stop_at, batches, samples_per_step, bar, log_lines, signals):
+        cfg = self.config
+        t_start = time.perf_counter()
+        t_window, window_steps, window_tokens, window_loss = t_start, 0, 0.0, 0.0
+        self._run_steps, self._run_tokens, skipped = 0, 0.0, 0
+        self._run_seconds = lambda: time.perf_counter() - t_start  # training only: pauses are shifted out
         while self.step < stop_at and not self.stopped_early:
             # forward/backward over grad_accum micro-batches; DDP all-reduces on the last one only
-            stats = torch.zeros(2, device=self.device)  # [sum of micro-batch losses, text tokens]
+            # [sum of micro-batch losses, text tokens, "a stop signal arrived" on this rank]
+            stats = torch.zeros(3, device=self.device)
             for micro in range(cfg.grad_accum):
                 batch = self._to_device(next(batches))
                 last = micro == cfg.grad_accum - 1
@@ -242,8 +315,9 @@ class Trainer:
                 stats[0] += loss.detach().float()
                 mask = batch.get("attention_mask")
                 stats[1] += mask.sum() if mask is not None else batch.get("input_ids", torch.empty(0)).numel()
+            stats[2] = signals.received is not None
             if self.world_size > 1:
-                dist.all_reduce(stats)  # sum over ranks: every rank sees the global mean loss
+                dist.all_reduce(stats)  # sum over ranks: every rank sees the global mean loss and any stop
             loss_value = stats[0].item() / (cfg.grad_accum * self.world_size)
             step_tokens = stats[1].item()
 
@@ -271,7 +345,7 @@ class Trainer:
             self.losses.append(loss_value)
 
             # bookkeeping: progress bar, metrics.jsonl, eval + early stopping, checkpoints
-            total_steps, total_tokens = total_steps + 1, total_tokens + step_tokens
+            self._run_steps, self._run_tokens = self._run_steps + 1, self._run_tokens + step_tokens
             window_steps, window_tokens, window_loss = window_steps + 1, window_tokens + step_tokens, window_loss + loss_value
             if self.step % cfg.log_every == 0 or self.step == stop_at:
                 dt = max(time.perf_counter() - t_window, 1e-9)
@@ -281,6 +355,10 @@ class Trainer:
                           "samples_per_s": window_steps * samples_per_step / dt, "tokens_per_s": window_tokens / dt,
                           "train_s": time.perf_counter() - t_start}
                 self._log(record)
+                self._tensorboard_scalars("train", record, ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s"))
+                if log_lines:
+                    print(f"[train] step {self.step}/{self.max_steps}: loss {record['loss']:.4f}, lr {record['lr']:.3g}, "
+                          f"{record['samples_per_s']:.0f} samples/s", file=sys.stderr, flush=True)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}",
                                     tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
@@ -292,10 +370,28 @@ class Trainer:
                 self._eval_and_maybe_stop()
             if cfg.out_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+            stop = stats[2].item() > 0 if self.world_size > 1 else signals.received is not None
+            if stop:  # every rank sees the same all-reduced flag, so all stop after the same step
+                self._interrupt(signals.received or signal.SIGTERM, bar)
             paused = time.perf_counter() - t_pause
             t_window, t_start = t_window + paused, t_start + paused
 
-        seconds = time.perf_counter() - t_start  # training only
+    def _interrupt(self, signum, bar):
+        self._log({"step": self.step, "event": "interrupted", "signal": signal.Signals(signum).name})
+        path = None
+        if self.config.out_dir:
+            if self._saved_step != self.step:
+                self.save_checkpoint()
+            path = self.last_checkpoint
+        if bar is not None:
+            bar.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        raise TrainingInterrupted(signum, self.step, path)
+
+    def _finish(self, bar) -> dict:
+        cfg = self.config
+        seconds = self._run_seconds()
         final_eval = None
         if self.eval_dataset is not None and not (cfg.eval_every and self.step % cfg.eval_every == 0):
             final_eval = self._eval_and_maybe_stop()
@@ -305,14 +401,20 @@ class Trainer:
             self.save_checkpoint()
         if bar is not None:
             bar.close()
-        summary = {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3), "seconds": seconds,
-                   "samples_per_s": total_steps * samples_per_step / max(seconds, 1e-9),
-                   "tokens_per_s": total_tokens / max(seconds, 1e-9),
+        samples_per_step = cfg.batch_size * cfg.grad_accum * self.world_size
+        # steps, seconds and throughput of this process's run (since it started or resumed); global_step: where
+        # the run now stands
+        summary = {"steps": self._run_steps, "global_step": self.step, "resumed_from": self._resumed_from,
+                   "epochs": round(self.step / self.steps_per_epoch, 3), "seconds": seconds,
+                   "samples_per_s": self._run_steps * samples_per_step / max(seconds, 1e-9),
+                   "tokens_per_s": self._run_tokens / max(seconds, 1e-9),
                    "peak_memory_mb": _peak_memory_mb(self.device), "final_loss": self.losses[-1] if self.losses else None,
                    "best_metric": self.best_metric, "best_step": self.best_step, "eval_metric": cfg.eval_metric,
                    "stopped_early": self.stopped_early, "final_eval": final_eval, "world_size": self.world_size,
                    "device": str(self.device), "precision": cfg.precision}
-        self._log({"event": "summary", **summary})
+        self._log({"event": "summary", "step": self.step, **summary})
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         return summary
 
     def _stop_non_finite(self, what: str):
@@ -367,7 +469,8 @@ class Trainer:
         metrics = self.evaluate()
         self._last_eval = metrics
         self._log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
-        if self.is_main and cfg.progress:
+        self._tensorboard_scalars("eval", metrics, metrics)
+        if self.is_main and cfg.progress is not False:
             from tqdm.auto import tqdm
 
             # next to the progress bar (stderr), so stdout stays clean for machine-readable output
@@ -394,6 +497,12 @@ class Trainer:
             with open(Path(self.config.out_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record, default=str) + "\n")
 
+    def _tensorboard_scalars(self, group: str, values: dict, keys) -> None:
+        if self._tensorboard is not None:
+            for k in keys:
+                if isinstance(values.get(k), (int, float)) and not isinstance(values.get(k), bool):
+                    self._tensorboard.add_scalar(f"{group}/{k}", values[k], self.step)
+
     def state_dict(self) -> dict:
         """Everything but the weights; only tensors and plain values (``torch.load(weights_only=True)``)."""
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -417,10 +526,18 @@ class Trainer:
             dist.barrier()
         return path
 
+    _resumed_from = None
+
     def _resume(self) -> None:
         path = ckpt_io.find_checkpoint(self.config.out_dir)
         if path is None:
             raise FileNotFoundError(f"resume: no checkpoint in {self.config.out_dir}")
+        saved = ckpt_io.load_run_info(path).get("config", {})
+        differ = self.config.differences(saved)
+        if differ:
+            listed = "; ".join(f"{name} {mine} (checkpoint: {theirs})" for name, mine, theirs in differ)
+            raise ValueError(f"resume: {path} was trained with other settings: {listed}. Resume with the checkpoint's "
+                             "values, or train into a new out_dir")
         ckpt_io.load_weights(_unwrap(self.model), path)
         state = ckpt_io.load_state(path)
         if state["world_size"] != self.world_size:
@@ -432,4 +549,22 @@ class Trainer:
         ckpt_io.set_rng_state(state["rng"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_metric, self.best_step, self.bad_evals = state["best_metric"], state["best_step"], state["bad_evals"]
-        self.last_checkpoint, self._saved_step = path, self.step
+        self.last_checkpoint, self._saved_step, self._resumed_from = path, self.step, self.step
+        if self.is_main:
+            self._forget_metrics_after(self.step)
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """metrics.jsonl rows written after the checkpoint we resume from describe steps that will be
+        replayed: drop them, so the file keeps one row per step however often a run resumes."""
+        path = Path(self.config.out_dir) / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row_step = json.loads(line).get("step", 0)
+            except json.JSONDecodeError:  # a line cut short by a kill: it belongs to a lost step
+                continue
+            if row_step <= step:
+                keep.append(line + "\n")
+        ckpt_io.write_text_atomic(path, "".join(keep))

