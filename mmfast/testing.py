@@ -5,9 +5,15 @@ A kernel's output ``out`` passes when, against the eager formula computed in flo
     max|out - ref| <= factor * max|eager_lowp - ref| + floor
 
 where ``eager_lowp`` is the same eager formula run in the kernel's dtype, ``factor`` is 2 for
-outputs and 3 for gradients (the flash-attention test rule), and ``floor`` is a tiny absolute
-slack relative to the reference's magnitude (it only matters when eager is exact). NaN never
-passes unless the reference has NaN in the very same places.
+outputs and 3 for gradients (the flash-attention test rule), and ``floor`` is the rounding error a
+correct kernel may make where eager happens to be exact (see :func:`rounding_floor`)::
+
+    floor = magnitude * (u(dtype) + u(float32) * sum(sqrt(K) for K in reduction))
+
+``u`` is a dtype's unit roundoff (float32 is the accumulation dtype; float64 for float64),
+``magnitude`` the size of the compared quantity (max|ref| unless the caller names a larger quantity
+it is part of) and ``reduction`` the lengths of the (nested) reductions behind one element. NaN never passes unless the reference has NaN in the very same
+places.
 
 Outputs are poisoned before kernels run: inside :func:`poisoned_outputs`, every ``torch.empty``
 (Python or C++ ``at::empty``) is filled with NaN (integers with their max value), so an element
@@ -19,18 +25,44 @@ Typical use::
         out = mmfast.ops.cross_entropy(x, t, backend="cpu")
     ref = reference(x.double(), t)            # float64
     low = reference(x, t)                     # eager in x.dtype
-    assert_close(out, ref, low, name="loss")
+    assert_close(out, ref, low, name="loss", reduction=(C, N))   # log-sum-exp over C, mean over N
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Sequence
 
 import torch
 
-# Floor relative to max|ref|: float32 eager can be bit-exact; these keep the bound meaningful.
-_REL_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u = 2^-p for a p-bit significand: the largest relative error of one rounding."""
+    return torch.finfo(dtype).eps / 2
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """mmfast kernels accumulate in float32 (float64 for float64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rounding_floor(dtype: torch.dtype, magnitude: float, reduction: int | Sequence[int] = 1) -> float:
+    """Rounding error a correct ``dtype`` kernel may make on a quantity of size ``magnitude``
+    whose elements each come out of reductions of the given lengths (nested reductions: one
+    length per level, e.g. ``(Lk, D)`` for attention's scores, then the weighted sum over keys)::
+
+        magnitude * (u(dtype) + u(acc) * sum(sqrt(K) for K in reduction))
+
+    A sum of K terms of one sign, evaluated in any order in the accumulation dtype ``acc``, is off
+    by at most about u(acc) * sqrt(K) * |sum| (Higham & Mary's probabilistic bound, lambda = 1); to
+    first order the errors of nested reductions add, and rounding the result to ``dtype`` adds
+    u(dtype). Where terms cancel the error is larger, but then eager's own error, which the rule
+    measures, is too."""
+    lengths = (reduction,) if isinstance(reduction, int) else tuple(reduction)
+    if any(int(k) < 0 for k in lengths):
+        raise ValueError(f"rounding_floor: reduction lengths must be >= 0, got {lengths}")
+    acc = unit_roundoff(accumulation_dtype(dtype)) * sum(math.sqrt(max(int(k), 1)) for k in lengths)
+    return magnitude * (unit_roundoff(dtype) + acc)
 
 
 @contextlib.contextmanager
@@ -63,9 +95,20 @@ def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float(diff.max())
 
 
+def finite_magnitude(t: torch.Tensor) -> float:
+    """max|t| over its finite elements (0 when there are none)."""
+    t = t.detach()
+    finite = t[torch.isfinite(t)] if t.numel() else t
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
 def assert_close(out: torch.Tensor, ref: torch.Tensor, eager_lowp: torch.Tensor, *, grad: bool = False,
-                 name: str = "output", factor: float | None = None, floor: float | None = None) -> dict:
-    """Asserts the rule above; returns the measured errors (for reports)."""
+                 name: str = "output", factor: float | None = None, floor: float | None = None,
+                 reduction: int | Sequence[int] = 1, magnitude: float | None = None) -> dict:
+    """Asserts the rule above; returns the measured errors (for reports). ``floor`` defaults to
+    :func:`rounding_floor` of ``out.dtype`` with ``reduction`` and ``magnitude`` (max|ref| unless
+    given: pass the magnitude of the whole quantity when ``ref`` is a slice of it, e.g. one
+    parameter's share of a model's gradient)."""
     factor = factor if factor is not None else (3.0 if grad else 2.0)
     if out.shape != ref.shape:
         raise AssertionError(f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
@@ -76,10 +119,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, eager_lowp: torch.Tensor,
     err = max_abs_err(out, ref)
     base = max_abs_err(eager_lowp, ref)
     if floor is None:
-        ref = ref.detach()
-        finite = ref[torch.isfinite(ref)] if ref.numel() else ref
-        scale = float(finite.abs().max()) if finite.numel() else 1.0
-        floor = _REL_FLOOR.get(out.dtype, 1e-6) * max(scale, 1e-30) + 1e-30
+        if magnitude is None:
+            magnitude = finite_magnitude(ref)
+        floor = rounding_floor(out.dtype, magnitude, reduction) + 1e-30
     bound = factor * base + floor
     if not err <= bound:  # also catches err = NaN
         raise AssertionError(f"{name} ({out.dtype}): max error {err:.3e} > bound {bound:.3e} "
@@ -89,11 +131,14 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, eager_lowp: torch.Tensor,
 
 def check_op(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
              reference: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
-             inputs: Sequence, *, grad_inputs: Sequence[int] = (), name: str = "op",
-             grad_seed: int = 0) -> list[dict]:
+             inputs: Sequence, *, reduction: int | Sequence[int], grad_inputs: Sequence[int] = (),
+             name: str = "op", grad_seed: int = 0) -> list[dict]:
     """Runs ``fn(*inputs)`` with poisoned outputs and checks every output and, for the inputs whose
     positions are in ``grad_inputs``, every gradient against ``reference`` in float64 (rule factor 2,
     gradients 3) with ``reference(*inputs)`` in the inputs' own dtype as the low-precision baseline.
+    ``reduction``: the lengths of the nested reductions behind one element of the outputs and
+    gradients (the longest path; see :func:`rounding_floor`), e.g. ``(C, N)`` for a cross-entropy
+    summed over N rows of C classes.
 
     Tensors among ``inputs`` are used as given (their dtype is the kernel's dtype); non-tensor
     inputs pass through. Upstream gradients are random (seeded), never ones."""
@@ -127,7 +172,7 @@ def check_op(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
         if k is None:
             continue
         if k.is_floating_point():
-            results.append(assert_close(k, r, l, name=f"{name} output {j}"))
+            results.append(assert_close(k, r, l, name=f"{name} output {j}", reduction=reduction))
             if k.requires_grad:
                 diff_outs.append(j)
         else:
@@ -151,7 +196,7 @@ def check_op(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
             continue
         if k is None:
             raise AssertionError(f"{name}: no gradient for input {i}")
-        results.append(assert_close(k, r, l, grad=True, name=f"{name} grad of input {i}"))
+        results.append(assert_close(k, r, l, grad=True, name=f"{name} grad of input {i}", reduction=reduction))
     return results
 
 

@@ -38,6 +38,12 @@ def make_inputs(B, H, Lq, Lk, D, dtype, device="cpu", mask=False, noncontig=Fals
     return q, k, v, m
 
 
+def attention_reduction(q, k):
+    """Reductions behind one output or gradient element: the scores' dot products over D, then the
+    weighted sums over the keys (output, dq) or the queries (dk, dv)."""
+    return (max(q.shape[2], k.shape[2]), q.shape[3])
+
+
 def check(backend, B, H, Lq, Lk, D, dtype, mask, causal, device="cpu", noncontig=False, scale=None):
     q, k, v, m = make_inputs(B, H, Lq, Lk, D, dtype, device, mask, noncontig)
     if noncontig and Lq > 1 and H > 1:
@@ -45,7 +51,7 @@ def check(backend, B, H, Lq, Lk, D, dtype, mask, causal, device="cpu", noncontig
     testing.check_op(
         lambda q, k, v, m: attention(q, k, v, key_padding_mask=m, causal=causal, scale=scale, backend=backend),
         lambda q, k, v, m: R.attention(q, k, v, key_padding_mask=m, causal=causal, scale=scale),
-        [q, k, v, m], grad_inputs=[0, 1, 2],
+        [q, k, v, m], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k),
         name=f"{backend} B{B} H{H} {Lq}x{Lk} D{D} {dtype} mask={mask} causal={causal}")
 
 
@@ -171,7 +177,8 @@ def test_dropout_mask_statistics_and_backward_consistency(backend, causal):
         torch.manual_seed(7)
         return attention(q, k, v, key_padding_mask=m, causal=causal, dropout_p=p, backend=backend)
 
-    testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], name=f"{backend} dropout")
+    testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k),
+                     name=f"{backend} dropout")
 
 
 @pytest.mark.parametrize("backend", _dropout_backends())
@@ -350,7 +357,8 @@ def test_gpu_triton_dropout(causal):
         torch.manual_seed(11)
         return attention(q, k, v, key_padding_mask=m, causal=causal, dropout_p=p, backend="triton")
 
-    testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], name="gpu dropout")
+    testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k),
+                     name="gpu dropout")
 
 
 @pytest.mark.cuda

@@ -34,19 +34,25 @@ def _lce_case(N, V, H, dtype, seed, ignore_frac=0.85):
     return h, W, b, t
 
 
+def lce_reduction(h, W):
+    """Reductions behind one element: each logit's dot product over H, the log-sum-exp over the V
+    classes, then the N rows (the loss's sum or mean; dW and db sum over rows whatever the reduction)."""
+    return (h.shape[-1], W.shape[0], h.numel() // h.shape[-1])
+
+
 def _check_lce(backend, h, W, b, t, eps, reduction, name):
     if b is None:
         testing.check_op(
             lambda h, W, t: mmfast.ops.linear_cross_entropy(h, W, t, label_smoothing=eps, reduction=reduction,
                                                             backend=backend),
             lambda h, W, t: _lce_ref(h, W, t, None, label_smoothing=eps, reduction=reduction),
-            [h, W, t], grad_inputs=[0, 1], name=name)
+            [h, W, t], grad_inputs=[0, 1], name=name, reduction=lce_reduction(h, W))
     else:
         testing.check_op(
             lambda h, W, t, b: mmfast.ops.linear_cross_entropy(h, W, t, b, label_smoothing=eps, reduction=reduction,
                                                                backend=backend),
             lambda h, W, t, b: _lce_ref(h, W, t, b, label_smoothing=eps, reduction=reduction),
-            [h, W, t, b], grad_inputs=[0, 1, 3], name=name)
+            [h, W, t, b], grad_inputs=[0, 1, 3], name=name, reduction=lce_reduction(h, W))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -78,7 +84,8 @@ def test_linear_ce_many_chunks(backend, dtype, monkeypatch):
                                                                backend=backend),
             lambda h, W, t, b: _lce_ref(h.reshape(-1, 24), W, t.reshape(-1), b, label_smoothing=0.05,
                                         reduction=reduction).reshape(t.shape if reduction == "none" else ()),
-            [h3, W, t3, b], grad_inputs=[0, 1, 3], name=f"lce chunks {dtype} {reduction}")
+            [h3, W, t3, b], grad_inputs=[0, 1, 3], name=f"lce chunks {dtype} {reduction}",
+            reduction=lce_reduction(h3, W))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,7 +148,7 @@ def _check_contrastive(backend, i, t, s, eps, name):
     testing.check_op(
         lambda i, t, s: mmfast.ops.contrastive_loss(i, t, s, label_smoothing=eps, backend=backend),
         lambda i, t, s: mmfast.reference.contrastive_loss(i, t, s, label_smoothing=eps),
-        [i, t, s], grad_inputs=[0, 1, 2], name=name)
+        [i, t, s], grad_inputs=[0, 1, 2], name=name, reduction=(i.shape[1], i.shape[0], i.shape[0]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
