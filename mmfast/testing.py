@@ -32,9 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Sequence
+from collections import Counter
+from typing import Callable, Iterator, Sequence
 
 import torch
+
+from mmfast import _provenance
+
+DIRECTIONS = ("forward", "backward")
 
 def unit_roundoff(dtype: torch.dtype) -> float:
     """u = 2^-p for a p-bit significand: the largest relative error of one rounding."""
@@ -81,6 +86,38 @@ def poisoned_outputs():
     finally:
         det.fill_uninitialized_memory = prev_fill
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+
+
+@contextlib.contextmanager
+def faces_run() -> Iterator[Counter]:
+    """Counts, per ``(op, backend, direction)``, the mmfast faces that run inside the block
+    (eager or compiled; recorders nest). Faces that compute their gradient in the forward pass
+    (the cross-entropy family) count their "backward" there."""
+    counts: Counter = Counter()
+    _provenance.push(counts)
+    try:
+        yield counts
+    finally:
+        _provenance.pop(counts)
+
+
+def assert_face_ran(counts: Counter, op: str | None, backend: str, directions: Sequence[str] = DIRECTIONS,
+                    *, what: str = "") -> None:
+    """The face ``backend`` of ``op`` (of every op that ran when ``op`` is None) ran in each of
+    ``directions``, and no other face did."""
+    ran = {key: n for key, n in counts.items() if n and (op is None or key[0] == op)}
+    for d in directions:
+        if not any(b == backend and dd == d for (_, b, dd) in ran):
+            raise AssertionError(f"{what or op or 'mmfast'}: face {backend!r} did not run {d} "
+                                 f"(faces that ran: {_faces_text(ran)})")
+    others = {key: n for key, n in ran.items() if key[1] != backend}
+    if others:
+        raise AssertionError(f"{what or op or 'mmfast'}: asked for face {backend!r}, but other faces ran: "
+                             f"{_faces_text(others)}")
+
+
+def _faces_text(ran: dict) -> str:
+    return ", ".join(f"{op}/{b}/{d} x{n}" for (op, b, d), n in sorted(ran.items())) or "none"
 
 
 def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -131,23 +168,26 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, eager_lowp: torch.Tensor,
 
 def check_op(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
              reference: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
-             inputs: Sequence, *, reduction: int | Sequence[int], grad_inputs: Sequence[int] = (),
-             name: str = "op", grad_seed: int = 0) -> list[dict]:
+             inputs: Sequence, *, face: tuple[str, str] | None, reduction: int | Sequence[int],
+             grad_inputs: Sequence[int] = (), name: str = "op", grad_seed: int = 0) -> list[dict]:
     """Runs ``fn(*inputs)`` with poisoned outputs and checks every output and, for the inputs whose
     positions are in ``grad_inputs``, every gradient against ``reference`` in float64 (rule factor 2,
     gradients 3) with ``reference(*inputs)`` in the inputs' own dtype as the low-precision baseline.
     ``reduction``: the lengths of the nested reductions behind one element of the outputs and
     gradients (the longest path; see :func:`rounding_floor`), e.g. ``(C, N)`` for a cross-entropy
-    summed over N rows of C classes.
+    summed over N rows of C classes. ``face``: ``(op, backend)`` of the mmfast face ``fn`` asks
+    for, which must be the face that runs (forward, and backward when gradients are checked), and
+    the only one; None only for a ``fn`` that is not an mmfast op.
 
-    Tensors among ``inputs`` are used as given (their dtype is the kernel's dtype); non-tensor
-    inputs pass through. Upstream gradients are random (seeded), never ones."""
+    Tensors among ``inputs`` are used as given (their dtype is the kernel's dtype, and ``fn`` gets
+    them with their strides: a row- or column-strided view stays one); non-tensor inputs pass
+    through. Upstream gradients are random (seeded), never ones."""
 
-    def prepare(dtype_map):
+    def prepare(dtype_map, same_strides=False):
         out = []
         for i, x in enumerate(inputs):
             if isinstance(x, torch.Tensor):
-                y = dtype_map(x).detach().clone()
+                y = _copy(dtype_map(x).detach(), same_strides)
                 if i in grad_inputs:
                     y.requires_grad_(True)
                 out.append(y)
@@ -158,9 +198,11 @@ def check_op(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
     as_list = lambda r: list(r) if isinstance(r, (tuple, list)) else [r]
     to64 = lambda x: x.to(torch.float64) if x.is_floating_point() else x
 
-    kin = prepare(lambda x: x)
-    with poisoned_outputs():
+    kin = prepare(lambda x: x, same_strides=True)
+    with faces_run() as ran, poisoned_outputs():
         kout = as_list(fn(*kin))
+    if face is not None:
+        assert_face_ran(ran, face[0], face[1], ("forward",), what=name)
     rin = prepare(lambda x: to64(x).cpu())
     rout = as_list(reference(*rin))
     lin = prepare(lambda x: x)
@@ -188,7 +230,10 @@ def check_op(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
                                        [u.to(dtype=outs[j].dtype, device=device) for u, j in zip(ups, diff_outs)],
                                        allow_unused=True)
 
-    kg = grads(kout, kin, None, kout[diff_outs[0]].device)
+    with faces_run() as ran_backward:
+        kg = grads(kout, kin, None, kout[diff_outs[0]].device)
+    if face is not None:  # the cross-entropy family counts its backward in the forward pass
+        assert_face_ran(ran + ran_backward, face[0], face[1], ("backward",), what=name)
     rg = grads(rout, rin, None, "cpu")
     lg = grads(lout, lin, None, lout[diff_outs[0]].device)
     for i, k, r, l in zip(grad_inputs, kg, rg, lg):
@@ -198,6 +243,15 @@ def check_op(fn: Callable[..., torch.Tensor | Sequence[torch.Tensor]],
             raise AssertionError(f"{name}: no gradient for input {i}")
         results.append(assert_close(k, r, l, grad=True, name=f"{name} grad of input {i}", reduction=reduction))
     return results
+
+
+def _copy(x: torch.Tensor, same_strides: bool) -> torch.Tensor:
+    """A copy of ``x``; with ``same_strides``, laid out exactly as ``x`` (a strided view stays
+    strided; broadcast (0-stride) views are materialised, as no copy can share their elements)."""
+    if not same_strides or x.is_contiguous() or 0 in x.stride():
+        return x.clone()
+    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return y.copy_(x)
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", seed: int | None = None, scale: float = 1.0) -> torch.Tensor:

@@ -51,7 +51,7 @@ def check(backend, B, H, Lq, Lk, D, dtype, mask, causal, device="cpu", noncontig
     testing.check_op(
         lambda q, k, v, m: attention(q, k, v, key_padding_mask=m, causal=causal, scale=scale, backend=backend),
         lambda q, k, v, m: R.attention(q, k, v, key_padding_mask=m, causal=causal, scale=scale),
-        [q, k, v, m], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k),
+        [q, k, v, m], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k), face=("attention", backend),
         name=f"{backend} B{B} H{H} {Lq}x{Lk} D{D} {dtype} mask={mask} causal={causal}")
 
 
@@ -178,7 +178,7 @@ def test_dropout_mask_statistics_and_backward_consistency(backend, causal):
         return attention(q, k, v, key_padding_mask=m, causal=causal, dropout_p=p, backend=backend)
 
     testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k),
-                     name=f"{backend} dropout")
+                     face=("attention", backend), name=f"{backend} dropout")
 
 
 @pytest.mark.parametrize("backend", _dropout_backends())
@@ -223,6 +223,7 @@ def _bad(**over):
     (dict(key_padding_mask=torch.ones(2, 1, 1, 9, dtype=torch.bool)), ValueError, "'key_padding_mask' must have shape"),
 ])
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.no_face_runs("the arguments are refused before any face runs")
 def test_bad_inputs_name_the_argument(over, exc, pattern, backend):
     with pytest.raises(exc, match=pattern):
         attention(**_bad(**over), backend=backend)
@@ -358,7 +359,7 @@ def test_gpu_triton_dropout(causal):
         return attention(q, k, v, key_padding_mask=m, causal=causal, dropout_p=p, backend="triton")
 
     testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k),
-                     name="gpu dropout")
+                     face=("attention", "triton"), name="gpu dropout")
 
 
 @pytest.mark.cuda
@@ -391,6 +392,20 @@ def test_triton_every_config_candidate(monkeypatch, Lq, Lk):
     for i in range(n):
         monkeypatch.setattr(T, "_choose", lambda key, cands, run, i=i: cands[min(i, len(cands) - 1)])
         check("triton", 1, 1, Lq, Lk, 64, torch.float16, True, True)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(16, 129), (16, 128), (17, 144), (65, 193)])
+def test_triton_causal_bottom_right_on_block_edges_every_config(monkeypatch, Lq, Lk):
+    """Causal with Lq != Lk puts the diagonal at key i + Lk - Lq: with Lk - Lq on or next to a
+    multiple of the key block, a loop bound one block short drops the last visible keys of a row."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test (the GPU matrix runs with the autotuner)")
+    import mmfast.triton.attention as T
+
+    n = max(len(T.fwd_configs(Lq, Lk, 16)), len(T.bwd_configs(Lq, Lk, 16)))
+    for i in range(n):
+        monkeypatch.setattr(T, "_choose", lambda key, cands, run, i=i: cands[min(i, len(cands) - 1)])
+        check("triton", 1, 1, Lq, Lk, 16, torch.float32, False, True)
 
 
 def test_triton_config_chooser(monkeypatch):

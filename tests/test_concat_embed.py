@@ -97,7 +97,7 @@ def run_rule(backend, case, dtype, device="cpu", eps=1e-5):
 
     # LayerNorm reduces over D; the parameter gradients over the B x sum(L) tokens
     results = testing.check_op(fused, eager, flat, grad_inputs=list(range(len(flat))), name=f"concat_embed {backend}",
-                               reduction=(D, B * sum(Ls)))
+                               reduction=(D, B * sum(Ls)), face=("concat_embed", backend))
     n_grads = sum(1 for r in results if "grad" in r["name"])
     assert n_grads == len(flat), f"expected a checked gradient for all {len(flat)} inputs, got {n_grads}"
     return results

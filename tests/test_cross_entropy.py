@@ -51,7 +51,8 @@ def _check(backend, x, t, w, eps, reduction, name, **kw):
         ww = None if w is None else w.to(x.dtype)
         return F.cross_entropy(x, t, weight=ww, label_smoothing=eps, reduction=reduction)
 
-    testing.check_op(kernel, reference, [x, t], grad_inputs=[0], name=name, reduction=ce_reduction(x, reduction))
+    testing.check_op(kernel, reference, [x, t], grad_inputs=[0], name=name, reduction=ce_reduction(x, reduction),
+                     face=("cross_entropy", backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,6 +101,44 @@ def test_rule_one_row_bert_vocab_and_3d(backend):
     t3[0, 1] = -100
     for red in ("mean", "none"):
         _check(backend, x3, t3, None, 0.05, red, f"3d {red}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["row_strided", "column_strided"])
+def test_strided_logits(backend, layout):
+    """Logits as views: ``big[:, :C]`` (row stride > C, read in place by the kernels) and every
+    other column (copied to a unit class stride first)."""
+    N, C = 29, 301
+    big = testing.randn(N, 2 * C + 5, seed=5, scale=3.0)
+    x = big[:, :C] if layout == "row_strided" else big[:, 1::2][:, :C]
+    assert not x.is_contiguous() and x.stride(0) != C
+    t = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(5))
+    t[3] = -100
+    for reduction in ("mean", "none"):
+        _check(backend, x, t, None, 0.1, reduction, f"{backend} {layout} {reduction}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_vocab_class_chunks(backend):
+    """C = 40000 exceeds the widest class block the Triton face uses (32768 under the interpreter),
+    so its online log-sum-exp runs over two chunks and must rescale the running sum between them."""
+    x, t, w, eps = _case(3, 40000, torch.float32, "smooth", seed=6)
+    x[0, 35000] = 12.0  # the row's maximum in the second chunk: the first chunk's sum must be rescaled
+    _check(backend, x, t, w, eps, "none", f"{backend} 3x40000")
+
+
+@pytest.mark.parametrize("backend", ["triton"] if "triton" in BACKENDS else [])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_triton_many_class_chunks(backend, variant, monkeypatch):
+    """A 16-wide class block (forced) makes every row several chunks in the interpreter."""
+    import mmfast.triton.cross_entropy as TCE
+
+    real = TCE._launch_config
+    monkeypatch.setattr(TCE, "_launch_config", lambda N, C: (real(N, C)[0], 16, 1))
+    x, t, w, eps = _case(13, 100, torch.float32, variant, seed=7)
+    x[:, 90] += 8.0  # the maximum in the last chunk
+    for reduction in ("mean", "none"):
+        _check(backend, x, t, w, eps, reduction, f"triton 16-wide chunks {variant} {reduction}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

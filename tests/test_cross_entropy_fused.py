@@ -46,13 +46,15 @@ def _check_lce(backend, h, W, b, t, eps, reduction, name):
             lambda h, W, t: mmfast.ops.linear_cross_entropy(h, W, t, label_smoothing=eps, reduction=reduction,
                                                             backend=backend),
             lambda h, W, t: _lce_ref(h, W, t, None, label_smoothing=eps, reduction=reduction),
-            [h, W, t], grad_inputs=[0, 1], name=name, reduction=lce_reduction(h, W))
+            [h, W, t], grad_inputs=[0, 1], name=name, reduction=lce_reduction(h, W),
+            face=("linear_cross_entropy", backend))
     else:
         testing.check_op(
             lambda h, W, t, b: mmfast.ops.linear_cross_entropy(h, W, t, b, label_smoothing=eps, reduction=reduction,
                                                                backend=backend),
             lambda h, W, t, b: _lce_ref(h, W, t, b, label_smoothing=eps, reduction=reduction),
-            [h, W, t, b], grad_inputs=[0, 1, 3], name=name, reduction=lce_reduction(h, W))
+            [h, W, t, b], grad_inputs=[0, 1, 3], name=name, reduction=lce_reduction(h, W),
+            face=("linear_cross_entropy", backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,7 +87,7 @@ def test_linear_ce_many_chunks(backend, dtype, monkeypatch):
             lambda h, W, t, b: _lce_ref(h.reshape(-1, 24), W, t.reshape(-1), b, label_smoothing=0.05,
                                         reduction=reduction).reshape(t.shape if reduction == "none" else ()),
             [h3, W, t3, b], grad_inputs=[0, 1, 3], name=f"lce chunks {dtype} {reduction}",
-            reduction=lce_reduction(h3, W))
+            reduction=lce_reduction(h3, W), face=("linear_cross_entropy", backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,7 +150,8 @@ def _check_contrastive(backend, i, t, s, eps, name):
     testing.check_op(
         lambda i, t, s: mmfast.ops.contrastive_loss(i, t, s, label_smoothing=eps, backend=backend),
         lambda i, t, s: mmfast.reference.contrastive_loss(i, t, s, label_smoothing=eps),
-        [i, t, s], grad_inputs=[0, 1, 2], name=name, reduction=(i.shape[1], i.shape[0], i.shape[0]))
+        [i, t, s], grad_inputs=[0, 1, 2], name=name, reduction=(i.shape[1], i.shape[0], i.shape[0]),
+        face=("contrastive_loss", backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

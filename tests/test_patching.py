@@ -22,7 +22,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mmfast  # noqa: E402
-from mmfast import dispatch  # noqa: E402
+from mmfast import dispatch, testing  # noqa: E402
 from mmfast.testing import assert_close, finite_magnitude  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -94,6 +94,7 @@ class Twins:
     """The unpatched float32 model, its float64 copy (the reference) and a patched float32 copy."""
 
     def __init__(self, model: torch.nn.Module, backend: str, device="cpu", dtype=torch.float32, **patch_kw):
+        self.backend, self.device, self.dtype = backend, device, dtype
         self.low = model.to(device, dtype)
         self.ref = copy.deepcopy(model).double()
         self.fast = copy.deepcopy(self.low)
@@ -104,15 +105,22 @@ class Twins:
         for k, v in model.state_dict().items():
             assert torch.equal(sd[k], v), f"patching changed {k}"
 
-    def run(self, call, seed=1234):
+    def run(self, call, seed=1234, *, ops: dict):
         """``call(model, dtype) -> (outputs: dict name->tensor, scalar to backprop)`` on all three;
-        checks outputs and every parameter gradient with the rule."""
+        checks that the patched forward and backward ran each mmfast op of ``ops`` (name -> calls
+        per forward, None: at least one) on the face the backend resolves to, and no other op or
+        face, then checks outputs and every parameter gradient with the rule."""
         results = []
         for m in (self.fast, self.ref, self.low):
             m.zero_grad(set_to_none=True)
             torch.manual_seed(seed)  # models that draw random numbers (ViLT's patch sampling) draw the same
-            outs, scalar = call(m)
-            scalar.backward()
+            with testing.faces_run() as ran:
+                outs, scalar = call(m)
+                scalar.backward()
+            if m is self.fast:
+                self._check_faces(ran, ops)
+            else:
+                assert not ran, f"the unpatched model ran mmfast faces: {dict(ran)}"
             grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
             results.append((outs, grads))
         (fo, fg), (ro, rg), (lo, lg) = results
@@ -128,6 +136,18 @@ class Twins:
         for n in rg:
             assert_close(fg[n], rg[n], lg[n], grad=True, name=f"grad {n}", reduction=reduction, magnitude=magnitude)
         return fo
+
+    def _check_faces(self, ran, ops: dict) -> None:
+        expected = set()
+        for op, n in ops.items():
+            face = dispatch.resolve(op, self.backend, self.device, self.dtype)
+            for d in testing.DIRECTIONS:
+                expected.add((op, face, d))
+                got = ran[(op, face, d)]
+                assert (got >= 1) if n is None else (got == n), \
+                    f"patched model: {op}/{face} ran {d} {got} time(s), expected {n or 'at least 1'}; ran: {dict(ran)}"
+        extra = {k: v for k, v in ran.items() if k not in expected}
+        assert not extra, f"patched model ran unexpected faces: {extra}"
 
     def check_unpatch(self, call):
         mmfast.unpatch(self.fast)
@@ -171,7 +191,7 @@ def test_bert_model_padded(backend, device, dtype):
             weighted_sum(o.last_hidden_state, o.pooler_output)
 
     before = mmfast.patching.fallback_counts()
-    tw.run(call)
+    tw.run(call, ops={"attention": cfg.num_hidden_layers})
     assert mmfast.patching.fallback_counts() == before, "a padded batch must not need the eager fallback"
     old = tw.low.config._attn_implementation
     tw.check_unpatch(call)
@@ -191,7 +211,7 @@ def test_bert_token_classification_labels(backend, device, dtype):
         o = m(ids, attention_mask=mask, labels=labels)
         return {"loss": o.loss, "logits": o.logits}, o.loss
 
-    tw.run(call)
+    tw.run(call, ops={"attention": tw.low.config.num_hidden_layers, "cross_entropy": 1})
     # return_dict=False: HF's tuple layout, loss first
     tup = tw.fast(ids, attention_mask=mask, labels=labels, return_dict=False)
     assert isinstance(tup, tuple) and tup[0].dim() == 0 and tup[1].shape == (2, 11, 5)
@@ -207,7 +227,7 @@ def test_bert_sequence_classification_labels():
         o = m(ids, attention_mask=mask, labels=labels)
         return {"loss": o.loss, "logits": o.logits}, o.loss
 
-    tw.run(call)
+    tw.run(call, ops={"attention": 2, "cross_entropy": 1})
     assert tw.fast.config.problem_type == "single_label_classification"
 
 
@@ -230,7 +250,7 @@ def test_bert_decoder_cross_attention_197_image_tokens(backend, device, dtype):
               use_cache=False)
         return {"last_hidden_state": o.last_hidden_state}, weighted_sum(o.last_hidden_state)
 
-    tw.run(call)
+    tw.run(call, ops={"attention": 2 * n})  # causal self- and cross-attention in every layer
     tw.check_unpatch(call)
 
 
@@ -250,14 +270,15 @@ def test_bert_masked_lm_labels(backend, device, dtype):
             assert o.logits is None
         return {"loss": o.loss}, o.loss
 
-    tw.run(call_fused)
+    layers = tw.low.config.num_hidden_layers
+    tw.run(call_fused, ops={"attention": layers, "linear_cross_entropy": 1})
 
     def call_logits(m):  # the switch: logits materialised on request
         kw = {"return_logits": True} if m is tw.fast else {}
         o = m(ids, attention_mask=mask, labels=labels, **kw)
         return {"loss": o.loss, "logits": o.logits}, o.loss
 
-    tw.run(call_logits)
+    tw.run(call_logits, ops={"attention": layers, "cross_entropy": 1})
     with torch.no_grad():  # evaluation gets logits by default
         assert tw.fast(ids, attention_mask=mask, labels=labels).logits.shape == (2, 11, 99)
     tw.check_unpatch(call_logits)
@@ -301,7 +322,7 @@ def test_vilt_model_padded_text(backend, device, dtype):
         return {"last_hidden_state": o.last_hidden_state, "pooler": o.pooler_output}, \
             weighted_sum(o.last_hidden_state, o.pooler_output)
 
-    tw.run(call)
+    tw.run(call, ops={"attention": cfg.num_hidden_layers, "concat_embed": 1})
     tw.check_unpatch(call)
 
 
@@ -317,7 +338,7 @@ def test_vilt_vqa_padded_text(backend, device, dtype):
         o = m(input_ids=ids, attention_mask=mask, pixel_values=cast(pixels, m), labels=cast(labels, m))
         return {"loss": o.loss, "logits": o.logits}, o.loss
 
-    tw.run(call)
+    tw.run(call, ops={"attention": tw.low.config.num_hidden_layers, "concat_embed": 1})  # BCE left alone
     tw.check_unpatch(call)
 
 
@@ -335,7 +356,7 @@ def test_timm_vit(backend, device, dtype):
         o = m(cast(x, m))
         return {"logits": o}, weighted_sum(o)
 
-    tw.run(call)
+    tw.run(call, ops={"attention": depth})
     tw.check_unpatch(call)
 
 
@@ -549,7 +570,9 @@ def test_other_handwritten_vl_models(cls_name):
                 weighted_sum(o.language_output, o.vision_output)
     tw = Twins(model, "auto")
     assert tw.report.swapped and all("mmfast.ops.attention" in k for _, k in tw.report.swapped)
-    tw.run(call)
+    # LXMERT's cross-modality layer runs its one cross-attention module in both directions
+    calls = cfg.num_hidden_layers if cls_name == "VisualBert" else cfg.l_layers + cfg.r_layers + 4 * cfg.x_layers
+    tw.run(call, ops={"attention": calls})
     tw.check_unpatch(call)
 
 

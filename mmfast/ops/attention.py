@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast import _extension, dispatch
+from mmfast import _extension, _provenance, dispatch
 from mmfast import reference as _ref
 from mmfast.reference.attention import attention_mask as _dense_mask
 
@@ -136,6 +136,7 @@ def _face(backend: str):
 @torch.library.custom_op("mmfast::attention_forward", mutates_args=())
 def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], seed: Optional[Tensor],
                       causal: bool, scale: float, dropout_p: float, backend: str) -> tuple[Tensor, Tensor]:
+    _provenance.record("attention", backend, "forward")
     return _face(backend)[0](q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
 
 
@@ -150,6 +151,7 @@ def _(q, k, v, key_padding_mask, seed, causal, scale, dropout_p, backend):
 def _attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       key_padding_mask: Optional[Tensor], seed: Optional[Tensor], causal: bool, scale: float,
                       dropout_p: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _provenance.record("attention", backend, "backward")
     return _face(backend)[1](grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p)
 
 
@@ -233,8 +235,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
         unsupported += (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),)
     be = dispatch.resolve("attention", backend, q.device.type, q.dtype, unsupported)
     if be == "torch":
-        return _ref.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                              dropout_p=dropout_p)
+        return _provenance.reference_ran("attention", _ref.attention(
+            q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p))
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     seed = None
     if dropout_p > 0:
