@@ -7,10 +7,10 @@ recorder active both cost one global read (the ops' per-call overhead budget is 
 
 Under ``torch.compile`` the custom-op bodies stay opaque and run at run time, so :func:`record`
 counts them as in eager mode. The reference branch is traced instead, so a Python call there
-would count once, at trace time. :func:`reference_ran` therefore inserts two tiny custom ops
-(forward and backward) that count when they *run*; it does so only while a recorder is active,
-and since dynamo guards on the module global it reads (``_active``), code compiled outside a
-recorder recompiles on entering one (and carries no counting ops otherwise).
+would count once, at trace time. While compiling, :func:`reference_ran` therefore inserts two tiny
+custom ops (forward and backward) that count when they *run*; it does so only while a recorder is
+active, and since dynamo guards on the module global it reads (``_active``), code compiled outside
+a recorder recompiles on entering one (and carries no counting ops otherwise).
 """
 
 from __future__ import annotations
@@ -79,13 +79,34 @@ def _backward(ctx, grad):
 _mark_forward.register_autograd(_backward, setup_context=_setup)
 
 
+class _CountBackward(torch.autograd.Function):
+    """Eager: an alias of the output whose backward counts."""
+
+    @staticmethod
+    def forward(ctx, x, op):
+        ctx.op = op
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        record(ctx.op, "torch", "backward")
+        return grad, None
+
+
+def _counted(out: Tensor, op: str) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _mark_forward(out, op)  # counts when the compiled graph runs, not when it is traced
+    record(op, "torch", "forward")
+    return _CountBackward.apply(out, op) if out.requires_grad else out
+
+
 def reference_ran(op: str, result):
     """Returns ``result`` (a tensor, or a tuple/list whose first item is the op's output) of the
-    torch-reference face of ``op``; while a recorder is active, that output is routed through
-    counting custom ops so that its forward and, once gradients flow, its backward are counted."""
+    torch-reference face of ``op``; while a recorder is active its forward is counted, and its
+    backward once gradients flow through that output."""
     if not _active:
         return result
     if isinstance(result, Tensor):
-        return _mark_forward(result, op)
+        return _counted(result, op)
     first, *rest = result
-    return type(result)([_mark_forward(first, op), *rest])
+    return type(result)([_counted(first, op), *rest])

@@ -254,6 +254,29 @@ def _copy(x: torch.Tensor, same_strides: bool) -> torch.Tensor:
     return y.copy_(x)
 
 
+def cpu_faces(op: str) -> list[str]:
+    """The faces of ``op`` that must run on CPU tensors here: "cpu" (unless it is C++ and the
+    extension was not built, or is disabled) and "triton" when the Triton interpreter is on.
+    Raises, with the reason, when one that should exist is unavailable (an extension that does not
+    load, a Triton face that fails to import): a broken face fails the suite instead of silently
+    shrinking its test matrix."""
+    import importlib.util
+    import os
+
+    from mmfast import _extension, dispatch
+
+    spec = dispatch._OPS[op]
+    faces = []
+    if spec.cpu_python or (_extension.build_info().get("built") and os.environ.get("MMFAST_DISABLE_EXTENSION") != "1"):
+        faces.append("cpu")
+    if spec.triton_module and dispatch.triton_interpreting() and importlib.util.find_spec("triton"):
+        faces.append("triton")
+    broken = {f: why for f in faces if (why := dispatch.availability(op, f, "cpu", torch.float32))}
+    if broken:
+        raise RuntimeError(f"mmfast.{op}: faces that should run here are unavailable: {broken}")
+    return faces
+
+
 def randn(*shape, dtype=torch.float32, device="cpu", seed: int | None = None, scale: float = 1.0) -> torch.Tensor:
     """Fresh random normal data (never zeros or constants), optionally seeded."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -198,6 +198,49 @@ def test_broadcast_grad_out_and_empty_batch(backend):
     assert ge.shape == e.shape
 
 
+@pytest.mark.parametrize("backend", _dropout_backends())
+@pytest.mark.parametrize("D", [8, 16, 128])
+def test_custom_scale_and_head_dims(backend, D):
+    """The smallest, a small and the largest head dim the fused faces take, with a custom scale
+    (masked, causal, Lq != Lk) and with the default one."""
+    check(backend, 2, 2, 7, 19, D, torch.float32, True, True, scale=0.3)
+    check(backend, 1, 2, 5, 9, D, torch.float32, False, False)
+
+
+@pytest.mark.parametrize("backend", _dropout_backends())
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_key_padding_mask_views(backend, layout):
+    """A key_padding_mask that is a strided view (every other column of a wider mask) or a batch
+    broadcast (stride 0 along B) is read as the values it shows."""
+    q, k, v, _ = make_inputs(3, 2, 6, 13, 16, torch.float32)
+    gen = torch.Generator().manual_seed(21)
+    if layout == "strided":
+        m = (torch.rand(3, 2 * 13 + 1, generator=gen) > 0.4)[:, ::2][:, :13]
+    else:
+        m = (torch.rand(1, 13, generator=gen) > 0.4).expand(3, 13)
+    m[0, 0] = True  # a view of fresh storage: setting one element does not change the layout
+    assert not m.is_contiguous()
+    testing.check_op(
+        lambda q, k, v: attention(q, k, v, key_padding_mask=m, causal=True, backend=backend),
+        lambda q, k, v: R.attention(q, k, v, key_padding_mask=m.contiguous(), causal=True),
+        [q, k, v], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k), face=("attention", backend),
+        name=f"{backend} {layout} mask")
+
+
+@pytest.mark.parametrize("backend", _dropout_backends())
+def test_no_keys_gives_zeros(backend):
+    """Lk = 0: every query row has no key, so it returns zeros (and zero gradients), as a row whose
+    keys are all masked does."""
+    q = torch.randn(2, 2, 5, 16, requires_grad=True)
+    k = torch.randn(2, 2, 0, 16, requires_grad=True)
+    v = torch.randn(2, 2, 0, 16, requires_grad=True)
+    with testing.poisoned_outputs():
+        out = attention(q, k, v, backend=backend)
+        assert out.shape == q.shape and torch.equal(out, torch.zeros_like(out))
+        gq, gk, gv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(gq, torch.zeros_like(q)) and gk.shape == k.shape and gv.shape == v.shape
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument errors name the argument
 

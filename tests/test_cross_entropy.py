@@ -11,7 +11,7 @@ import mmfast
 from mmfast import dispatch, testing
 from mmfast.ops.cross_entropy import _cross_entropy_inplace_op, _cross_entropy_op
 
-BACKENDS = [b for b in ("cpu", "triton") if dispatch.availability("cross_entropy", b, "cpu", torch.float32) is None]
+BACKENDS = testing.cpu_faces("cross_entropy")  # raises when a face that should exist does not load
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="neither the C++ extension nor Triton is available")
 
 
@@ -116,6 +116,21 @@ def test_strided_logits(backend, layout):
     t[3] = -100
     for reduction in ("mean", "none"):
         _check(backend, x, t, None, 0.1, reduction, f"{backend} {layout} {reduction}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tdtype", [torch.int32, torch.uint8])
+def test_int32_and_uint8_targets(backend, tdtype):
+    x, t, _, _ = _case(17, 200, torch.float32, "plain", seed=8)
+    testing.check_op(lambda x, t: mmfast.ops.cross_entropy(x, t, label_smoothing=0.1, backend=backend),
+                     lambda x, t: F.cross_entropy(x, t.long(), label_smoothing=0.1), [x, t.to(tdtype)],
+                     grad_inputs=[0], reduction=ce_reduction(x, "mean"), face=("cross_entropy", backend),
+                     name=f"{backend} {tdtype} targets")
+    h, W = testing.randn(17, 8, seed=9), testing.randn(200, 8, seed=10)
+    testing.check_op(lambda h, W, t: mmfast.ops.linear_cross_entropy(h, W, t, backend=backend),
+                     lambda h, W, t: F.cross_entropy(h @ W.t(), t.long()), [h, W, t.to(tdtype)], grad_inputs=[0, 1],
+                     reduction=(8, 200, 17), face=("linear_cross_entropy", backend),
+                     name=f"lce {backend} {tdtype} targets")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

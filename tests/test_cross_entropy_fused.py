@@ -11,8 +11,7 @@ import mmfast
 from mmfast import dispatch, testing
 
 CE = __import__("mmfast.ops.cross_entropy", fromlist=["_"])
-BACKENDS = [b for b in ("cpu", "triton")
-            if dispatch.availability("linear_cross_entropy", b, "cpu", torch.float32) is None]
+BACKENDS = testing.cpu_faces("linear_cross_entropy")  # raises when a face that should exist does not load
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="neither the C++ extension nor Triton is available")
 
 
@@ -65,6 +64,28 @@ def test_linear_ce_rule(backend, dtype, N, V):
     for reduction in ("mean", "sum", "none"):
         for eps, bias in ((0.0, b), (0.1, None)):
             _check_lce(backend, h, W, bias, t, eps, reduction, f"lce {backend} {N}x{V} {dtype} {reduction} {eps}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["row_strided", "column_strided"])
+def test_linear_ce_strided_hidden_and_weight(backend, layout):
+    """Hidden states (and the classifier weight) as views: rows of a wider buffer, or every other column."""
+    h, W, b, t = _lce_case(23, 37, 2 * 16 + 3, torch.float32, seed=13, ignore_frac=0.3)
+    view = (lambda x: x[:, :16]) if layout == "row_strided" else (lambda x: x[:, 1::2][:, :16])
+    hv, Wv = view(h), view(W)
+    assert not hv.is_contiguous() and not Wv.is_contiguous()
+    for reduction in ("mean", "none"):
+        _check_lce(backend, hv, Wv, b, t, 0.1, reduction, f"lce {backend} {layout} {reduction}")
+
+
+@pytest.mark.parametrize("backend", ["cpu"])  # bf16 tl.dot is broken in the Triton interpreter (triton #11584)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_ce_and_contrastive_bf16_on_cpu(backend, reduction):
+    """bfloat16 hidden states and features on the CPU face."""
+    h, W, b, t = _lce_case(29, 53, 24, torch.bfloat16, seed=14, ignore_frac=0.3)
+    _check_lce(backend, h, W, b, t, 0.0, reduction, f"lce {backend} bf16 {reduction}")
+    i, tt, s = _feats(17, 24, torch.bfloat16, seed=15)
+    _check_contrastive(backend, i, tt, s, 0.1, f"contrastive {backend} bf16")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,6 +13,7 @@ import mmfast.models as mm
 from mmfast import dispatch
 from mmfast.models.common import OP_NAMES, CheckpointError
 from mmfast.models.registry import _classes
+from mmfast import testing
 from mmfast.testing import assert_close, finite_magnitude, poisoned_outputs
 
 CASES = [(arch, task) for arch, cls in _classes().items() for task in cls.tasks]
@@ -57,11 +58,17 @@ def _tokens(model, inputs) -> int:
     return inputs["input_ids"].numel() + inputs["pixel_values"].shape[0] * image_tokens
 
 
-def _check_parity(fused, eager, inputs, poison=True):
-    """fused fp32 vs the float64 eager twin, with the fp32 eager twin as the rule's baseline."""
+def _check_parity(fused, eager, inputs, poison=True, backend="auto"):
+    """fused fp32 vs the float64 eager twin, with the fp32 eager twin as the rule's baseline; the
+    fused model runs mmfast faces (those ``backend`` resolves to), forward and backward."""
     ref = copy.deepcopy(eager).double()
     inputs64 = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
-    out_f, g_f = _run(fused, inputs, poison)
+    with testing.faces_run() as ran:
+        out_f, g_f = _run(fused, inputs, poison)
+    faces = {op: dispatch.resolve(op, backend, "cpu", torch.float32) for op, _, _ in ran}
+    for op, face in faces.items():
+        testing.assert_face_ran(ran, op, face, what=f"fused model, {op}")
+    assert "attention" in faces and set(faces.values()) != {"torch"}, dict(ran)
     out_e, g_e = _run(eager, inputs)
     out_r, g_r = _run(ref, inputs64)
     assert set(out_f) == set(out_e) == set(out_r), (set(out_f), set(out_e))
@@ -121,7 +128,7 @@ def test_fused_matches_eager_twin(arch, task):
 
 
 def _triton_ops():
-    return [op for op in OP_NAMES if dispatch.availability(op, "triton", "cpu", torch.float32) is None]
+    return [op for op in OP_NAMES if "triton" in testing.cpu_faces(op)]  # raises when a face fails to load
 
 
 @pytest.mark.parametrize("arch", list(DEFAULT_TASK))
@@ -138,7 +145,7 @@ def test_fused_triton_interpreter_matches_eager_twin(arch):
     fused = mm.create_model(f"{arch}_tiny", backend={op: "triton" for op in ops}, **small)
     eager = mm.create_model(f"{arch}_tiny", fused=False, **small)
     eager.load_state_dict(fused.state_dict())
-    _check_parity(fused, eager, fused.example_inputs(batch_size=2), poison=True)
+    _check_parity(fused, eager, fused.example_inputs(batch_size=2), poison=True, backend="triton")
 
 
 @pytest.mark.parametrize("arch", list(DEFAULT_TASK))
