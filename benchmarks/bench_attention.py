@@ -26,7 +26,8 @@ import contextlib
 import pytest
 import torch
 
-from harness import DEVICE, SMOKE, bench, pick, rotate
+from harness import DEVICE, SMOKE, bench, check_rows, pick, rotate, rule_check
+from mmfast import reference as R
 from mmfast.ops.attention import attention
 
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
@@ -146,6 +147,11 @@ def test_attention(benchmark, case, impl, mode):
         except RuntimeError as e:
             pytest.skip(f"{impl} refuses these inputs: {str(e).splitlines()[0][:200]}")
     fwd_flops = 4.0 * case["B"] * case["H"] * case["Lq"] * case["Lk"] * case["D"]
-    bench(benchmark, fn, op="attention", impl=impl, mode=mode, case=case_name(case), dtype=DTYPE,
+    q, k, v, mask, _ = input_sets(case)[0]
+    n = check_rows(case["B"])
+    check = rule_check(impl_fn(impl), lambda q, k, v, m: R.attention(q, k, v, key_padding_mask=m),
+                       [q[:n], k[:n], v[:n], None if mask is None else mask[:n]], impl=impl, op="attention",
+                       grad=mode != "fwd", reduction=(max(case["Lq"], case["Lk"]), case["D"]), name=case_name(case))
+    bench(benchmark, fn, op="attention", impl=impl, mode=mode, case=case_name(case), dtype=DTYPE, check=check,
           eager=step_fn(eager_attention, case, mode), flops=fwd_flops * (1.0 if mode == "fwd" else 3.5),
           extra={"tflops_convention": "fwd 4*B*H*Lq*Lk*D; fwd+bwd 3.5x fwd"})

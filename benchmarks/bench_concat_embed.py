@@ -12,7 +12,7 @@ features again, and writes the feature gradients once (+ parameter gradients).
 import pytest
 import torch
 
-from harness import DEVICE, SMOKE, bench, pick, rotate
+from harness import DEVICE, SMOKE, bench, check_rows, pick, rotate, rule_check
 
 from mmfast.ops import concat_embed
 from mmfast.reference import concat_embed as reference
@@ -76,6 +76,29 @@ def _step(run, sets, mode):
     return fwd if mode == "fwd" else fwd_bwd
 
 
+def _check(impl, inputs, dtype, mode, name):
+    """The rule on the case's first input set (leading batch rows), at dropout 0: the fused faces
+    draw their dropout mask from a hash, not from the eager formula's generator (tests/
+    test_concat_embed.py checks the dropped output against that mask)."""
+    feats, params, _ = inputs
+    M, n = len(feats), check_rows(feats[0].shape[0])
+    flat = [f[:n] for f in feats] + [params["type_embeddings"], *params["pos_embeddings"], params["ln_weight"],
+                                      params["ln_bias"]]
+
+    def unflat(a):
+        return list(a[:M]), dict(type_embeddings=a[M], pos_embeddings=list(a[M + 1:2 * M + 1]), ln_weight=a[2 * M + 1],
+                                 ln_bias=a[2 * M + 2])
+
+    run = _runner(impl, dtype, 0.0)
+
+    def ref(*a):  # the eager formula with the parameters in the features' dtype (float64 for the reference)
+        fs, ps = unflat(a)
+        return reference(fs, **_eager_params(ps, fs[0].dtype), eps=1e-12)[0]
+
+    return rule_check(lambda *a: run(*unflat(a)), ref, flat, impl=impl, op="concat_embed", grad=mode != "fwd",
+                      reduction=(feats[0].shape[2], n * sum(f.shape[1] for f in feats)), name=name)
+
+
 def _bytes(B, Ls, D, dtype, mode):
     n = B * sum(Ls) * D * torch.finfo(dtype).bits // 8
     params = 4 * D * (sum(Ls) + len(Ls) + 2)  # position tables, type rows, LayerNorm (float32)
@@ -99,4 +122,5 @@ def test_concat_embed(benchmark, impl, shape, dtype, p, mode):
     eager = _step(_runner("eager", dtype, p), sets, mode)
     case = f"B={B},L={'+'.join(map(str, Ls))},D={D},p={p}"
     bench(benchmark, fn, op="concat_embed", impl=impl, mode=mode, case=case, dtype=dtype, eager=eager,
+          check=_check(impl, sets[0], dtype, mode, f"B={check_rows(B)},L={'+'.join(map(str, Ls))},D={D}"),
           bytes_moved=_bytes(B, Ls, D, dtype, mode), samples=B)

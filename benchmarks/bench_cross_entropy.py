@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import DEVICE, bench, device_name, pick, rotate, versions
+from harness import DEVICE, bench, check_rows, device_name, pick, rotate, rule_check, versions
 
 import mmfast
 from mmfast.reference import contrastive_loss as ref_contrastive
@@ -95,7 +95,11 @@ def test_cross_entropy(benchmark, N, V, impl, mode):
         sets.append((x, t))
     leaves = lambda a: (a[0],)
     size = torch.finfo(DTYPE).bits // 8
-    bench(benchmark, _step(_ce_fn, impl, sets, leaves, mode),
+    fn = _step(_ce_fn, impl, sets, leaves, mode)  # skips an impl that is unavailable here
+    r = check_rows(N, 256)
+    check = rule_check(_ce_fn(impl), lambda x, t: F.cross_entropy(x, t), [sets[0][0][:r], sets[0][1][:r]], impl=impl,
+                       op="cross_entropy", grad=mode != "fwd", reduction=(V, r), name=f"N={r},V={V}")
+    bench(benchmark, fn, check=check,
           eager=_step(_ce_fn, "eager", sets, leaves, mode), op="cross_entropy", impl=impl, mode=mode,
           case=f"N={N},V={V}", dtype=DTYPE, bytes_moved=N * V * size * (1 if mode == "fwd" else 2))
 
@@ -128,7 +132,13 @@ def test_linear_cross_entropy(benchmark, N, H, V, impl, mode):
     n_valid = int((sets[0][3] != -100).sum())
     flops = 2 * n_valid * V * H * (1 if mode == "fwd" else 3)
     leaves = lambda a: a[:3]
-    bench(benchmark, _step(_lce_fn, impl, sets, leaves, mode),
+    fn = _step(_lce_fn, impl, sets, leaves, mode)  # skips an impl that is unavailable here
+    h, W, b, t = sets[0]
+    rows = (t != -100).nonzero().squeeze(1)[:check_rows(N, 256)]  # labelled rows: an all-ignored slice is 0/0
+    check = rule_check(_lce_fn(impl), lambda h, W, b, t: F.cross_entropy(F.linear(h, W, b), t),
+                       [h[rows], W, b, t[rows]], impl=impl, op="linear_cross_entropy", grad=mode != "fwd",
+                       reduction=(H, V, len(rows)), name=f"N={len(rows)},H={H},V={V}")
+    bench(benchmark, fn, check=check,
           eager=_step(_lce_fn, "eager", sets, leaves, mode), op="linear_cross_entropy", impl=impl, mode=mode,
           case=f"N={N},H={H},V={V},masked=15%", dtype=DTYPE, flops=flops)
 
@@ -157,7 +167,12 @@ def test_contrastive_loss(benchmark, N, D, impl, mode):
         sets.append((i, t, s))
     flops = 2 * N * N * D * (1 if mode == "fwd" else 3)
     leaves = lambda a: a
-    bench(benchmark, _step(_con_fn, impl, sets, leaves, mode),
+    fn = _step(_con_fn, impl, sets, leaves, mode)  # skips an impl that is unavailable here
+    r = check_rows(N, 512)
+    i, t, s = sets[0]
+    check = rule_check(_con_fn(impl), ref_contrastive, [i[:r], t[:r], s], impl=impl, op="contrastive_loss",
+                       grad=mode != "fwd", reduction=(D, r, r), name=f"N={r},D={D}")
+    bench(benchmark, fn, check=check,
           eager=_step(_con_fn, "eager", sets, leaves, mode), op="contrastive_loss", impl=impl, mode=mode,
           case=f"N={N},D={D}", dtype=DTYPE, flops=flops)
 

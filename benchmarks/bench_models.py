@@ -39,7 +39,7 @@ import pytest
 import torch
 
 import mmfast.models as mm
-from harness import DEVICE, SMOKE, bench
+from harness import DEVICE, SMOKE, bench, model_check
 
 SIZE = "tiny" if SMOKE else "base"
 BATCH = 2 if SMOKE else 64
@@ -130,7 +130,10 @@ def test_model_step(benchmark, arch, impl, mode):
     dtype = AMP_DTYPE or torch.float32
     case = f"{arch}_{SIZE}/{TASK[arch]} B={BATCH} text={L} img={img}"
     eager_fn = _step_fn(arch, "eager", mode) if impl != "eager" else None
+    model, weights = _model_for(arch, impl)
+    check = model_check(model, weights, _cache["eager"], inputs, name=case)
     info = bench(benchmark, fn, op=f"model:{arch}", impl=impl, mode=mode, case=case, dtype=dtype, eager=eager_fn,
+                 check=check,
                  samples=BATCH, extra={"arch": arch, "size": SIZE, "task": TASK[arch],
                                        "params": sum(p.numel() for p in _cache["eager"].parameters())})
     assert info["median_ms"] > 0

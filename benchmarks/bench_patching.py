@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from harness import DEVICE, SMOKE, bench
+from harness import DEVICE, SMOKE, bench, model_check
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -101,6 +101,7 @@ def test_training_step(benchmark, name, impl):
     stock_impl = "sdpa" if name == "bert_mlm" else "eager"  # what the unpatched model runs
     model = patched if impl == "mmfast" else stock
     bench(benchmark, _step(model, inputs), op=f"patch:{name}", impl=stock_impl if impl == "stock" else "mmfast",
+          check=model_check(model, model, stock, inputs, name=case),
           mode="train step (fwd+bwd)", case=case, dtype=DTYPE, eager=_step(stock, inputs), samples=B,
           extra={"swapped": len(report.swapped), "swapped_kinds": report.kinds(),
                  "stock_attn_implementation": stock.config._attn_implementation})

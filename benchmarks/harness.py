@@ -13,6 +13,13 @@ Every case is one implementation ("impl") of one op on one shape, in one mode:
         bench(benchmark, fn, op="cross_entropy", impl=impl, mode="fwd+bwd", case="N=16384,V=30522",
               dtype=x.dtype, eager=eager_fn, flops=..., bytes_moved=...)
 
+Every case checks before it times: ``check`` (required) runs the case's implementation once on
+the case's inputs and asserts its result under the correctness rule (mmfast/testing.py: float64
+reference, error <= 2x / 3x eager's in the same dtype, the mmfast face asked for is the face that
+ran), so a benchmark of a wrong kernel fails instead of timing it. Build it with
+:func:`rule_check` (an op) or :func:`model_check` (a model's loss). On a GPU the check runs on a
+leading slice of the inputs (``check_rows``) so that the float64 reference stays cheap.
+
 `bench` times `fn` (CUDA events on a GPU, perf_counter on CPU; warm-up first; median), times the
 eager baseline `eager` for the same (op, case, mode, dtype) once per process with the same timer,
 measures peak extra GPU memory, and records in ``benchmark.extra_info``: device, versions, op,
@@ -35,6 +42,7 @@ inside ``fn`` (``rotate`` below).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import platform
@@ -48,6 +56,54 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMOKE = DEVICE == "cpu" or os.environ.get("MMFAST_BENCH_SMOKE") == "1"
 _eager_cache: dict[tuple, float] = {}
+
+
+def check_rows(n: int, gpu: int = 2) -> int:
+    """Leading rows (batch items) a correctness check uses: all of them in smoke mode, at most
+    ``gpu`` on a GPU (the float64 reference of a full benchmark batch would cost more than the timing)."""
+    return n if SMOKE else min(n, gpu)
+
+
+def rule_check(fn: Callable, reference: Callable, inputs: list, *, impl: str, op: str, grad: bool,
+               reduction, name: str) -> Callable[[], Any]:
+    """A ``check`` for :func:`bench`: ``mmfast.testing.check_op(fn, reference, inputs)`` (outputs,
+    and with ``grad`` the gradients of the floating-point inputs), asserting the face for
+    "mmfast-<backend>" impls."""
+    from mmfast import testing
+
+    face = (op, impl.split("-", 1)[1]) if impl.startswith("mmfast-") else None
+    grads = [i for i, x in enumerate(inputs) if grad and isinstance(x, torch.Tensor) and x.is_floating_point()]
+    return lambda: testing.check_op(fn, reference, inputs, grad_inputs=grads, reduction=reduction, face=face,
+                                    name=f"{impl} {name}")
+
+
+def model_check(model: torch.nn.Module, weights: torch.nn.Module, twin: torch.nn.Module, inputs: dict, *,
+                name: str) -> Callable[[], Any]:
+    """A ``check`` for :func:`bench`: the loss of ``model`` (eval mode, no grad, in the weights'
+    dtype) against ``twin`` (the plain-PyTorch model) holding ``weights``' current values, run in
+    float64 (reference) and in the weights' dtype (baseline)."""
+    from mmfast import testing
+
+    def check():
+        low = copy.deepcopy(twin)
+        low.load_state_dict(weights.state_dict())
+        ref = copy.deepcopy(low).double()
+        was = weights.training
+        for m in (weights, low, ref):
+            m.eval()
+        cast = lambda v: v.double() if v.is_floating_point() else v
+        try:
+            with torch.no_grad():
+                out = model(**inputs).loss
+                r = ref(**{k: cast(v) for k, v in inputs.items()}).loss
+                l_ = low(**inputs).loss
+        finally:
+            weights.train(was)
+        width = max((m.in_features for m in low.modules() if isinstance(m, torch.nn.Linear)), default=1)
+        tokens = max((v.numel() // v.shape[-1] for v in inputs.values() if v.dim() >= 2), default=1)
+        testing.assert_close(out, r, l_, name=f"{name} loss", reduction=(width, tokens))
+
+    return check
 
 
 def pick(*, gpu: list, smoke: list) -> list:
@@ -140,10 +196,13 @@ def _skip_if_unavailable(fn: Callable[[], Any]) -> None:
 
 
 def bench(benchmark, fn: Callable[[], Any], *, op: str, impl: str, mode: str, case: str, dtype,
-          eager: Callable[[], Any] | None = None, flops: float | None = None, bytes_moved: float | None = None,
-          samples: int | None = None, extra: dict | None = None) -> dict:
-    """Times one case; see the module docstring. ``samples``: items per call, for samples/s."""
+          check: Callable[[], Any], eager: Callable[[], Any] | None = None, flops: float | None = None,
+          bytes_moved: float | None = None, samples: int | None = None, extra: dict | None = None) -> dict:
+    """Checks, then times one case; see the module docstring. ``samples``: items per call, for samples/s."""
+    if not callable(check):
+        raise TypeError(f"bench({op}, {impl}): argument 'check' must be a callable asserting the result first")
     _skip_if_unavailable(fn)
+    check()
     dt = str(dtype).replace("torch.", "")
     ms = time_ms(fn)
     key = (op, case, mode, dt)

@@ -7,5 +7,8 @@ bash scripts/setup.sh
 workers=${MMFAST_TEST_WORKERS:-$(nproc)}
 xdist=()
 if .venv/bin/python -c "import xdist" 2>/dev/null; then xdist=(-n "$workers"); fi
-# tests/ and the benchmark suites in smoke mode (tiny shapes, one round) so they never rot
-exec .venv/bin/python -m pytest tests benchmarks -q "${xdist[@]}" --durations=15 "$@"
+.venv/bin/python -m pytest tests -q "${xdist[@]}" --durations=15 "$@"
+# The benchmark suites in smoke mode (tiny shapes): every case checks its result under the
+# correctness rule, then is timed once. In a call of their own without xdist, which would switch
+# pytest-benchmark off ("Benchmarks are automatically disabled because xdist plugin is active").
+exec .venv/bin/python -m pytest benchmarks -q -p no:xdist --durations=5

@@ -43,3 +43,37 @@ def _one_intra_op_thread():
 def devices():
     """Devices to parametrise GPU-capable tests over."""
     return ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Face provenance: a test parametrised with ``backend`` must run that face of the ops it calls,
+# and no other (a face that silently ran the torch reference would pass most numeric checks).
+FACES = ("cpu", "triton", "cuda", "torch")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_face_runs(reason): a backend-parametrised test in which no face runs "
+                                       "(argument errors raised before any kernel)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item._mmfast_call_passed = rep.passed
+
+
+@pytest.fixture(autouse=True)
+def _asked_face_ran(request):
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    backend = params.get("backend")
+    if backend not in FACES or request.node.get_closest_marker("no_face_runs"):
+        yield None
+        return
+    from mmfast import testing
+
+    with testing.faces_run() as ran:
+        yield ran
+    if getattr(request.node, "_mmfast_call_passed", False):
+        testing.assert_face_ran(ran, None, backend, ("forward",), what=request.node.name)

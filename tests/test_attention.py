@@ -38,6 +38,12 @@ def make_inputs(B, H, Lq, Lk, D, dtype, device="cpu", mask=False, noncontig=Fals
     return q, k, v, m
 
 
+def attention_reduction(q, k):
+    """Reductions behind one output or gradient element: the scores' dot products over D, then the
+    weighted sums over the keys (output, dq) or the queries (dk, dv)."""
+    return (max(q.shape[2], k.shape[2]), q.shape[3])
+
+
 def check(backend, B, H, Lq, Lk, D, dtype, mask, causal, device="cpu", noncontig=False, scale=None):
     q, k, v, m = make_inputs(B, H, Lq, Lk, D, dtype, device, mask, noncontig)
     if noncontig and Lq > 1 and H > 1:
@@ -45,7 +51,7 @@ def check(backend, B, H, Lq, Lk, D, dtype, mask, causal, device="cpu", noncontig
     testing.check_op(
         lambda q, k, v, m: attention(q, k, v, key_padding_mask=m, causal=causal, scale=scale, backend=backend),
         lambda q, k, v, m: R.attention(q, k, v, key_padding_mask=m, causal=causal, scale=scale),
-        [q, k, v, m], grad_inputs=[0, 1, 2],
+        [q, k, v, m], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k), face=("attention", backend),
         name=f"{backend} B{B} H{H} {Lq}x{Lk} D{D} {dtype} mask={mask} causal={causal}")
 
 
@@ -171,7 +177,8 @@ def test_dropout_mask_statistics_and_backward_consistency(backend, causal):
         torch.manual_seed(7)
         return attention(q, k, v, key_padding_mask=m, causal=causal, dropout_p=p, backend=backend)
 
-    testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], name=f"{backend} dropout")
+    testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k),
+                     face=("attention", backend), name=f"{backend} dropout")
 
 
 @pytest.mark.parametrize("backend", _dropout_backends())
@@ -189,6 +196,49 @@ def test_broadcast_grad_out_and_empty_batch(backend):
     assert out.shape == (0, 2, 5, 16)
     (ge,) = torch.autograd.grad(out.sum(), e)
     assert ge.shape == e.shape
+
+
+@pytest.mark.parametrize("backend", _dropout_backends())
+@pytest.mark.parametrize("D", [8, 16, 128])
+def test_custom_scale_and_head_dims(backend, D):
+    """The smallest, a small and the largest head dim the fused faces take, with a custom scale
+    (masked, causal, Lq != Lk) and with the default one."""
+    check(backend, 2, 2, 7, 19, D, torch.float32, True, True, scale=0.3)
+    check(backend, 1, 2, 5, 9, D, torch.float32, False, False)
+
+
+@pytest.mark.parametrize("backend", _dropout_backends())
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_key_padding_mask_views(backend, layout):
+    """A key_padding_mask that is a strided view (every other column of a wider mask) or a batch
+    broadcast (stride 0 along B) is read as the values it shows."""
+    q, k, v, _ = make_inputs(3, 2, 6, 13, 16, torch.float32)
+    gen = torch.Generator().manual_seed(21)
+    if layout == "strided":
+        m = (torch.rand(3, 2 * 13 + 1, generator=gen) > 0.4)[:, ::2][:, :13]
+    else:
+        m = (torch.rand(1, 13, generator=gen) > 0.4).expand(3, 13)
+    m[0, 0] = True  # a view of fresh storage: setting one element does not change the layout
+    assert not m.is_contiguous()
+    testing.check_op(
+        lambda q, k, v: attention(q, k, v, key_padding_mask=m, causal=True, backend=backend),
+        lambda q, k, v: R.attention(q, k, v, key_padding_mask=m.contiguous(), causal=True),
+        [q, k, v], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k), face=("attention", backend),
+        name=f"{backend} {layout} mask")
+
+
+@pytest.mark.parametrize("backend", _dropout_backends())
+def test_no_keys_gives_zeros(backend):
+    """Lk = 0: every query row has no key, so it returns zeros (and zero gradients), as a row whose
+    keys are all masked does."""
+    q = torch.randn(2, 2, 5, 16, requires_grad=True)
+    k = torch.randn(2, 2, 0, 16, requires_grad=True)
+    v = torch.randn(2, 2, 0, 16, requires_grad=True)
+    with testing.poisoned_outputs():
+        out = attention(q, k, v, backend=backend)
+        assert out.shape == q.shape and torch.equal(out, torch.zeros_like(out))
+        gq, gk, gv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.equal(gq, torch.zeros_like(q)) and gk.shape == k.shape and gv.shape == v.shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +266,7 @@ def _bad(**over):
     (dict(key_padding_mask=torch.ones(2, 1, 1, 9, dtype=torch.bool)), ValueError, "'key_padding_mask' must have shape"),
 ])
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.no_face_runs("the arguments are refused before any face runs")
 def test_bad_inputs_name_the_argument(over, exc, pattern, backend):
     with pytest.raises(exc, match=pattern):
         attention(**_bad(**over), backend=backend)
@@ -350,7 +401,8 @@ def test_gpu_triton_dropout(causal):
         torch.manual_seed(11)
         return attention(q, k, v, key_padding_mask=m, causal=causal, dropout_p=p, backend="triton")
 
-    testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], name="gpu dropout")
+    testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], reduction=attention_reduction(q, k),
+                     face=("attention", "triton"), name="gpu dropout")
 
 
 @pytest.mark.cuda
@@ -382,6 +434,20 @@ def test_triton_every_config_candidate(monkeypatch, Lq, Lk):
     for i in range(n):
         monkeypatch.setattr(T, "_choose", lambda key, cands, run, i=i: cands[min(i, len(cands) - 1)])
         check("triton", 1, 1, Lq, Lk, 64, torch.float16, True, True)
+
+
+@pytest.mark.parametrize("Lq,Lk", [(16, 129), (16, 128), (17, 144), (65, 193)])
+def test_triton_causal_bottom_right_on_block_edges_every_config(monkeypatch, Lq, Lk):
+    """Causal with Lq != Lk puts the diagonal at key i + Lk - Lq: with Lk - Lq on or next to a
+    multiple of the key block, a loop bound one block short drops the last visible keys of a row."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test (the GPU matrix runs with the autotuner)")
+    import mmfast.triton.attention as T
+
+    n = max(len(T.fwd_configs(Lq, Lk, 16)), len(T.bwd_configs(Lq, Lk, 16)))
+    for i in range(n):
+        monkeypatch.setattr(T, "_choose", lambda key, cands, run, i=i: cands[min(i, len(cands) - 1)])
+        check("triton", 1, 1, Lq, Lk, 16, torch.float32, False, True)
 
 
 def test_triton_config_chooser(monkeypatch):

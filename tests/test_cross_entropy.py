@@ -11,7 +11,7 @@ import mmfast
 from mmfast import dispatch, testing
 from mmfast.ops.cross_entropy import _cross_entropy_inplace_op, _cross_entropy_op
 
-BACKENDS = [b for b in ("cpu", "triton") if dispatch.availability("cross_entropy", b, "cpu", torch.float32) is None]
+BACKENDS = testing.cpu_faces("cross_entropy")  # raises when a face that should exist does not load
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="neither the C++ extension nor Triton is available")
 
 
@@ -36,6 +36,13 @@ def _case(N, C, dtype, variant, seed=0):
     return x, t, w, eps
 
 
+def ce_reduction(logits, reduction):
+    """Reductions behind one loss or gradient element: the log-sum-exp over the C classes, then
+    (sum, mean) the N rows."""
+    C = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+    return (C,) if reduction == "none" else (C, logits.numel() // max(C, 1))
+
+
 def _check(backend, x, t, w, eps, reduction, name, **kw):
     def kernel(x, t):
         return mmfast.ops.cross_entropy(x, t, weight=w, label_smoothing=eps, reduction=reduction, backend=backend, **kw)
@@ -44,7 +51,8 @@ def _check(backend, x, t, w, eps, reduction, name, **kw):
         ww = None if w is None else w.to(x.dtype)
         return F.cross_entropy(x, t, weight=ww, label_smoothing=eps, reduction=reduction)
 
-    testing.check_op(kernel, reference, [x, t], grad_inputs=[0], name=name)
+    testing.check_op(kernel, reference, [x, t], grad_inputs=[0], name=name, reduction=ce_reduction(x, reduction),
+                     face=("cross_entropy", backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -93,6 +101,59 @@ def test_rule_one_row_bert_vocab_and_3d(backend):
     t3[0, 1] = -100
     for red in ("mean", "none"):
         _check(backend, x3, t3, None, 0.05, red, f"3d {red}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["row_strided", "column_strided"])
+def test_strided_logits(backend, layout):
+    """Logits as views: ``big[:, :C]`` (row stride > C, read in place by the kernels) and every
+    other column (copied to a unit class stride first)."""
+    N, C = 29, 301
+    big = testing.randn(N, 2 * C + 5, seed=5, scale=3.0)
+    x = big[:, :C] if layout == "row_strided" else big[:, 1::2][:, :C]
+    assert not x.is_contiguous() and x.stride(0) != C
+    t = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(5))
+    t[3] = -100
+    for reduction in ("mean", "none"):
+        _check(backend, x, t, None, 0.1, reduction, f"{backend} {layout} {reduction}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tdtype", [torch.int32, torch.uint8])
+def test_int32_and_uint8_targets(backend, tdtype):
+    x, t, _, _ = _case(17, 200, torch.float32, "plain", seed=8)
+    testing.check_op(lambda x, t: mmfast.ops.cross_entropy(x, t, label_smoothing=0.1, backend=backend),
+                     lambda x, t: F.cross_entropy(x, t.long(), label_smoothing=0.1), [x, t.to(tdtype)],
+                     grad_inputs=[0], reduction=ce_reduction(x, "mean"), face=("cross_entropy", backend),
+                     name=f"{backend} {tdtype} targets")
+    h, W = testing.randn(17, 8, seed=9), testing.randn(200, 8, seed=10)
+    testing.check_op(lambda h, W, t: mmfast.ops.linear_cross_entropy(h, W, t, backend=backend),
+                     lambda h, W, t: F.cross_entropy(h @ W.t(), t.long()), [h, W, t.to(tdtype)], grad_inputs=[0, 1],
+                     reduction=(8, 200, 17), face=("linear_cross_entropy", backend),
+                     name=f"lce {backend} {tdtype} targets")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wide_vocab_class_chunks(backend):
+    """C = 40000 exceeds the widest class block the Triton face uses (32768 under the interpreter),
+    so its online log-sum-exp runs over two chunks and must rescale the running sum between them."""
+    x, t, w, eps = _case(3, 40000, torch.float32, "smooth", seed=6)
+    x[0, 35000] = 12.0  # the row's maximum in the second chunk: the first chunk's sum must be rescaled
+    _check(backend, x, t, w, eps, "none", f"{backend} 3x40000")
+
+
+@pytest.mark.parametrize("backend", ["triton"] if "triton" in BACKENDS else [])
+@pytest.mark.parametrize("variant", ["plain", "all"])
+def test_triton_many_class_chunks(backend, variant, monkeypatch):
+    """A 16-wide class block (forced) makes every row several chunks in the interpreter."""
+    import mmfast.triton.cross_entropy as TCE
+
+    real = TCE._launch_config
+    monkeypatch.setattr(TCE, "_launch_config", lambda N, C: (real(N, C)[0], 16, 1))
+    x, t, w, eps = _case(13, 100, torch.float32, variant, seed=7)
+    x[:, 90] += 8.0  # the maximum in the last chunk
+    for reduction in ("mean", "none"):
+        _check(backend, x, t, w, eps, reduction, f"triton 16-wide chunks {variant} {reduction}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

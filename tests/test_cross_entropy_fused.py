@@ -11,8 +11,7 @@ import mmfast
 from mmfast import dispatch, testing
 
 CE = __import__("mmfast.ops.cross_entropy", fromlist=["_"])
-BACKENDS = [b for b in ("cpu", "triton")
-            if dispatch.availability("linear_cross_entropy", b, "cpu", torch.float32) is None]
+BACKENDS = testing.cpu_faces("linear_cross_entropy")  # raises when a face that should exist does not load
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="neither the C++ extension nor Triton is available")
 
 
@@ -34,19 +33,27 @@ def _lce_case(N, V, H, dtype, seed, ignore_frac=0.85):
     return h, W, b, t
 
 
+def lce_reduction(h, W):
+    """Reductions behind one element: each logit's dot product over H, the log-sum-exp over the V
+    classes, then the N rows (the loss's sum or mean; dW and db sum over rows whatever the reduction)."""
+    return (h.shape[-1], W.shape[0], h.numel() // h.shape[-1])
+
+
 def _check_lce(backend, h, W, b, t, eps, reduction, name):
     if b is None:
         testing.check_op(
             lambda h, W, t: mmfast.ops.linear_cross_entropy(h, W, t, label_smoothing=eps, reduction=reduction,
                                                             backend=backend),
             lambda h, W, t: _lce_ref(h, W, t, None, label_smoothing=eps, reduction=reduction),
-            [h, W, t], grad_inputs=[0, 1], name=name)
+            [h, W, t], grad_inputs=[0, 1], name=name, reduction=lce_reduction(h, W),
+            face=("linear_cross_entropy", backend))
     else:
         testing.check_op(
             lambda h, W, t, b: mmfast.ops.linear_cross_entropy(h, W, t, b, label_smoothing=eps, reduction=reduction,
                                                                backend=backend),
             lambda h, W, t, b: _lce_ref(h, W, t, b, label_smoothing=eps, reduction=reduction),
-            [h, W, t, b], grad_inputs=[0, 1, 3], name=name)
+            [h, W, t, b], grad_inputs=[0, 1, 3], name=name, reduction=lce_reduction(h, W),
+            face=("linear_cross_entropy", backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -57,6 +64,28 @@ def test_linear_ce_rule(backend, dtype, N, V):
     for reduction in ("mean", "sum", "none"):
         for eps, bias in ((0.0, b), (0.1, None)):
             _check_lce(backend, h, W, bias, t, eps, reduction, f"lce {backend} {N}x{V} {dtype} {reduction} {eps}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["row_strided", "column_strided"])
+def test_linear_ce_strided_hidden_and_weight(backend, layout):
+    """Hidden states (and the classifier weight) as views: rows of a wider buffer, or every other column."""
+    h, W, b, t = _lce_case(23, 37, 2 * 16 + 3, torch.float32, seed=13, ignore_frac=0.3)
+    view = (lambda x: x[:, :16]) if layout == "row_strided" else (lambda x: x[:, 1::2][:, :16])
+    hv, Wv = view(h), view(W)
+    assert not hv.is_contiguous() and not Wv.is_contiguous()
+    for reduction in ("mean", "none"):
+        _check_lce(backend, hv, Wv, b, t, 0.1, reduction, f"lce {backend} {layout} {reduction}")
+
+
+@pytest.mark.parametrize("backend", ["cpu"])  # bf16 tl.dot is broken in the Triton interpreter (triton #11584)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_ce_and_contrastive_bf16_on_cpu(backend, reduction):
+    """bfloat16 hidden states and features on the CPU face."""
+    h, W, b, t = _lce_case(29, 53, 24, torch.bfloat16, seed=14, ignore_frac=0.3)
+    _check_lce(backend, h, W, b, t, 0.0, reduction, f"lce {backend} bf16 {reduction}")
+    i, tt, s = _feats(17, 24, torch.bfloat16, seed=15)
+    _check_contrastive(backend, i, tt, s, 0.1, f"contrastive {backend} bf16")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -78,7 +107,8 @@ def test_linear_ce_many_chunks(backend, dtype, monkeypatch):
                                                                backend=backend),
             lambda h, W, t, b: _lce_ref(h.reshape(-1, 24), W, t.reshape(-1), b, label_smoothing=0.05,
                                         reduction=reduction).reshape(t.shape if reduction == "none" else ()),
-            [h3, W, t3, b], grad_inputs=[0, 1, 3], name=f"lce chunks {dtype} {reduction}")
+            [h3, W, t3, b], grad_inputs=[0, 1, 3], name=f"lce chunks {dtype} {reduction}",
+            reduction=lce_reduction(h3, W), face=("linear_cross_entropy", backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,7 +171,8 @@ def _check_contrastive(backend, i, t, s, eps, name):
     testing.check_op(
         lambda i, t, s: mmfast.ops.contrastive_loss(i, t, s, label_smoothing=eps, backend=backend),
         lambda i, t, s: mmfast.reference.contrastive_loss(i, t, s, label_smoothing=eps),
-        [i, t, s], grad_inputs=[0, 1, 2], name=name)
+        [i, t, s], grad_inputs=[0, 1, 2], name=name, reduction=(i.shape[1], i.shape[0], i.shape[0]),
+        face=("contrastive_loss", backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -43,7 +43,8 @@ def test_rule_gpu(backend, dtype, N, C):
                                                       backend=backend),
                 lambda x, t: F.cross_entropy(x, t.to(x.device), weight=None if weight is None else
                                              weight.to(x.device, x.dtype), label_smoothing=eps, reduction=reduction),
-                [x, t], grad_inputs=[0], name=f"{backend} {N}x{C} {dtype} {reduction} {eps}")
+                [x, t], grad_inputs=[0], name=f"{backend} {N}x{C} {dtype} {reduction} {eps}",
+                reduction=(C,) if reduction == "none" else (C, N), face=("cross_entropy", backend))
 
 
 @pytest.mark.parametrize("backend", _faces())
@@ -98,7 +99,8 @@ def test_linear_ce_gpu(backend, dtype):
     t = t.cuda()
     testing.check_op(lambda h, W, t, b: mmfast.ops.linear_cross_entropy(h, W, t, b, backend=backend),
                      lambda h, W, t, b: F.cross_entropy(F.linear(h, W, b), t.to(h.device)),
-                     [h, W, t, b], grad_inputs=[0, 1, 3], name=f"lce {backend} {dtype}")
+                     [h, W, t, b], grad_inputs=[0, 1, 3], name=f"lce {backend} {dtype}", reduction=(H, V, N),
+                     face=("linear_cross_entropy", backend))
 
 
 @pytest.mark.parametrize("backend", _faces("contrastive_loss"))
@@ -110,7 +112,8 @@ def test_contrastive_gpu(backend, N):
     s = torch.tensor(14.3, device="cuda")
     testing.check_op(lambda i, t, s: mmfast.ops.contrastive_loss(i, t, s, label_smoothing=0.1, backend=backend),
                      lambda i, t, s: mmfast.reference.contrastive_loss(i, t, s.to(i.dtype), label_smoothing=0.1),
-                     [i, t, s], grad_inputs=[0, 1, 2], name=f"contrastive {backend} N={N}")
+                     [i, t, s], grad_inputs=[0, 1, 2], name=f"contrastive {backend} N={N}",
+                     reduction=(512, N, N), face=("contrastive_loss", backend))
 
 
 @pytest.mark.parametrize("backend", _faces())

@@ -360,3 +360,57 @@ def test_threads_default_to_physical_cores(monkeypatch):
         assert threads.choose_threads(1) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_fp16_resume_restores_the_loss_scaler(tmp_path):
+    """An inf step halves the fp16 loss scale before the checkpoint: the resumed run goes on with that
+    scale and growth tracker, exactly as the uninterrupted run does."""
+    kw = dict(max_steps=8, precision="fp16")
+    torch.manual_seed(0)
+    straight = Trainer(StandIn(poison_step=3, dropout=0.0), data(), config=cfg(**kw))
+    straight.fit()
+    torch.manual_seed(0)
+    first = Trainer(StandIn(poison_step=3, dropout=0.0), data(), config=cfg(out_dir=str(tmp_path), **kw))
+    first.fit(until_step=5)
+    assert first.scaler.get_scale() < Trainer(StandIn(), data(), config=cfg(**kw)).scaler.get_scale()
+    torch.manual_seed(123)
+    second = Trainer(StandIn(dropout=0.0), data(), config=cfg(out_dir=str(tmp_path), resume=True, **kw))
+    assert second.scaler.state_dict() == first.scaler.state_dict()
+    second.fit()
+    assert first.losses + second.losses == straight.losses
+    assert second.scaler.state_dict() == straight.scaler.state_dict()  # scale and growth tracker
+
+
+def test_bf16_compiled_training_clips_gradients(monkeypatch):
+    """precision='bf16' with compile=True trains (finite losses) and every optimizer step sees the
+    gradients clipped to max_grad_norm, which the raw gradients exceed."""
+    # aot_eager: the trainer's compile path (wrapping, autocast and backward through the graph) without
+    # inductor's C++ build, which takes ~100 s on this 2-core machine
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, **{"backend": "aot_eager", **kw}))
+    torch.manual_seed(0)
+    t = Trainer(StandIn(dropout=0.0), data(), config=cfg(max_steps=3, precision="bf16", compile=True,
+                                                           max_grad_norm=0.05))
+    assert t.autocast_dtype == torch.bfloat16 and t.train_model is not t.model
+    norm = lambda params: float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params
+                                                                      if p.grad is not None])))
+    raw, at_step = [], []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *a, **k):
+        params = list(params)
+        raw.append(norm(params))
+        return real_clip(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    real_step = t.optimizer.step
+
+    def step(*a, **k):
+        at_step.append(norm(t.model.parameters()))
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(t.optimizer, "step", step)
+    t.fit()
+    assert t.step == 3 and all(torch.isfinite(torch.tensor(t.losses)))
+    assert len(at_step) == len(raw) == 3 and min(raw) > 0.05, raw
+    assert all(n <= 0.05 * (1 + 1e-4) for n in at_step), at_step

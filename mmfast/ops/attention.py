@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast import _extension, dispatch
+from mmfast import _extension, _provenance, dispatch
 from mmfast import reference as _ref
 from mmfast.reference.attention import attention_mask as _dense_mask
 from mmfast.reference.attention import sdpa_attention as _sdpa_reference
@@ -239,6 +239,7 @@ def _face(backend: str):
 @torch.library.custom_op("mmfast::attention_forward", mutates_args=())
 def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], seed: Optional[Tensor],
                       causal: bool, scale: float, dropout_p: float, backend: str) -> tuple[Tensor, Tensor]:
+    _provenance.record("attention", backend, "forward")
     return _face(backend)[0](q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
 
 
@@ -254,6 +255,7 @@ def _(q, k, v, key_padding_mask, seed, causal, scale, dropout_p, backend):
 def _attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       key_padding_mask: Optional[Tensor], seed: Optional[Tensor], causal: bool, scale: float,
                       dropout_p: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _provenance.record("attention", backend, "backward")
     return _face(backend)[1](grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p)
 
 
@@ -409,8 +411,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
 
     Equals ``F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask[:, None, None, :],
     dropout_p=dropout_p, scale=scale)`` except that a query row whose keys are all masked returns
-    zeros (and zero gradients) and ``causal`` with Lq != Lk is aligned bottom-right (query i sees
-    keys j <= i + Lk - Lq). ``key_padding_mask``: bool (B, Lk), True = the key takes part. Dropout
+    zeros (and zero gradients; so does every row when Lk = 0) and ``causal`` with Lq != Lk is
+    aligned bottom-right (query i sees keys j <= i + Lk - Lq). ``key_padding_mask``: bool (B, Lk), True = the key takes part. Dropout
     draws its seed from torch's generator on q's device (``torch.manual_seed`` reproduces it).
     """
     _check_args(q, k, v, key_padding_mask, scale, dropout_p, backend)
@@ -420,7 +422,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
                           bucket=dispatch.size_bucket(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]))
     if be == "torch":  # on a GPU the fused SDPA kernels (same semantics), elsewhere the eager formula
         reference = _sdpa_reference if q.is_cuda else _ref.attention
-        return reference(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p)
+        return _provenance.reference_ran("attention", reference(
+            q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p))
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     causal, dropout_p = bool(causal), float(dropout_p)
     seed = None

@@ -37,7 +37,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from mmfast import _extension, dispatch
+from mmfast import _extension, _provenance, dispatch
 from mmfast import reference as _ref
 
 _MAX_MODALITIES = 4
@@ -107,6 +107,7 @@ def _face(backend: str, name: str):
 def _concat_embed_op(features: List[Tensor], type_emb: Optional[Tensor], pos_tables: List[Tensor],
                      pos_index: List[int], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
                      dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _provenance.record("concat_embed", backend, "forward")
     out, mean, rstd = _face(backend, "concat_embed_forward")(
         features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, eps, dropout_p, seed)
     return out, mean, rstd
@@ -128,6 +129,7 @@ def _concat_embed_backward_op(grad_out: Tensor, features: List[Tensor], type_emb
                               pos_tables: List[Tensor], pos_index: List[int], ln_weight: Optional[Tensor],
                               ln_bias: Optional[Tensor], mean: Tensor, rstd: Tensor, dropout_p: float,
                               seed: Optional[Tensor], backend: str) -> List[Tensor]:
+    _provenance.record("concat_embed", backend, "backward")
     grads = _face(backend, "concat_embed_backward")(
         grad_out, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, mean, rstd, dropout_p, seed)
     return list(grads)
@@ -309,8 +311,9 @@ def concat_embed(features, *, type_embeddings=None, pos_embeddings=None, ln_weig
     be = dispatch.resolve("concat_embed", backend, f0.device.type, f0.dtype, limits,
                           bucket=dispatch.size_bucket(f0.shape[0] * f0.shape[2] * sum(f.shape[1] for f in features)))
     if be == "torch":
-        return _ref.concat_embed(list(features), type_embeddings=type_embeddings, pos_embeddings=pos_embeddings,
-                                 ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, dropout_p=dropout_p, masks=masks)
+        return _provenance.reference_ran("concat_embed", _ref.concat_embed(
+            list(features), type_embeddings=type_embeddings, pos_embeddings=pos_embeddings, ln_weight=ln_weight,
+            ln_bias=ln_bias, eps=eps, dropout_p=dropout_p, masks=masks))
     feats = [f.contiguous() for f in features]
     pos_tables, pos_index = [], []
     for m in range(len(feats)):

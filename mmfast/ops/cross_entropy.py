@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmfast import _extension, dispatch
+from mmfast import _extension, _provenance, dispatch
 from mmfast import reference as _ref
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -154,6 +154,7 @@ def _cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     """(loss reduced as asked, gradient of that loss w.r.t. logits for a unit upstream gradient, or
     (0,) when not compute_grad). compute_grad is the CPU face's mode (see _grad_in_forward); for
     the GPU faces it is False and the backward op writes the gradient."""
+    _provenance.record("cross_entropy", backend, "forward+backward" if compute_grad else "forward")
     C = logits.shape[1]
     denom = _reduction_denominator(target, weight, ignore_index, C) if reduction == "mean" else None
     grad_scale = (1.0 / denom).reshape(1) if (denom is not None and compute_grad) else None
@@ -253,6 +254,7 @@ def _cross_entropy_inplace_op(logits: Tensor, target: Tensor, weight: Optional[T
                               label_smoothing: float, reduction: str, backend: str) -> Tensor:
     """Loss reduced as asked; ``logits`` becomes d(loss)/d(logits) for a unit upstream gradient.
     Declared as mutating ``logits``, so the dispatcher bumps its version counter."""
+    _provenance.record("cross_entropy", backend, "forward+backward")
     C = logits.shape[1]
     denom = _reduction_denominator(target, weight, ignore_index, C) if reduction == "mean" else None
     grad_scale = (1.0 / denom).reshape(1) if denom is not None else None
@@ -341,8 +343,9 @@ def cross_entropy(logits: Tensor, target: Tensor, *, weight: Optional[Tensor] = 
     be = dispatch.resolve("cross_entropy", backend, logits.device.type, logits.dtype,
                           bucket=dispatch.size_bucket(logits.numel()))
     if be == "torch":
-        return _ref.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
-                                  label_smoothing=label_smoothing, reduction=reduction)
+        return _provenance.reference_ran("cross_entropy", _ref.cross_entropy(
+            logits, target, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            reduction=reduction))
     out_shape = target.shape
     if logits.dim() == 1:  # a single sample: (C,) with a 0-d target
         logits2d, target1d = logits.unsqueeze(0), target.reshape(1)
@@ -448,6 +451,8 @@ def _linear_cross_entropy_op(hidden: Tensor, weight: Tensor, target: Tensor, bia
                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss reduced as asked, dh, dW, db) for a unit upstream gradient. With reduction='none' the
     gradients are not computed here (they depend on the upstream gradient): see the backward op."""
+    _provenance.record("linear_cross_entropy", backend,
+                       "forward+backward" if compute_grad and reduction != "none" else "forward")
     denom = (target != ignore_index).sum().to(torch.float32) if reduction == "mean" else None
     grad_scale = (1.0 / denom).reshape(1) if denom is not None else None
     compute_grad = compute_grad and reduction != "none"
@@ -472,6 +477,7 @@ def _linear_cross_entropy_backward_op(hidden: Tensor, weight: Tensor, target: Te
                                       grad_rows: Tensor, ignore_index: int, label_smoothing: float,
                                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_rows[i] * loss_i (reduction='none'): recomputes the chunks."""
+    _provenance.record("linear_cross_entropy", backend, "backward")
     _, dh, dW, db = _lce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
                                 grad_rows.to(torch.float32).contiguous(), True, backend)
     return dh, dW, db
@@ -547,8 +553,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     be = dispatch.resolve("linear_cross_entropy", backend, hidden.device.type, hidden.dtype,
                           bucket=dispatch.size_bucket(target.numel() * weight.shape[0]))
     if be == "torch":
-        return _ref.linear_cross_entropy(hidden, weight, target, bias, ignore_index=ignore_index,
-                                         label_smoothing=label_smoothing, reduction=reduction)
+        return _provenance.reference_ran("linear_cross_entropy", _ref.linear_cross_entropy(
+            hidden, weight, target, bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            reduction=reduction))
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = target.reshape(-1).to(torch.int64)
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
@@ -664,6 +671,7 @@ def _contrastive_grad_tile(backend: str):
 @torch.library.custom_op("mmfast::contrastive_loss", mutates_args=())
 def _contrastive_op(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, label_smoothing: float,
                     compute_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _provenance.record("contrastive_loss", backend, "forward+backward" if compute_grad else "forward")
     return _contrastive_impl(image_features, text_features, logit_scale, label_smoothing, compute_grad, backend)
 
 
@@ -721,7 +729,8 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     be = dispatch.resolve("contrastive_loss", backend, image_features.device.type, image_features.dtype,
                           bucket=dispatch.size_bucket(image_features.shape[0] ** 2))
     if be == "torch":
-        return _ref.contrastive_loss(image_features, text_features, logit_scale, label_smoothing=label_smoothing)
+        return _provenance.reference_ran("contrastive_loss", _ref.contrastive_loss(
+            image_features, text_features, logit_scale, label_smoothing=label_smoothing))
     compute_grad = torch.is_grad_enabled() and (image_features.requires_grad or text_features.requires_grad
                                                 or logit_scale.requires_grad)
     loss = _contrastive_op(image_features, text_features, logit_scale, float(label_smoothing), compute_grad, be)[0]
