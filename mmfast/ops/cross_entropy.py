@@ -703,7 +703,7 @@ _contrastive_op.register_autograd(_contrastive_backward, setup_context=_contrast
 
 
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, *,
-                     label_smoothing: float = 0.0, backend: str = "auto") -> Tensor:
+                     label_smoothing: float = 0.0, gather: bool = False, backend: str = "auto") -> Tensor:
     """CLIP's symmetric loss ``(CE(s I T^T, arange) + CE(s T I^T, arange)) / 2`` over one logit matrix.
 
     Features ``(N, D)`` (already normalised by the caller), ``logit_scale`` a scalar tensor (usually
@@ -711,6 +711,9 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     feature matrices and the scale are computed in the forward pass. From N = 8192 on the N x N
     logits are never held whole: 2048-row tiles are built twice (statistics sweep, gradient sweep).
     The matmuls are torch's; the "triton" face fuses the gradient of each tile into one kernel.
+
+    ``gather=True`` (torch.distributed initialised): the loss over the global batch of all processes,
+    each computing its own rows against all gathered columns (mmfast/ops/contrastive_gather.py).
     """
     for name, f in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(f, Tensor) or not f.is_floating_point() or f.dim() != 2:
@@ -726,6 +729,10 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
                          f"{tuple(logit_scale.shape)}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"mmfast.contrastive_loss: argument 'label_smoothing' must be in [0, 1], got {label_smoothing}")
+    if gather:
+        from mmfast.ops.contrastive_gather import gathered_contrastive_loss  # imports this module
+        return gathered_contrastive_loss(image_features, text_features, logit_scale,
+                                         label_smoothing=label_smoothing, backend=backend)
     be = dispatch.resolve("contrastive_loss", backend, image_features.device.type, image_features.dtype,
                           bucket=dispatch.size_bucket(image_features.shape[0] ** 2))
     if be == "torch":

@@ -1,0 +1,206 @@
+"""Variable-length (packed) attention: public API, backend dispatch, custom-op, fake and autograd
+registrations.
+
+Layout (flash-attn's ``flash_attn_varlen_func``): q ``(total_q, H, D)``, k and v ``(total_k, H, D)``,
+``cu_seqlens_q``/``cu_seqlens_k`` int32 ``(batch + 1,)`` cumulative lengths starting at 0. Semantics
+per sequence are those of :func:`mmfast.ops.attention`: causal aligned bottom-right, a sequence
+with 0 keys gives zeros, one with 0 queries contributes nothing.
+
+Faces: reference ``mmfast/reference/attention_varlen.py`` ("torch"). The "cpu" and "triton" faces
+are *not* varlen kernels yet: the custom op below runs the attention kernels of that face
+(``torch.ops.mmfast.attention_forward/backward``, the contract of mmfast/ops/attention.py) once per
+sequence on views of the packed tensors, so no padding is computed but there is one kernel launch
+per sequence. No CUDA face (nothing here was run on a GPU): ``backend="cuda"`` is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mmfast import dispatch
+from mmfast.ops.attention import MAX_HEAD_DIM
+from mmfast.reference.attention_varlen import attention_varlen as _reference, to_heads_first
+
+dispatch.register_op(dispatch.OpSpec(
+    name="attention_varlen",
+    triton_module="mmfast.triton.attention",  # the per-sequence loop calls the attention Triton kernels
+    cpu_python=True,
+    dtypes={
+        "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+        "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+        "triton": (torch.float32, torch.float16, torch.bfloat16),
+        "cuda": (),  # no CUDA face yet
+    },
+))
+
+
+def _sequences(cu_q: Tensor, cu_k: Tensor):
+    """(b, q0, q1, k0, k1) per sequence (host values: one device->host copy on a GPU)."""
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [(b, cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
+
+
+def _sequence_seed(seed: Optional[Tensor], b: int) -> Optional[Tensor]:
+    """A distinct dropout seed per sequence (each call sees batch index 0: one seed would repeat masks)."""
+    return None if seed is None else seed + b
+
+
+@torch.library.custom_op("mmfast::attention_varlen_forward", mutates_args=())
+def _varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                   seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str
+                   ) -> tuple[Tensor, Tensor]:
+    """(out (total_q, H, Dv), lse of every sequence flattened and concatenated; (0,) for faces without lse)."""
+    H = q.shape[1]
+    out = q.new_zeros(q.shape[:-1] + v.shape[-1:])  # rows of sequences without keys stay 0
+    lses = []  # per sequence with queries: its flattened lse, or its query count when it has no keys
+    for b, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+        if q1 == q0:
+            continue
+        if k1 == k0:
+            lses.append(q1 - q0)
+            continue
+        o, lse = torch.ops.mmfast.attention_forward(
+            to_heads_first(q[q0:q1]), to_heads_first(k[k0:k1]), to_heads_first(v[k0:k1]), None,
+            _sequence_seed(seed, b), causal, scale, dropout_p, backend)
+        out[q0:q1] = o[0].transpose(0, 1)
+        lses.append(lse.reshape(-1))
+    if backend == "cpu":  # the CPU face keeps no lse (its backward recomputes the softmax)
+        return out, q.new_empty((0,), dtype=torch.float32)
+    # sequences without keys get a placeholder lse (never read: their gradients are zeros)
+    lses = [q.new_zeros((H * x,), dtype=torch.float32) if isinstance(x, int) else x for x in lses]
+    return out, torch.cat(lses) if lses else q.new_empty((0,), dtype=torch.float32)
+
+
+@_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend):
+    lse_len = 0 if backend == "cpu" else q.shape[0] * q.shape[1]
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((lse_len,), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmfast::attention_varlen_backward", mutates_args=())
+def _varlen_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, seed: Optional[Tensor], causal: bool, scale: float,
+                   dropout_p: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    H = q.shape[1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    lse_at = 0
+    for b, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+        if q1 == q0:
+            continue
+        n_lse = H * (q1 - q0) if backend != "cpu" else 0
+        seq_lse = lse[lse_at:lse_at + n_lse].reshape(1, H, q1 - q0) if n_lse else lse
+        lse_at += n_lse
+        if k1 == k0:
+            continue  # zeros out: zero gradients
+        g = torch.ops.mmfast.attention_backward(
+            to_heads_first(grad_out[q0:q1]), to_heads_first(q[q0:q1]), to_heads_first(k[k0:k1]),
+            to_heads_first(v[k0:k1]), to_heads_first(out[q0:q1]).contiguous(), seq_lse, None,
+            _sequence_seed(seed, b), causal, scale, dropout_p, backend)
+        for dst, src, (r0, r1) in zip((dq, dk, dv), g, ((q0, q1), (k0, k1), (k0, k1))):
+            dst[r0:r1] = src[0].transpose(0, 1)
+    return dq, dk, dv
+
+
+@_varlen_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, seed, causal, scale, dropout_p, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.args = (causal, scale, dropout_p, backend)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+    dq, dk, dv = _varlen_bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_varlen_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+def _check_cu_seqlens(name: str, cu: Tensor, total: int, total_name: str, batch: Optional[int],
+                      max_seqlen, max_name: str, device) -> None:
+    if not isinstance(cu, Tensor) or cu.dtype != torch.int32:
+        raise TypeError(f"mmfast.attention_varlen: argument '{name}' must be an int32 tensor, got "
+                        f"{getattr(cu, 'dtype', type(cu).__name__)}")
+    if cu.dim() != 1 or cu.numel() < 1 or (batch is not None and cu.numel() != batch + 1):
+        expected = "(batch + 1,)" if batch is None else f"({batch + 1},) like 'cu_seqlens_q'"
+        raise ValueError(f"mmfast.attention_varlen: argument '{name}' must have shape {expected}, "
+                         f"got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"mmfast.attention_varlen: argument '{name}' is on {cu.device}, q is on {device}")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"mmfast.attention_varlen: argument '{max_name}' must be a non-negative int, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return  # the values are data: checked in eager mode only
+    c = cu.tolist()
+    if c[0] != 0 or any(b < a for a, b in zip(c, c[1:])):
+        raise ValueError(f"mmfast.attention_varlen: argument '{name}' must start at 0 and never decrease, got {c}")
+    if c[-1] != total:
+        raise ValueError(f"mmfast.attention_varlen: the last entry of argument '{name}' must equal {total_name} "
+                         f"= {total}, got {c[-1]}")
+    longest = max((b - a for a, b in zip(c, c[1:])), default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"mmfast.attention_varlen: argument '{max_name}' = {max_seqlen} is below the longest "
+                         f"sequence in '{name}' ({longest})")
+
+
+def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() != 3:
+            raise ValueError(f"mmfast.attention_varlen: argument '{name}' must be a 3-D (total, H, D) floating-point "
+                             f"tensor, got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"mmfast.attention_varlen: argument '{name}' is {t.dtype} on {t.device}, q is "
+                             f"{q.dtype} on {q.device}")
+    if k.shape[1:] != q.shape[1:] or v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"mmfast.attention_varlen: arguments 'k' and 'v' must have shape (total_k, {q.shape[1]}, "
+                         f"{q.shape[2]}) to match q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if backend != "torch" and (q.shape[2] % 8 != 0 or not 8 <= q.shape[2] <= MAX_HEAD_DIM):
+        raise ValueError(f"mmfast.attention_varlen: the head dim D (last dim of argument 'q') must be a multiple of 8 "
+                         f"between 8 and {MAX_HEAD_DIM}, got {q.shape[2]} (backend='torch' takes any D)")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "total_q (q.shape[0])", None,
+                      max_seqlen_q, "max_seqlen_q", q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "total_k (k.shape[0])", cu_seqlens_q.numel() - 1,
+                      max_seqlen_k, "max_seqlen_k", q.device)
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"mmfast.attention_varlen: argument 'dropout_p' must be in [0, 1), got {dropout_p}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"mmfast.attention_varlen: argument 'scale' must be a float or None, got {type(scale).__name__}")
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False, scale: Optional[float] = None,
+                     dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+    """Attention over packed sequences (flash-attn's ``flash_attn_varlen_func`` layout) -> out ``(total_q, H, D)``.
+
+    Sequence ``b`` is q rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` against k/v rows
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; nothing attends across sequences. ``causal`` is aligned
+    bottom-right per sequence; a sequence with 0 keys gives zeros; one with 0 queries contributes
+    nothing. ``cu_seqlens_*`` are int32 ``(batch + 1,)``, start at 0, never decrease and end at the
+    total row count; their values are checked on the host in eager mode (one device->host copy on
+    a GPU), not under torch.compile. ``max_seqlen_*`` must be at least the longest sequence.
+    """
+    _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, backend)
+    unsupported = (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),) \
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 else ()
+    be = dispatch.resolve("attention_varlen", backend, q.device.type, q.dtype, unsupported)
+    if be == "torch":
+        return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, dropout_p=dropout_p)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    seed = None
+    if dropout_p > 0:  # drawn from q's device generator, so torch.manual_seed reproduces the masks
+        seed = torch.randint(0, 2**61, (1,), dtype=torch.int64, device=q.device)
+    out, _ = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, bool(causal), scale, float(dropout_p), be)
+    return out

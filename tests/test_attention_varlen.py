@@ -1,0 +1,176 @@
+"""mmfast.ops.attention_varlen: every CPU-runnable face vs the float64 reference (the rule), the
+per-sequence semantics (no leakage, bottom-right causal, 0-query / 0-key sequences), argument
+errors, opcheck and torch.compile."""
+
+import importlib
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.reference.attention_varlen import attention_varlen as ref_varlen
+from mmfast.testing import check_op, poisoned_outputs, randn
+
+varlen_mod = importlib.import_module("mmfast.ops.attention_varlen")  # mmfast.ops.attention_varlen is the function
+
+# odd lengths; sequence 2 has keys but no queries, sequence 3 queries but no keys
+LENS_Q = [1, 7, 0, 5, 3]
+LENS_K = [3, 7, 2, 0, 4]
+H = 2
+
+
+def _cu(lens):
+    return torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+def _inputs(D=8, dtype=torch.float32, seed=0):
+    q = randn(sum(LENS_Q), H, D, dtype=dtype, seed=seed)
+    k = randn(sum(LENS_K), H, D, dtype=dtype, seed=seed + 1)
+    v = randn(sum(LENS_K), H, D, dtype=dtype, seed=seed + 2)
+    return q, k, v, _cu(LENS_Q), _cu(LENS_K)
+
+
+@pytest.fixture
+def faces_called(monkeypatch):
+    """Records the backend of every attention kernel call the varlen op makes (which face ran)."""
+    calls = []
+    fwd = torch.ops.mmfast.attention_forward
+
+    def spy(*args):
+        calls.append(args[-1])
+        return fwd(*args)
+
+    monkeypatch.setattr(torch.ops.mmfast, "attention_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend,dtype", [("cpu", torch.float32), ("cpu", torch.float16), ("cpu", torch.float64),
+                                           ("triton", torch.float32), ("torch", torch.float32)])
+def test_matches_float64_reference(backend, dtype, causal, faces_called):
+    q, k, v, cq, ck = _inputs(dtype=dtype)
+    fn = lambda q, k, v, cq, ck: mmfast.ops.attention_varlen(q, k, v, cq, ck, max(LENS_Q), max(LENS_K),
+                                                             causal=causal, backend=backend)
+    ref = lambda q, k, v, cq, ck: ref_varlen(q, k, v, cq, ck, causal=causal)
+    check_op(fn, ref, [q, k, v, cq, ck], grad_inputs=(0, 1, 2), name=f"attention_varlen[{backend}]")
+    sequences_with_both = sum(1 for a, b in zip(LENS_Q, LENS_K) if a and b)
+    expected = [] if backend == "torch" else [backend] * sequences_with_both
+    assert faces_called == expected
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_is_padded_attention_per_sequence(causal):
+    """The reference itself against dense attention of each sequence (bottom-right causal), and the
+    0-key sequence's rows are exact zeros."""
+    q, k, v, cq, ck = (t.double() if t.is_floating_point() else t for t in _inputs(D=7))
+    out = ref_varlen(q, k, v, cq, ck, causal=causal)
+    for b in range(len(LENS_Q)):
+        qs, ks, vs = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+        if qs.shape[0] == 0:
+            continue
+        if ks.shape[0] == 0:
+            assert torch.equal(out[cq[b]:cq[b + 1]], torch.zeros_like(qs))
+            continue
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) / 7 ** 0.5
+        if causal:  # query i sees keys j <= i + Lk - Lq
+            i, j = torch.arange(qs.shape[0])[:, None], torch.arange(ks.shape[0])[None, :]
+            scores = scores.masked_fill(j > i + ks.shape[0] - qs.shape[0], float("-inf"))
+        p = torch.softmax(scores, -1).nan_to_num(0.0)
+        torch.testing.assert_close(out[cq[b]:cq[b + 1]], torch.einsum("hij,jhd->ihd", p, vs))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_zero_key_sequence_gives_zeros_and_zero_query_keys_get_no_gradient(backend):
+    q, k, v, cq, ck = _inputs()
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    with poisoned_outputs():
+        out = mmfast.ops.attention_varlen(q, k, v, cq, ck, 7, 7, backend=backend)
+        out.backward(torch.randn_like(out))
+    no_keys, no_queries = 3, 2
+    assert torch.equal(out[cq[no_keys]:cq[no_keys + 1]], torch.zeros(LENS_Q[no_keys], H, 8))
+    assert torch.equal(q.grad[cq[no_keys]:cq[no_keys + 1]], torch.zeros(LENS_Q[no_keys], H, 8))
+    for g in (k.grad, v.grad):
+        assert torch.equal(g[ck[no_queries]:ck[no_queries + 1]], torch.zeros(LENS_K[no_queries], H, 8))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in (q.grad, k.grad, v.grad))
+
+
+def _call(q, k, v, cq, ck, mq=7, mk=7, **kw):
+    return mmfast.ops.attention_varlen(q, k, v, cq, ck, mq, mk, backend="cpu", **kw)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(cq=torch.tensor([0, 1, 8, 8, 13, 16], dtype=torch.int64)), "'cu_seqlens_q' must be an int32 tensor"),
+    (dict(ck=torch.tensor([0, 3, 10, 12, 12], dtype=torch.int32)), r"'cu_seqlens_k' must have shape \(6,\)"),
+    (dict(cq=torch.tensor([0, 8, 1, 8, 13, 16], dtype=torch.int32)), "'cu_seqlens_q' must start at 0 and never decrease"),
+    (dict(cq=torch.tensor([1, 1, 8, 8, 13, 16], dtype=torch.int32)), "'cu_seqlens_q' must start at 0"),
+    (dict(ck=torch.tensor([0, 3, 10, 12, 12, 15], dtype=torch.int32)), "last entry of argument 'cu_seqlens_k' must equal"),
+    (dict(cq=torch.tensor([[0, 1, 8, 8, 13, 16]], dtype=torch.int32)), "'cu_seqlens_q' must have shape"),
+    (dict(mq=6), "'max_seqlen_q' = 6 is below the longest"),
+    (dict(mk=None), "'max_seqlen_k' must be a non-negative int"),
+])
+def test_bad_cu_seqlens_name_the_argument(change, match):
+    q, k, v, cq, ck = _inputs()
+    args = dict(q=q, k=k, v=v, cq=cq, ck=ck, mq=7, mk=7) | change
+    with pytest.raises((ValueError, TypeError), match=match):
+        _call(**args)
+
+
+def test_bad_tensors_name_the_argument():
+    q, k, v, cq, ck = _inputs()
+    with pytest.raises(ValueError, match="argument 'q' must be a 3-D"):
+        _call(q[None], k, v, cq, ck)
+    with pytest.raises(ValueError, match="arguments 'k' and 'v' must have shape"):
+        _call(q, k[:, :1], v, cq, ck)
+    with pytest.raises(ValueError, match="head dim D"):
+        _call(q[..., :7], k[..., :7], v[..., :7], cq, ck)
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        mmfast.ops.attention_varlen(q, k, v, cq, ck, 7, 7, backend="cuda")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck(causal):
+    q, k, v, cq, ck = _inputs()
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    torch.library.opcheck(varlen_mod._varlen_fwd_op, (q, k, v, cq, ck, None, causal, 0.3, 0.0, "cpu"))
+    out, lse = varlen_mod._varlen_fwd_op(q, k, v, cq, ck, None, causal, 0.3, 0.0, "cpu")
+    torch.library.opcheck(varlen_mod._varlen_bwd_op,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, cq, ck,
+                           None, causal, 0.3, 0.0, "cpu"))
+
+
+def test_torch_compile_matches_eager():
+    q, k, v, cq, ck = _inputs()
+
+    def f(q, k, v):
+        return mmfast.ops.attention_varlen(q, k, v, cq, ck, 7, 7, causal=True, backend="cpu").square().sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, backend="aot_eager", fullgraph=True)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        loss = fn(*leaves)
+        grads.append([loss.detach()] + list(torch.autograd.grad(loss, leaves)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_dropout_masks_differ_between_sequences_and_backward_uses_the_forward_mask():
+    """Same seed: forward reproducible; two identical sequences get different masks (per-sequence
+    seed); the gradient is the one of the very mask the forward used (dropout is linear in v:
+    d<out, g>/dv computed by the op equals the finite difference along a random direction)."""
+    L, D = 6, 8
+    q, k, v = (randn(2 * L, H, D, dtype=torch.float64, seed=s) for s in (1, 2, 3))
+    q[L:], k[L:], v[L:] = q[:L], k[:L], v[:L]  # two identical sequences
+    cu = torch.tensor([0, L, 2 * L], dtype=torch.int32)
+    run = lambda v: mmfast.ops.attention_varlen(q, k, v, cu, cu, L, L, dropout_p=0.5, backend="cpu")
+    torch.manual_seed(7)
+    a = run(v)
+    torch.manual_seed(7)
+    assert torch.equal(a, run(v))
+    assert not torch.allclose(a[:L], a[L:])
+    g, dv = torch.randn_like(a), torch.randn_like(v)
+    vv = v.clone().requires_grad_(True)
+    torch.manual_seed(7)
+    (grad_v,) = torch.autograd.grad((run(vv) * g).sum(), vv)
+    torch.manual_seed(7)
+    moved = run(v + dv)
+    torch.testing.assert_close(((moved - a) * g).sum(), (grad_v * dv).sum())

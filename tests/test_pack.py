@@ -1,0 +1,90 @@
+"""mmfast.data.pack: padded <-> packed round trips (right, left and scattered padding, empty rows),
+cu_seqlens, gradients, argument errors, and packed attention_varlen == padded attention on valid rows."""
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.data.pack import cu_seqlens_from_lengths, pack, pack_sequences, unpack
+
+
+def _masks(B=4, L=7):
+    lengths = torch.tensor([7, 0, 3, 1])
+    right = torch.arange(L)[None, :] < lengths[:, None]
+    left = right.flip(1)
+    scattered = torch.rand(B, L, generator=torch.Generator().manual_seed(3)) < 0.5
+    return {"right": right, "left": left, "scattered": scattered, "none_valid": torch.zeros(B, L, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "scattered", "none_valid"])
+@pytest.mark.parametrize("trailing", [(), (3, 5)])
+def test_round_trip(kind, trailing):
+    mask = _masks()[kind]
+    x = torch.randn(4, 7, *trailing)
+    p = pack(x, mask.to(torch.int64))  # 0/1 ints are accepted as well as bool
+    lengths = mask.sum(1)
+    assert p.cu_seqlens.dtype == torch.int32
+    assert p.cu_seqlens.tolist() == [0] + lengths.cumsum(0).tolist()
+    assert p.max_seqlen == int(lengths.max())
+    assert p.values.shape == (int(mask.sum()), *trailing)
+    for b in range(4):  # each sequence's rows, in order
+        torch.testing.assert_close(p.values[p.cu_seqlens[b]:p.cu_seqlens[b + 1]], x[b][mask[b]], rtol=0, atol=0)
+    back = unpack(p.values, p.indices, 4, 7, pad_value=-1.0)
+    torch.testing.assert_close(back, torch.where(mask.reshape(4, 7, *[1] * len(trailing)), x, -1.0), rtol=0, atol=0)
+
+
+def test_integer_token_ids_and_pack_sequences_agree():
+    seqs = [torch.tensor([5, 6, 7]), torch.tensor([], dtype=torch.int64), torch.tensor([9])]
+    direct = pack_sequences(seqs)
+    padded = unpack(direct.values, direct.indices, 3, direct.max_seqlen, pad_value=0)
+    assert padded.tolist() == [[5, 6, 7], [0, 0, 0], [9, 0, 0]]
+    via_padding = pack(padded, torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 0]]))
+    for a, b in zip(direct, via_padding):
+        assert a == b if isinstance(a, int) else torch.equal(a, b)
+
+
+def test_gradients_flow_both_ways():
+    mask = _masks()["scattered"]
+    x = torch.randn(4, 7, 3, dtype=torch.float64, requires_grad=True)
+    p = pack(x, mask)
+    torch.autograd.gradcheck(lambda x: pack(x, mask).values, (x,))
+    vals = p.values.detach().requires_grad_(True)
+    torch.autograd.gradcheck(lambda v: unpack(v, p.indices, 4, 7), (vals,))
+
+
+def test_cu_seqlens_from_lengths():
+    assert cu_seqlens_from_lengths([2, 0, 5]).tolist() == [0, 2, 2, 7]
+    assert cu_seqlens_from_lengths([2, 0, 5]).dtype == torch.int32
+    with pytest.raises(ValueError, match="argument 'lengths'"):
+        cu_seqlens_from_lengths([2, -1])
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="argument 'attention_mask' must have shape"):
+        pack(x, torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="argument 'attention_mask' must be bool or hold only 0 and 1"):
+        pack(x, torch.full((2, 3), 2))
+    with pytest.raises(ValueError, match="argument 'padded'"):
+        pack(torch.randn(3), torch.ones(3, dtype=torch.bool))
+    p = pack(x, torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="argument 'indices' must lie in"):
+        unpack(p.values, p.indices, 1, 3)
+    with pytest.raises(ValueError, match="argument 'indices' must be 1-D"):
+        unpack(p.values, p.indices[:-1], 2, 3)
+
+
+@pytest.mark.parametrize("kind", ["right", "left"])
+def test_packed_attention_equals_padded_attention_on_valid_rows(kind):
+    """pack -> attention_varlen -> unpack equals mmfast.ops.attention with key_padding_mask on the valid
+    query rows (float64, torch faces: the layouts, not the kernels, are under test here)."""
+    mask = _masks()[kind]
+    q, k, v = (torch.randn(4, 7, 2, 8, dtype=torch.float64) for _ in range(3))  # (B, L, H, D)
+    pq, pk, pv = (pack(t, mask) for t in (q, k, v))
+    out = mmfast.ops.attention_varlen(pq.values, pk.values, pv.values, pq.cu_seqlens, pk.cu_seqlens,
+                                      pq.max_seqlen, pk.max_seqlen, backend="cpu")
+    padded_out = unpack(out, pq.indices, 4, 7)
+    ref = mmfast.ops.attention(*(t.transpose(1, 2) for t in (q, k, v)), key_padding_mask=mask,
+                               backend="torch").transpose(1, 2)
+    torch.testing.assert_close(padded_out[mask], ref[mask])
+    assert torch.equal(padded_out[~mask], torch.zeros_like(padded_out[~mask]))
