@@ -195,22 +195,6 @@ def _python_backward(grad_out, q, k, v, key_padding_mask, seed, causal, scale, d
     return _blhd(dq.to(q.dtype)), _blhd(dk.to(k.dtype)), _blhd(dv.to(v.dtype))
 
 
-class _CpuAttention(torch.autograd.Function):
-    """The CPU face under autograd without the custom op's dispatch (eager callers only)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, seed, causal, scale, dropout_p):
-        out, lse = cpu_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (key_padding_mask, seed, causal, scale, dropout_p)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        return cpu_backward(grad_out, q, k, v, out, lse, *ctx.args) + (None,) * 5
-
-
 def cpu_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None, causal: bool = False,
                   scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
     """``attention(..., backend="cpu")`` for callers that already hold valid arguments (the model zoo)
@@ -219,7 +203,7 @@ def cpu_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Te
     torch.compile use :func:`attention`: the compiler must see the opaque custom op."""
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0 else None
-    return _CpuAttention.apply(q, k, v, key_padding_mask, seed, bool(causal), scale, float(dropout_p))
+    return _EagerAttention.apply(q, k, v, key_padding_mask, seed, bool(causal), scale, float(dropout_p), "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,17 +214,26 @@ def _face(backend: str):
         return cpu_forward, cpu_backward
     if backend == "cuda":
         fwd, bwd = _extension.op("attention_forward"), _extension.op("attention_backward")
-
         return fwd, bwd  # the C++ schema (csrc/attention.cpp) is the face contract itself
     mod = dispatch.triton_face("attention")
     return mod.attention_forward, mod.attention_backward
 
 
+def _run_forward(backend: str, *args):
+    """The face's forward, recorded for mmfast.testing.faces_run (every path goes through here)."""
+    _provenance.record("attention", backend, "forward")
+    return _face(backend)[0](*args)
+
+
+def _run_backward(backend: str, *args):
+    _provenance.record("attention", backend, "backward")
+    return _face(backend)[1](*args)
+
+
 @torch.library.custom_op("mmfast::attention_forward", mutates_args=())
 def _attention_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], seed: Optional[Tensor],
                       causal: bool, scale: float, dropout_p: float, backend: str) -> tuple[Tensor, Tensor]:
-    _provenance.record("attention", backend, "forward")
-    return _face(backend)[0](q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
+    return _run_forward(backend, q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
 
 
 @_attention_fwd_op.register_fake
@@ -255,8 +248,7 @@ def _(q, k, v, key_padding_mask, seed, causal, scale, dropout_p, backend):
 def _attention_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       key_padding_mask: Optional[Tensor], seed: Optional[Tensor], causal: bool, scale: float,
                       dropout_p: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    _provenance.record("attention", backend, "backward")
-    return _face(backend)[1](grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p)
+    return _run_backward(backend, grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p)
 
 
 @_attention_bwd_op.register_fake
@@ -294,7 +286,7 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, seed, causal, scale, dropout_p, backend):
-        out, lse = _face(backend)[0](q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
+        out, lse = _run_forward(backend, q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
         ctx.args = (causal, scale, dropout_p, backend)
         return out
@@ -304,8 +296,8 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
         causal, scale, dropout_p, backend = ctx.args
-        dq, dk, dv = _face(backend)[1](grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale,
-                                       dropout_p)
+        dq, dk, dv = _run_backward(backend, grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale,
+                                   dropout_p)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -433,6 +425,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     if _plain_eager(q, k, v):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _EagerAttention.apply(q, k, v, key_padding_mask, seed, causal, scale, dropout_p, be)
-        return _face(be)[0](q, k, v, key_padding_mask, seed, causal, scale, dropout_p)[0]
+        return _run_forward(be, q, k, v, key_padding_mask, seed, causal, scale, dropout_p)[0]
     out, _ = _attention_fwd_op(q, k, v, key_padding_mask, seed, causal, scale, dropout_p, be)
     return out
