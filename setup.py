@@ -1,9 +1,9 @@
 """Builds the optional compiled extension ``mmfast._C``.
 
 Sources, one file per op family and face:
-    csrc/<family>.cpp       op schemas (STABLE_TORCH_LIBRARY_FRAGMENT) shared by CPU and CUDA
-    csrc/cpu/<family>.cpp   C++ CPU kernels          (always, when a C++ compiler exists)
-    csrc/cuda/<family>.cu   CUDA C++ kernels         (when nvcc and a CUDA-enabled torch exist)
+    csrc/<family>.cpp       op schemas (STABLE_TORCH_LIBRARY_FRAGMENT) shared by CPU and CUDA  } mmfast._C
+    csrc/cpu/<family>.cpp   C++ CPU kernels          (always, when a C++ compiler exists)      }
+    csrc/cuda/<family>.cu   CUDA C++ kernels         (when nvcc and a CUDA-enabled torch exist)  mmfast._C_cuda
 
 Everything is compiled against the LibTorch stable ABI with TORCH_TARGET_VERSION = 2.11 and the
 Python limited API (3.10), so the built library loads into torch >= 2.11 on Python >= 3.10 and
@@ -145,33 +145,39 @@ def _extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     archs = [a.strip() for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").split(";") if a.strip()]
 
+    # A library from before the stable-ABI port (_C.cpython-3XY-*.so) would shadow the new
+    # _C.abi3.so: Python tries the version-specific suffix first. A _C_cuda from a CUDA build is
+    # stale once a build without CUDA replaces _C.
+    stale_cuda = [] if cuda_home else glob.glob(os.path.join(ROOT, "mmfast", "_C_cuda*.so"))
+    for stale in glob.glob(os.path.join(ROOT, "mmfast", "_C.cpython-*.so")) + stale_cuda:
+        _say(f"removing {os.path.relpath(stale, ROOT)} (left by an older build)")
+        os.remove(stale)
+
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    kwargs = dict(
-        name="mmfast._C",
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        py_limited_api=True,
-    )
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    # mmfast._C: the schemas and the C++ CPU kernels; it links only torch's CPU libraries, so it
+    # loads under every torch build. mmfast._C_cuda: the CUDA kernels (they link the CUDA runtime
+    # the build used); mmfast/_extension.py loads it after _C, and only under a CUDA torch.
+    exts = [cpp_extension.CppExtension(
+        name="mmfast._C", sources=rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp"), include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags(False)}, py_limited_api=True)]
     if cuda_home:
-        sources += rel("csrc/cuda/*.cu")
-        ext = cpp_extension.CUDAExtension(
-            sources=sources,
-            extra_compile_args={"cxx": cxx_flags(True), "nvcc": nvcc_flags()},
-            **kwargs,
-        )
-        _say(f"building mmfast._C with CUDA sources for {archs} (CUDA_HOME={cuda_home})")
+        exts.append(cpp_extension.CUDAExtension(
+            name="mmfast._C_cuda", sources=rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu"), include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags(True), "nvcc": nvcc_flags()}, py_limited_api=True))
+        _say(f"building mmfast._C (C++ CPU) and mmfast._C_cuda (CUDA sources for {archs}, CUDA_HOME={cuda_home})")
     else:
-        ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags(False)}, **kwargs)
         _say(f"building mmfast._C with C++ CPU sources only: {cuda_reason}")
     _write_build_info(
         built=True,
         cuda=bool(cuda_home),
         archs=[f"sm_{a.replace('.', '').replace('+PTX', '')}" for a in archs] if cuda_home else [],
+        ptx=[f"compute_{a.replace('.', '').replace('+PTX', '')}" for a in archs if a.endswith("+PTX")] if cuda_home else [],
         reason="" if cuda_home else cuda_reason,
         torch=__import__("torch").__version__,
     )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
-    return [ext], {"build_ext": build_ext}
+    return exts, {"build_ext": build_ext}
 
 
 if __name__ == "__main__":  # importable by scripts/compile_one.py without building

@@ -68,7 +68,7 @@ template <typename... Args>
 [[noreturn]] void fail(const Args&... args) {
   // std::runtime_error crosses the stable ABI (torch turns it into a Python RuntimeError); the
   // message is the one line the user sees, without torch's file/function prefix.
-  throw std::runtime_error(str(args...));
+  throw std::runtime_error(::mmfast::detail::str(args...));  // qualified: no ADL (c10::str)
 }
 }  // namespace detail
 
@@ -141,6 +141,10 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
 }
 
 // ------------------------------------------------------------------ tensors
+// torch::stable::contiguous without its dispatcher call (an operator looked up by name) when the
+// tensor already is contiguous, the common case.
+inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
 // torch::stable::empty with the device of `like` (the stable counterpart of at::empty(size, like.options().dtype(d))).
 inline Tensor empty(std::initializer_list<int64_t> size, ScalarType dtype, const Tensor& like) {
   return torch::stable::new_empty(like, IntArrayRef(size), dtype);

@@ -1,12 +1,17 @@
-"""Loads the compiled extension ``mmfast._C`` if it was built, and says what it holds.
+"""Loads the compiled extension ``mmfast._C`` (op schemas, C++ CPU kernels) and, when built and
+under a CUDA torch, ``mmfast._C_cuda`` (CUDA kernels) if it was built, and says what it holds.
 
-The kernels register themselves as ``torch.ops.mmfast_C.*`` when the library loads. Development
-override: ``MMFAST_EXTENSION=/path/a.so:/path/b.so`` loads those libraries instead of ``_C``
-(see scripts/dev_build.py), so one op family can be rebuilt without rebuilding everything.
+The kernels register themselves as ``torch.ops.mmfast_C.*`` when the libraries load. They are
+built on the LibTorch stable ABI for torch 2.11 and the Python limited API (``*.abi3.so``), so the
+same files load into any torch >= 2.11 on any CPython >= 3.10 (README "Install"). Development
+override: ``MMFAST_EXTENSION=/path/a.so:/path/b.so`` loads those libraries instead, so
+one build can be tried without reinstalling (scripts/compare_extension_speed.py times two builds
+this way).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import warnings
@@ -17,6 +22,7 @@ import torch
 
 _HERE = Path(__file__).resolve().parent
 _load_error: str | None = None
+_cuda_load_error: str | None = None
 
 
 @lru_cache(maxsize=None)
@@ -42,13 +48,39 @@ def load() -> bool:
                 if path:
                     torch.ops.load_library(path)
         else:
-            from mmfast import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+            from mmfast import _C  # noqa: F401  (importing runs the STABLE_TORCH_LIBRARY registrations)
+            _load_cuda_kernels()
         return True
     except (ImportError, OSError, RuntimeError) as e:
         _load_error = f"{type(e).__name__}: {e}"
         if build_info().get("built"):  # built but unloadable: worth one warning
             warnings.warn(f"mmfast: compiled extension failed to load ({_load_error}); using Triton/PyTorch paths")
         return False
+
+
+def _load_cuda_kernels() -> None:
+    """The CUDA kernels are a second library, ``mmfast._C_cuda`` (it links the CUDA runtime of its
+    build): loaded after ``_C`` and only under a CUDA torch. If it does not load (a torch for another
+    CUDA major version), the C++ CPU faces stay available and GPUs use the Triton/PyTorch paths."""
+    global _cuda_load_error
+    if importlib.util.find_spec("mmfast._C_cuda") is None:
+        return  # built without CUDA kernels
+    if torch.version.cuda is None:
+        _cuda_load_error = "torch was built without CUDA"
+        return
+    try:
+        from mmfast import _C_cuda  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as e:
+        _cuda_load_error = f"{type(e).__name__}: {e}"
+        warnings.warn(f"mmfast: the CUDA kernels failed to load ({_cuda_load_error}); the C++ CPU kernels are "
+                      "available, GPUs use the Triton/PyTorch paths")
+
+
+def cuda_load_error() -> str | None:
+    """Why the CUDA kernels of a build that has them are not loaded (None when they are, or when
+    the build has none)."""
+    load()
+    return _cuda_load_error
 
 
 def load_error() -> str | None:

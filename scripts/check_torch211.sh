@@ -48,5 +48,6 @@ print(f"[torch211] torch {torch.__version__}, Python {sys.version.split()[0]}, m
 PY
 OMP_NUM_THREADS=1 "$VPY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" \
   "$ROOT/tests/test_stable_abi.py" "$ROOT/tests/test_cross_entropy.py" "$ROOT/tests/test_concat_embed.py" \
+  "$ROOT/tests/test_attention.py" \
   -k "test_stable_abi or ((cpu or compile_fullgraph or cpp_checks or bad_inputs) and not triton and not h100 and not sm90)"
 echo "[torch211] passed in $(( $(date +%s) - start )) s"

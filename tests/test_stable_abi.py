@@ -10,9 +10,11 @@ torch >= 2.11 and every CPython >= 3.10:
 scripts/check_torch211.sh runs this file again inside a torch 2.11.0 venv, against the installed wheel.
 """
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,14 +62,19 @@ def test_include_rule_catches_unstable_headers():
                               '#include <torch/csrc/inductor/aoti_torch/c/shim.h>') == []
 
 
-def _library() -> Path:
+def _libraries() -> list[Path]:
+    """The loaded mmfast libraries: _C and, in a CUDA build under a CUDA torch, _C_cuda."""
     if not _extension.load():
         if _extension.build_info().get("built"):
             pytest.fail(f"the extension was built but does not load: {_extension.load_error()}")
         pytest.skip(f"mmfast._C is not built ({_extension.load_error()})")
-    from mmfast import _C
-
-    return Path(_C.__file__)
+    if _extension.build_info().get("cuda") and torch.version.cuda is not None:
+        assert _extension.cuda_load_error() is None, f"the CUDA kernels do not load: {_extension.cuda_load_error()}"
+    override = os.environ.get("MMFAST_EXTENSION")  # libraries loaded by path instead of mmfast._C*
+    if override:
+        return [Path(p) for p in override.split(os.pathsep) if p]
+    mods = [sys.modules[m] for m in ("mmfast._C", "mmfast._C_cuda") if m in sys.modules]
+    return [Path(m.__file__) for m in mods]
 
 
 UNSTABLE_SYMBOL = re.compile(r"^_ZN(K)?(2at|3c10|5torch)")
@@ -88,38 +95,48 @@ def test_symbol_rule_catches_unstable_symbols():
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="binutils' nm is not installed")
 def test_library_has_no_unstable_torch_symbols():
-    lib = _library()
-    out = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True, check=True).stdout
-    assert "aoti_torch_" in out, "expected the library to use torch's C shim"  # nm really listed symbols
-    assert unstable_symbols(out) == [], f"{lib.name} uses torch's unstable C++ ABI"
+    for lib in _libraries():
+        out = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True,
+                             check=True).stdout
+        assert "aoti_torch_" in out, f"expected {lib.name} to use torch's C shim"  # nm really listed symbols
+        assert unstable_symbols(out) == [], f"{lib.name} uses torch's unstable C++ ABI"
 
 
 @pytest.mark.skipif(shutil.which("readelf") is None, reason="binutils' readelf is not installed")
-def test_library_does_not_link_libtorch_python():
-    out = subprocess.run(["readelf", "-d", str(_library())], capture_output=True, text=True, check=True).stdout
-    assert "(NEEDED)" in out
-    assert "libtorch_python" not in out
+def test_library_does_not_link_libtorch_python_and_cpu_library_not_cuda():
+    for lib in _libraries():
+        out = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+        assert "(NEEDED)" in out
+        assert "libtorch_python" not in out, lib.name
+        if lib.name.startswith("_C."):  # the CPU library must load under a CPU-only torch
+            assert "libtorch_cuda" not in out and "libcudart" not in out, lib.name
 
 
 def test_library_is_a_limited_api_module():
-    assert _library().name.endswith(".abi3.so")
+    libs = _libraries()
+    assert libs and all(lib.name.endswith(".abi3.so") for lib in libs), libs
 
 
 def test_every_op_of_csrc_is_registered():
-    _library()
+    _libraries()
     schemas = set()
     for p in CSRC.glob("*.cpp"):
         schemas |= set(re.findall(r'"(\w+)\(', p.read_text()))
     assert {"cross_entropy_forward", "concat_embed_backward", "attention_forward"} <= schemas
     for name in schemas:
         assert hasattr(torch.ops.mmfast_C, name), f"mmfast_C::{name} is not registered"
+    cuda = _extension.build_info().get("cuda") and torch.version.cuda is not None
+    faces = ["CPU"] + (["CUDA"] if cuda else [])  # what this build compiled and this torch can load
     for name in ("cross_entropy_forward", "cross_entropy_forward_inplace", "concat_embed_forward",
                  "concat_embed_backward"):
-        assert _extension.has_kernel(name, "CPU"), f"no CPU kernel for mmfast_C::{name}"
+        for key in faces:
+            assert _extension.has_kernel(name, key), f"no {key} kernel for mmfast_C::{name}"
+    if "CUDA" in faces:
+        assert _extension.has_kernel("attention_forward", "CUDA")
 
 
 def test_errors_cross_the_abi_as_one_named_line():
-    _library()
+    _libraries()
     x, t = torch.randn(3, 5), torch.tensor([0, 1, 9])
     with pytest.raises(RuntimeError) as e:  # raised inside a parallel_for worker
         torch.ops.mmfast_C.cross_entropy_forward(x, t, None, -100, 0.0, True, None)
@@ -132,5 +149,4 @@ def test_errors_cross_the_abi_as_one_named_line():
 
 def test_runs_under_this_torch():
     """Prints which torch and which mmfast the run used (the torch 2.11 check reads it)."""
-    lib = _library()
-    print(f"torch {torch.__version__}, mmfast from {Path(mmfast.__file__).parent}, library {lib}")
+    print(f"torch {torch.__version__}, mmfast from {Path(mmfast.__file__).parent}, libraries {_libraries()}")

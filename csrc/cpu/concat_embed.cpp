@@ -117,7 +117,7 @@ Plan<acc_t> make_plan(const std::vector<Tensor>& features, const std::optional<T
   if (ln_weight.has_value()) p.w = ln_weight->const_data_ptr<acc_t>();
   if (ln_bias.has_value()) p.bias = ln_bias->const_data_ptr<acc_t>();
   if (dropout_p > 0.0) {
-    const uint64_t s = static_cast<uint64_t>(torch::stable::contiguous(*seed).const_data_ptr<int64_t>()[0]);
+    const uint64_t s = static_cast<uint64_t>(seed->const_data_ptr<int64_t>()[0]);
     p.dropout = true;
     p.k0 = static_cast<uint32_t>(s);
     p.k1 = static_cast<uint32_t>(s >> 32);
@@ -304,15 +304,15 @@ std::vector<Tensor> concat_embed_backward_cpu(
     MMFAST_CHECK_ARG(grad_out.scalar_type() == feats[0].scalar_type(), "grad_out", "expected dtype ",
                      feats[0].scalar_type(), ", got ", grad_out.scalar_type());
     check_same_device(grad_out, feats[0], "grad_out");
-    const Tensor go = torch::stable::contiguous(grad_out);
+    const Tensor go = as_contiguous(grad_out);
     std::optional<Tensor> mean_c, rstd_c;
     if (p.w) {
       for (const auto* s : {&mean, &rstd})
         MMFAST_CHECK_ARG(s->numel() == p.B * p.Ltot && s->scalar_type() == acc_dtype, s == &mean ? "mean" : "rstd",
                          "expected ", p.B * p.Ltot, " ", acc_dtype, " values from the forward, got ", shape(*s), " ",
                          s->scalar_type());
-      mean_c = torch::stable::contiguous(mean);
-      rstd_c = torch::stable::contiguous(rstd);
+      mean_c = as_contiguous(mean);
+      rstd_c = as_contiguous(rstd);
     }
     for (int64_t m = 0; m < p.M; ++m) grads.push_back(torch::stable::empty_like(feats[m]));
     const int64_t type_rows = type_emb.has_value() ? type_emb->size(0) : 0;

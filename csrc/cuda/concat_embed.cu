@@ -456,7 +456,7 @@ std::vector<Tensor> concat_embed_backward_cuda(
   MMFAST_CHECK_ARG(grad_out.scalar_type() == feats[0].scalar_type(), "grad_out", "expected dtype ",
                    feats[0].scalar_type(), ", got ", grad_out.scalar_type());
   check_same_device(grad_out, feats[0], "grad_out");
-  const Tensor go = torch::stable::contiguous(grad_out);
+  const Tensor go = as_contiguous(grad_out);
   std::optional<Tensor> mean_c, rstd_c;
   if (a.w) {
     MMFAST_CHECK_ARG(mean.numel() == a.B * a.Ltot && mean.scalar_type() == ScalarType::Float, "mean", "expected ",
@@ -465,8 +465,8 @@ std::vector<Tensor> concat_embed_backward_cuda(
                      a.B * a.Ltot, " float32 values from the forward, got ", shape(rstd));
     check_same_device(mean, feats[0], "mean");
     check_same_device(rstd, feats[0], "rstd");
-    mean_c = torch::stable::contiguous(mean);
-    rstd_c = torch::stable::contiguous(rstd);
+    mean_c = as_contiguous(mean);
+    rstd_c = as_contiguous(rstd);
   }
   const Tensor& f0 = feats[0];
   std::vector<Tensor> grads;  // [grad_features..., grad_type, grad_pos..., grad_ln_weight, grad_ln_bias]
