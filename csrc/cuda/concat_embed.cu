@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(kBwdThreads) concat_embed_bwd_kernel(
 
 // Batch rows per backward block for a modality of L positions: the largest power of two <= 32
 // whose grid reaches kBwdBlocksPerSm blocks per SM (1 when even that is not enough).
-int64_t batch_chunk(int64_t B, int64_t L, int sms) {
+int64_t backward_batch_chunk(int64_t B, int64_t L, int sms) {
   int64_t bb = kMaxBatchChunk;
   auto blocks = [&](int64_t c) { return L * ((B + c - 1) / c); };
   while (bb > 1 && blocks(bb) < static_cast<int64_t>(kBwdBlocksPerSm) * sms && (B + bb - 1) / bb < B) bb /= 2;
@@ -485,7 +485,7 @@ std::vector<Tensor> concat_embed_backward_cuda(
   std::vector<int64_t> chunk(a.M), nbc(a.M);
   int64_t ln_rows = 0;
   for (int m = 0; m < a.M; ++m) {
-    chunk[m] = batch_chunk(a.B, a.L[m], sms);
+    chunk[m] = backward_batch_chunk(a.B, a.L[m], sms);
     nbc[m] = (a.B + chunk[m] - 1) / chunk[m];
     ln_rows += nbc[m] * a.L[m];
   }
