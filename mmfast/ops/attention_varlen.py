@@ -25,6 +25,10 @@ from mmfast import dispatch
 from mmfast.ops.attention import MAX_HEAD_DIM
 from mmfast.reference.attention_varlen import attention_varlen as _reference, to_heads_first
 
+# The attention faces' custom ops (mmfast/ops/attention.py, imported above, registers them)
+_attention_forward = torch.ops.mmfast.attention_forward
+_attention_backward = torch.ops.mmfast.attention_backward
+
 dispatch.register_op(dispatch.OpSpec(
     name="attention_varlen",
     triton_module="mmfast.triton.attention_varlen",
@@ -49,27 +53,39 @@ def _sequence_seed(seed: Optional[Tensor], b: int) -> Optional[Tensor]:
     return None if seed is None else seed + b
 
 
+def _face_keeps_lse(q: Tensor, backend: str) -> bool:
+    """Whether the attention face ``backend`` returns an lse (B, H, Lq) for its backward (else (0,)),
+    asked of its fake on a one-query meta input, so the loop below follows the face's contract."""
+    x = torch.empty((1, q.shape[1], 1, q.shape[2]), dtype=q.dtype, device="meta")
+    return _attention_forward(x, x, x, None, None, False, 1.0, 0.0, backend)[1].numel() > 0
+
+
 def _loop_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend):
-    """The attention face ``backend`` once per sequence, on views of the packed tensors."""
+    """The attention face ``backend`` once per sequence, on views of the packed tensors ->
+    (out, the faces' lse as (H, total_q) float32, or (0,) when the face keeps none)."""
     out = q.new_zeros(q.shape)  # rows of sequences without keys stay 0
+    lse = q.new_zeros((q.shape[1], q.shape[0]) if _face_keeps_lse(q, backend) else (0,), dtype=torch.float32)
     for b, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
         if q1 > q0 and k1 > k0:
-            o, _ = torch.ops.mmfast.attention_forward(
+            o, seq_lse = _attention_forward(
                 to_heads_first(q[q0:q1]), to_heads_first(k[k0:k1]), to_heads_first(v[k0:k1]), None,
                 _sequence_seed(seed, b), causal, scale, dropout_p, backend)
             out[q0:q1] = o[0].transpose(0, 1)
-    return out
+            if lse.numel():
+                lse[:, q0:q1] = seq_lse[0]
+    return out, lse
 
 
-def _loop_backward(grad_out, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend):
-    """Per sequence: the attention face's backward (its forward keeps no lse: the CPU face)."""
+def _loop_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p,
+                   backend):
+    """Per sequence: the attention face's backward, given its own forward's lse."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    no_lse = q.new_empty((0,), dtype=torch.float32)
     for b, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
         if q1 > q0 and k1 > k0:  # otherwise: zero output, zero gradients
-            g = torch.ops.mmfast.attention_backward(
+            seq_lse = lse[None, :, q0:q1].contiguous() if lse.numel() else lse  # faces take a dense lse
+            g = _attention_backward(
                 to_heads_first(grad_out[q0:q1]), to_heads_first(q[q0:q1]), to_heads_first(k[k0:k1]),
-                to_heads_first(v[k0:k1]), to_heads_first(out[q0:q1]), no_lse, None,
+                to_heads_first(v[k0:k1]), to_heads_first(out[q0:q1]), seq_lse, None,
                 _sequence_seed(seed, b), causal, scale, dropout_p, backend)
             for dst, src, (r0, r1) in zip((dq, dk, dv), g, ((q0, q1), (k0, k1), (k0, k1))):
                 dst[r0:r1] = src[0].transpose(0, 1)
@@ -80,17 +96,17 @@ def _loop_backward(grad_out, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seed, cau
 def _varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                    max_seqlen_k: int, seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
                    backend: str) -> tuple[Tensor, Tensor]:
-    """(out (total_q, H, D), lse (H, total_q) float32 base 2; (0,) for the cpu face, which keeps none)."""
+    """(out (total_q, H, D), lse (H, total_q) float32; (0,) where the cpu attention face keeps none)."""
     if backend == "cpu":
-        out = _loop_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend)
-        return out, q.new_empty((0,), dtype=torch.float32)
+        return _loop_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend)
     return dispatch.triton_face("attention_varlen").attention_varlen_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 
 @_varlen_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal, scale, dropout_p, backend):
-    lse_shape = (0,) if backend == "cpu" else (q.shape[1], q.shape[0])
+    keeps_lse = backend != "cpu" or _face_keeps_lse(q, backend)
+    lse_shape = (q.shape[1], q.shape[0]) if keeps_lse else (0,)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
@@ -100,8 +116,8 @@ def _varlen_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str
                    ) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "cpu":
-        return _loop_backward(grad_out, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p,
-                              backend)
+        return _loop_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, causal, scale,
+                              dropout_p, backend)
     return dispatch.triton_face("attention_varlen").attention_varlen_backward(
         grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
