@@ -104,6 +104,17 @@ def _probs_and_ds(q, k, v, do, lse, delta, offs_m, n, Lq, Lk, scale_log2, CAUSAL
 
 
 @triton.jit
+def _query_block(Q, DO, LSE, DELTA, q0, offs_m, Lq, h, total_q, sq_t, sq_h, sq_d, sdo_t, sdo_h, sdo_d, offs_d, D):
+    """q, dO, lse (+inf past the sequence) and delta of one query block, as the backward reads them."""
+    q = _rows(Q, q0, offs_m, Lq, h, sq_t, sq_h, sq_d, offs_d, D)
+    do = _rows(DO, q0, offs_m, Lq, h, sdo_t, sdo_h, sdo_d, offs_d, D)
+    row = h.to(tl.int64) * total_q + q0 + offs_m
+    lse = tl.load(LSE + row, mask=offs_m < Lq, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, total_q, sq_t, sq_h, sq_d, sk_t, sk_h, sk_d,
                  sv_t, sv_h, sv_d, sdo_t, sdo_h, sdo_d, sg_t, sg_h, sg_d, D, scale, scale_log2,
                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -123,11 +134,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, total_q, sq_t, sq_
             begin_m = (tl.maximum(start_n - (Lk - Lq), 0) // BLOCK_M) * BLOCK_M
         for start_m in range(begin_m, Lq, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = _rows(Q, q0, offs_m, Lq, h, sq_t, sq_h, sq_d, offs_d, D)
-            do = _rows(DO, q0, offs_m, Lq, h, sdo_t, sdo_h, sdo_d, offs_d, D)
-            row = h.to(tl.int64) * total_q + q0 + offs_m
-            lse = tl.load(LSE + row, mask=offs_m < Lq, other=float("inf"))
-            delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
+            q, do, lse, delta = _query_block(Q, DO, LSE, DELTA, q0, offs_m, Lq, h, total_q, sq_t, sq_h, sq_d,
+                                             sdo_t, sdo_h, sdo_d, offs_d, D)
             p, ds = _probs_and_ds(q, k, v, do, lse, delta, offs_m, n, Lq, Lk, scale_log2, CAUSAL)
             dv += tl.dot(tl.trans(p), do)
             dk += tl.dot(tl.trans(ds), q)
@@ -148,11 +156,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, total_q, sq_t, sq_h, sq_
     if start_m < Lq:
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        q = _rows(Q, q0, offs_m, Lq, h, sq_t, sq_h, sq_d, offs_d, D)
-        do = _rows(DO, q0, offs_m, Lq, h, sdo_t, sdo_h, sdo_d, offs_d, D)
-        row = h.to(tl.int64) * total_q + q0 + offs_m
-        lse = tl.load(LSE + row, mask=offs_m < Lq, other=float("inf"))
-        delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
+        q, do, lse, delta = _query_block(Q, DO, LSE, DELTA, q0, offs_m, Lq, h, total_q, sq_t, sq_h, sq_d,
+                                         sdo_t, sdo_h, sdo_d, offs_d, D)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         end_n = Lk
         if CAUSAL:
