@@ -32,15 +32,24 @@ def _inputs(D=8, dtype=torch.float32, seed=0):
 
 @pytest.fixture
 def faces_called(monkeypatch):
-    """Records the backend of every attention kernel call the varlen op makes (which face ran)."""
+    """Records which kernels the varlen op runs: the attention face's (per sequence, with its backend
+    name) or the Triton varlen kernel launcher (once per batch)."""
+    import mmfast.triton.attention_varlen as triton_face
+
     calls = []
-    fwd = torch.ops.mmfast.attention_forward
+    fwd, varlen_fwd = varlen_mod._attention_forward, triton_face.attention_varlen_forward
 
     def spy(*args):
-        calls.append(args[-1])
+        if args[0].device.type != "meta":  # not the probe of the face's lse layout
+            calls.append(args[-1])
         return fwd(*args)
 
-    monkeypatch.setattr(torch.ops.mmfast, "attention_forward", spy)
+    def varlen_spy(*args):
+        calls.append("triton varlen kernel")
+        return varlen_fwd(*args)
+
+    monkeypatch.setattr(varlen_mod, "_attention_forward", spy)
+    monkeypatch.setattr(triton_face, "attention_varlen_forward", varlen_spy)
     return calls
 
 
@@ -54,7 +63,7 @@ def test_matches_float64_reference(backend, dtype, causal, faces_called):
     ref = lambda q, k, v, cq, ck: ref_varlen(q, k, v, cq, ck, causal=causal)
     check_op(fn, ref, [q, k, v, cq, ck], grad_inputs=(0, 1, 2), name=f"attention_varlen[{backend}]")
     sequences_with_both = sum(1 for a, b in zip(LENS_Q, LENS_K) if a and b)
-    expected = [] if backend == "torch" else [backend] * sequences_with_both
+    expected = {"torch": [], "cpu": ["cpu"] * sequences_with_both, "triton": ["triton varlen kernel"]}[backend]
     assert faces_called == expected
 
 
@@ -128,14 +137,15 @@ def test_bad_tensors_name_the_argument():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_opcheck(causal):
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend, causal):
     q, k, v, cq, ck = _inputs()
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    torch.library.opcheck(varlen_mod._varlen_fwd_op, (q, k, v, cq, ck, None, causal, 0.3, 0.0, "cpu"))
-    out, lse = varlen_mod._varlen_fwd_op(q, k, v, cq, ck, None, causal, 0.3, 0.0, "cpu")
+    torch.library.opcheck(varlen_mod._varlen_fwd_op, (q, k, v, cq, ck, 7, 7, None, causal, 0.3, 0.0, backend))
+    out, lse = varlen_mod._varlen_fwd_op(q, k, v, cq, ck, 7, 7, None, causal, 0.3, 0.0, backend)
     torch.library.opcheck(varlen_mod._varlen_bwd_op,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, cq, ck,
-                           None, causal, 0.3, 0.0, "cpu"))
+                           7, 7, None, causal, 0.3, 0.0, backend))
 
 
 def test_torch_compile_matches_eager():
@@ -174,3 +184,37 @@ def test_dropout_masks_differ_between_sequences_and_backward_uses_the_forward_ma
     torch.manual_seed(7)
     moved = run(v + dv)
     torch.testing.assert_close(((moved - a) * g).sum(), (grad_v * dv).sum())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend,dtype,D", [("triton", torch.float32, 24), ("triton", torch.float16, 8),
+                                             ("cpu", torch.float32, 24)])
+def test_long_sequences_across_blocks(backend, dtype, D, causal):
+    """Sequences longer than one 16-row block (the interpreter's block), Lq > Lk and Lq < Lk (causal rows
+    that see no key, blocks skipped by the causal bounds), a head dim that is not a power of 2."""
+    lens_q, lens_k = [33, 1, 0, 20, 2], [17, 40, 5, 0, 35]
+    q = randn(sum(lens_q), H, D, dtype=dtype, seed=5)
+    k = randn(sum(lens_k), H, D, dtype=dtype, seed=6)
+    v = randn(sum(lens_k), H, D, dtype=dtype, seed=7)
+    fn = lambda q, k, v, cq, ck: mmfast.ops.attention_varlen(q, k, v, cq, ck, 33, 40, causal=causal, scale=0.3,
+                                                             backend=backend)
+    ref = lambda q, k, v, cq, ck: ref_varlen(q, k, v, cq, ck, causal=causal, scale=0.3)
+    check_op(fn, ref, [q, k, v, _cu(lens_q), _cu(lens_k)], grad_inputs=(0, 1, 2), name=f"attention_varlen[{backend}]")
+
+
+def test_per_sequence_loop_carries_the_lse_of_a_face_that_keeps_one():
+    """The loop behind the cpu face works for any attention face: run it over the attention Triton face
+    (which keeps an lse (1, H, Lq) and reads it in its backward) and compare with the reference."""
+    q, k, v, cq, ck = _inputs()
+    assert varlen_mod._face_keeps_lse(q, "triton") and not varlen_mod._face_keeps_lse(q, "cpu")
+    with poisoned_outputs():
+        out, lse = varlen_mod._loop_forward(q, k, v, cq, ck, None, True, 0.3, 0.0, "triton")
+    assert lse.shape == (H, sum(LENS_Q))
+    g = torch.randn_like(out)
+    with poisoned_outputs():
+        grads = varlen_mod._loop_backward(g, q, k, v, out, lse, cq, ck, None, True, 0.3, 0.0, "triton")
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    ref = ref_varlen(*leaves, cq, ck, causal=True, scale=0.3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

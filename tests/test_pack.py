@@ -88,3 +88,31 @@ def test_packed_attention_equals_padded_attention_on_valid_rows(kind):
                                backend="torch").transpose(1, 2)
     torch.testing.assert_close(padded_out[mask], ref[mask])
     assert torch.equal(padded_out[~mask], torch.zeros_like(padded_out[~mask]))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_concat_embed_packed_equals_per_sample_concat_embed(backend):
+    """Each packed fused sequence equals concat_embed of that sample alone (its text of its own
+    length, then its image tokens), and cu_seqlens = text length + image tokens."""
+    from mmfast.data.pack import concat_embed_packed
+    from mmfast.reference.concat_embed import concat_embed as ref_concat_embed  # takes a 0-token text
+
+    D, L_img, lens = 16, 3, [5, 0, 2, 7]
+    text = torch.randn(sum(lens), D, dtype=torch.float64)
+    image = torch.randn(len(lens), L_img, D, dtype=torch.float64)
+    kw = dict(type_embeddings=torch.randn(2, D, dtype=torch.float64),
+              pos_embeddings=[torch.randn(9, D, dtype=torch.float64), torch.randn(L_img, D, dtype=torch.float64)],
+              ln_weight=torch.randn(D, dtype=torch.float64), ln_bias=torch.randn(D, dtype=torch.float64))
+    cu = cu_seqlens_from_lengths(lens)
+    got = concat_embed_packed(text, cu, image, backend=backend, **kw)
+    assert got.cu_seqlens.tolist() == cu_seqlens_from_lengths([n + L_img for n in lens]).tolist()
+    assert got.max_seqlen == max(lens) + L_img
+    for b in range(len(lens)):
+        alone, _ = ref_concat_embed([text[cu[b]:cu[b + 1]][None], image[b:b + 1]], **kw)
+        torch.testing.assert_close(got.values[got.cu_seqlens[b]:got.cu_seqlens[b + 1]], alone[0])
+    no_text = concat_embed_packed(text[:0], cu_seqlens_from_lengths([0, 0, 0, 0]), image, backend=backend, **kw)
+    torch.testing.assert_close(no_text.values, ref_concat_embed([text[:0].reshape(4, 0, D), image], **kw)[0].reshape(-1, D))
+    with pytest.raises(ValueError, match="argument 'text_cu_seqlens' must start at 0"):
+        concat_embed_packed(text, cu_seqlens_from_lengths([5, 0, 2, 6]), image, **kw)
+    with pytest.raises(ValueError, match="argument 'text_cu_seqlens' must be int32"):
+        concat_embed_packed(text, cu.long(), image, **kw)

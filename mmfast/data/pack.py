@@ -84,3 +84,39 @@ def pack_sequences(sequences: Sequence[Tensor]) -> Packed:
     device = sequences[0].device
     return Packed(torch.cat(list(sequences), 0), cu_seqlens_from_lengths(lengths).to(device), longest,
                   indices.to(device))
+
+
+def concat_embed_packed(text: Tensor, text_cu_seqlens: Tensor, image: Tensor, **concat_embed_kwargs) -> Packed:
+    """The fused text+image sequence of every sample, packed: sample ``b`` is its text tokens
+    (packed rows ``text_cu_seqlens[b]:text_cu_seqlens[b+1]`` of ``text`` ``(total_text, D)``, its own
+    length) followed by its ``image`` tokens ``(B, L_image, D)``, with the position, type embeddings,
+    LayerNorm and dropout of :func:`mmfast.ops.concat_embed` (``concat_embed_kwargs``, e.g.
+    ``type_embeddings``, ``pos_embeddings``, ``ln_weight``; not ``masks``). Returns the packed fused
+    rows with their ``cu_seqlens`` (length_b + L_image each) for :func:`mmfast.ops.attention_varlen`.
+
+    Not a packed kernel: the text is padded to the longest, run through the fused ``concat_embed``
+    and packed again (the padded rows are computed and dropped)."""
+    from mmfast.ops import concat_embed
+
+    if "masks" in concat_embed_kwargs:
+        raise ValueError("mmfast.data.pack: argument 'masks' is not taken by concat_embed_packed: the text lengths "
+                         "come from 'text_cu_seqlens', image tokens are all valid")
+    if not isinstance(image, Tensor) or image.dim() != 3 or text.dim() != 2 or image.shape[2] != text.shape[1]:
+        raise ValueError(f"mmfast.data.pack: arguments 'text' (total_text, D) and 'image' (B, L_image, D) must share "
+                         f"D, got {tuple(text.shape)} and {tuple(getattr(image, 'shape', ()))}")
+    if not isinstance(text_cu_seqlens, Tensor) or text_cu_seqlens.dtype != torch.int32 \
+            or tuple(text_cu_seqlens.shape) != (image.shape[0] + 1,):
+        raise ValueError(f"mmfast.data.pack: argument 'text_cu_seqlens' must be int32 of shape ({image.shape[0] + 1},) "
+                         f"(batch + 1), got {getattr(text_cu_seqlens, 'dtype', None)} "
+                         f"{tuple(getattr(text_cu_seqlens, 'shape', ()))}")
+    lengths = text_cu_seqlens.diff()
+    if int(text_cu_seqlens[0]) != 0 or bool((lengths < 0).any()) or int(text_cu_seqlens[-1]) != text.shape[0]:
+        raise ValueError(f"mmfast.data.pack: argument 'text_cu_seqlens' must start at 0, never decrease and end at "
+                         f"total_text = {text.shape[0]}, got {text_cu_seqlens.tolist()}")
+    B = image.shape[0]
+    L_text = max(int(lengths.max()) if B else 0, 1)  # concat_embed takes no empty modality: one masked token
+    text_mask = torch.arange(L_text, device=text.device)[None, :] < lengths[:, None].to(text.device)
+    indices = text_mask.reshape(-1).nonzero().reshape(-1)
+    padded_text = unpack(text, indices, B, L_text)
+    fused, fused_mask = concat_embed([padded_text, image], masks=[text_mask, None], **concat_embed_kwargs)
+    return pack(fused, fused_mask)

@@ -6,11 +6,12 @@ Layout (flash-attn's ``flash_attn_varlen_func``): q ``(total_q, H, D)``, k and v
 per sequence are those of :func:`mmfast.ops.attention`: causal aligned bottom-right, a sequence
 with 0 keys gives zeros, one with 0 queries contributes nothing.
 
-Faces: reference ``mmfast/reference/attention_varlen.py`` ("torch"). The "cpu" and "triton" faces
-are *not* varlen kernels yet: the custom op below runs the attention kernels of that face
-(``torch.ops.mmfast.attention_forward/backward``, the contract of mmfast/ops/attention.py) once per
-sequence on views of the packed tensors, so no padding is computed but there is one kernel launch
-per sequence. No CUDA face (nothing here was run on a GPU): ``backend="cuda"`` is refused.
+Faces: reference ``mmfast/reference/attention_varlen.py`` ("torch"); Triton
+``mmfast/triton/attention_varlen.py`` (flash-attention kernels that read cu_seqlens: one launch for
+the batch, no dropout yet); "cpu": *not* a varlen kernel: the CPU attention face
+(``torch.ops.mmfast.attention_forward/backward``, the contract of mmfast/ops/attention.py) run once
+per sequence on views of the packed tensors (no padding computed, one call per sequence). No CUDA
+face (nothing here was run on a GPU): ``backend="cuda"`` is refused.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ from mmfast import dispatch
 from mmfast.ops.attention import MAX_HEAD_DIM
 from mmfast.reference.attention_varlen import attention_varlen as _reference, to_heads_first
 
+# The attention faces' custom ops (mmfast/ops/attention.py, imported above, registers them)
+_attention_forward = torch.ops.mmfast.attention_forward
+_attention_backward = torch.ops.mmfast.attention_backward
+
 dispatch.register_op(dispatch.OpSpec(
     name="attention_varlen",
-    triton_module="mmfast.triton.attention",  # the per-sequence loop calls the attention Triton kernels
+    triton_module="mmfast.triton.attention_varlen",
     cpu_python=True,
     dtypes={
         "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
@@ -48,79 +53,95 @@ def _sequence_seed(seed: Optional[Tensor], b: int) -> Optional[Tensor]:
     return None if seed is None else seed + b
 
 
-@torch.library.custom_op("mmfast::attention_varlen_forward", mutates_args=())
-def _varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                   seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str
-                   ) -> tuple[Tensor, Tensor]:
-    """(out (total_q, H, Dv), lse of every sequence flattened and concatenated; (0,) for faces without lse)."""
-    H = q.shape[1]
-    out = q.new_zeros(q.shape[:-1] + v.shape[-1:])  # rows of sequences without keys stay 0
-    lses = []  # per sequence with queries: its flattened lse, or its query count when it has no keys
+def _face_keeps_lse(q: Tensor, backend: str) -> bool:
+    """Whether the attention face ``backend`` returns an lse (B, H, Lq) for its backward (else (0,)),
+    asked of its fake on a one-query meta input, so the loop below follows the face's contract."""
+    x = torch.empty((1, q.shape[1], 1, q.shape[2]), dtype=q.dtype, device="meta")
+    return _attention_forward(x, x, x, None, None, False, 1.0, 0.0, backend)[1].numel() > 0
+
+
+def _loop_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend):
+    """The attention face ``backend`` once per sequence, on views of the packed tensors ->
+    (out, the faces' lse as (H, total_q) float32, or (0,) when the face keeps none)."""
+    out = q.new_zeros(q.shape)  # rows of sequences without keys stay 0
+    lse = q.new_zeros((q.shape[1], q.shape[0]) if _face_keeps_lse(q, backend) else (0,), dtype=torch.float32)
     for b, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
-        if q1 == q0:
-            continue
-        if k1 == k0:
-            lses.append(q1 - q0)
-            continue
-        o, lse = torch.ops.mmfast.attention_forward(
-            to_heads_first(q[q0:q1]), to_heads_first(k[k0:k1]), to_heads_first(v[k0:k1]), None,
-            _sequence_seed(seed, b), causal, scale, dropout_p, backend)
-        out[q0:q1] = o[0].transpose(0, 1)
-        lses.append(lse.reshape(-1))
-    if backend == "cpu":  # the CPU face keeps no lse (its backward recomputes the softmax)
-        return out, q.new_empty((0,), dtype=torch.float32)
-    # sequences without keys get a placeholder lse (never read: their gradients are zeros)
-    lses = [q.new_zeros((H * x,), dtype=torch.float32) if isinstance(x, int) else x for x in lses]
-    return out, torch.cat(lses) if lses else q.new_empty((0,), dtype=torch.float32)
+        if q1 > q0 and k1 > k0:
+            o, seq_lse = _attention_forward(
+                to_heads_first(q[q0:q1]), to_heads_first(k[k0:k1]), to_heads_first(v[k0:k1]), None,
+                _sequence_seed(seed, b), causal, scale, dropout_p, backend)
+            out[q0:q1] = o[0].transpose(0, 1)
+            if lse.numel():
+                lse[:, q0:q1] = seq_lse[0]
+    return out, lse
+
+
+def _loop_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p,
+                   backend):
+    """Per sequence: the attention face's backward, given its own forward's lse."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+        if q1 > q0 and k1 > k0:  # otherwise: zero output, zero gradients
+            seq_lse = lse[None, :, q0:q1].contiguous() if lse.numel() else lse  # faces take a dense lse
+            g = _attention_backward(
+                to_heads_first(grad_out[q0:q1]), to_heads_first(q[q0:q1]), to_heads_first(k[k0:k1]),
+                to_heads_first(v[k0:k1]), to_heads_first(out[q0:q1]), seq_lse, None,
+                _sequence_seed(seed, b), causal, scale, dropout_p, backend)
+            for dst, src, (r0, r1) in zip((dq, dk, dv), g, ((q0, q1), (k0, k1), (k0, k1))):
+                dst[r0:r1] = src[0].transpose(0, 1)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("mmfast::attention_varlen_forward", mutates_args=())
+def _varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                   max_seqlen_k: int, seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    """(out (total_q, H, D), lse (H, total_q) float32; (0,) where the cpu attention face keeps none)."""
+    if backend == "cpu":
+        return _loop_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend)
+    return dispatch.triton_face("attention_varlen").attention_varlen_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 
 @_varlen_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend):
-    lse_len = 0 if backend == "cpu" else q.shape[0] * q.shape[1]
-    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((lse_len,), dtype=torch.float32)
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal, scale, dropout_p, backend):
+    keeps_lse = backend != "cpu" or _face_keeps_lse(q, backend)
+    lse_shape = (q.shape[1], q.shape[0]) if keeps_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("mmfast::attention_varlen_backward", mutates_args=())
 def _varlen_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, seed: Optional[Tensor], causal: bool, scale: float,
-                   dropout_p: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    H = q.shape[1]
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    lse_at = 0
-    for b, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
-        if q1 == q0:
-            continue
-        n_lse = H * (q1 - q0) if backend != "cpu" else 0
-        seq_lse = lse[lse_at:lse_at + n_lse].reshape(1, H, q1 - q0) if n_lse else lse
-        lse_at += n_lse
-        if k1 == k0:
-            continue  # zeros out: zero gradients
-        g = torch.ops.mmfast.attention_backward(
-            to_heads_first(grad_out[q0:q1]), to_heads_first(q[q0:q1]), to_heads_first(k[k0:k1]),
-            to_heads_first(v[k0:k1]), to_heads_first(out[q0:q1]).contiguous(), seq_lse, None,
-            _sequence_seed(seed, b), causal, scale, dropout_p, backend)
-        for dst, src, (r0, r1) in zip((dq, dk, dv), g, ((q0, q1), (k0, k1), (k0, k1))):
-            dst[r0:r1] = src[0].transpose(0, 1)
-    return dq, dk, dv
+                   cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                   seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "cpu":
+        return _loop_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, causal, scale,
+                              dropout_p, backend)
+    return dispatch.triton_face("attention_varlen").attention_varlen_backward(
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
 
 
 @_varlen_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend):
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal, scale,
+      dropout_p, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, seed, causal, scale, dropout_p, backend = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, seed, causal, scale, dropout_p, backend = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
-    ctx.args = (causal, scale, dropout_p, backend)
+    ctx.args = (max_q, max_k, causal, scale, dropout_p, backend)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, seed, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    max_q, max_k, causal, scale, dropout_p, backend = ctx.args
+    dq, dk, dv = _varlen_bwd_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, seed, causal,
+                                scale, dropout_p, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _varlen_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -164,7 +185,7 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"mmfast.attention_varlen: argument '{name}' is {t.dtype} on {t.device}, q is "
                              f"{q.dtype} on {q.device}")
-    if k.shape[1:] != q.shape[1:] or v.shape[:2] != k.shape[:2]:
+    if k.shape[1:] != q.shape[1:] or v.shape != k.shape:
         raise ValueError(f"mmfast.attention_varlen: arguments 'k' and 'v' must have shape (total_k, {q.shape[1]}, "
                          f"{q.shape[2]}) to match q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
     if backend != "torch" and (q.shape[2] % 8 != 0 or not 8 <= q.shape[2] <= MAX_HEAD_DIM):
@@ -193,8 +214,9 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     a GPU), not under torch.compile. ``max_seqlen_*`` must be at least the longest sequence.
     """
     _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, backend)
-    unsupported = (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),) \
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16 else ()
+    unsupported = (("triton", "no dropout in the Triton varlen kernels yet"),) if dropout_p > 0 else ()
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # triton #11584: garbage, not an error
+        unsupported += (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),)
     be = dispatch.resolve("attention_varlen", backend, q.device.type, q.dtype, unsupported)
     if be == "torch":
         return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, dropout_p=dropout_p)
@@ -202,5 +224,6 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     seed = None
     if dropout_p > 0:  # drawn from q's device generator, so torch.manual_seed reproduces the masks
         seed = torch.randint(0, 2**61, (1,), dtype=torch.int64, device=q.device)
-    out, _ = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, bool(causal), scale, float(dropout_p), be)
+    out, _ = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), seed,
+                            bool(causal), scale, float(dropout_p), be)
     return out

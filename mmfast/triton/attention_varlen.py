@@ -1,0 +1,213 @@
+"""Triton face of attention_varlen: flash-attention kernels over packed sequences (cu_seqlens).
+
+One program per (query block, sequence, head); each reads its sequence's bounds from cu_seqlens,
+so no padding is computed and there is one launch for the whole batch. Contract (see
+mmfast/ops/attention_varlen.py)::
+
+    attention_varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out, lse (H, total_q) f32)
+    attention_varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
+        -> (dq, dk, dv)
+
+lse is in base 2; a query row that sees no key (0 keys, or causal rows above the bottom-right
+diagonal) gets output 0 and lse = +inf, so its recomputed probabilities are 0 in the backward.
+The backward recomputes the probabilities from lse: one kernel for dk/dv (loop over query blocks),
+one for dq (loop over key blocks); no atomics. No dropout (the op refuses dropout_p > 0 here).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfast.dispatch import triton_interpreting
+
+LOG2E = 1.4426950408889634
+
+
+def _blocks(D: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_D): small blocks in the interpreter (speed), 64 on a GPU. tl.dot needs >= 16."""
+    block = 16 if triton_interpreting() else 64
+    return block, block, max(16, triton.next_power_of_2(D))
+
+
+@triton.jit
+def _bounds(CU_Q, CU_K, b):
+    q0 = tl.load(CU_Q + b)
+    k0 = tl.load(CU_K + b)
+    return q0, tl.load(CU_Q + b + 1) - q0, k0, tl.load(CU_K + b + 1) - k0
+
+
+@triton.jit
+def _rows(PTR, row0, rows, n_rows, h, s_t, s_h, s_d, offs_d, D):
+    """A (len(rows), BLOCK_D) tile of rows row0 + rows of head h, zeros outside, as float32."""
+    ptrs = PTR + (row0 + rows)[:, None].to(tl.int64) * s_t + h * s_h + offs_d[None, :] * s_d
+    return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, Lq, Lk, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs take part: keys of the sequence; causal bottom-right (j <= i + Lk - Lq)."""
+    ok = (offs_m < Lq)[:, None] & (offs_n < Lk)[None, :]
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None] + Lk - Lq)
+    return ok
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, total_q, sq_t, sq_h, sq_d, sk_t, sk_h, sk_d, sv_t, sv_h, sv_d,
+                so_t, so_h, so_d, D, scale_log2, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q0, Lq, k0, Lk = _bounds(CU_Q, CU_K, b)
+    if start_m < Lq:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = _rows(Q, q0, offs_m, Lq, h, sq_t, sq_h, sq_d, offs_d, D)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        end_n = Lk
+        if CAUSAL:  # the last key the block's last query sees, + 1
+            end_n = tl.minimum(Lk, start_m + BLOCK_M + Lk - Lq)
+        for start_n in range(0, end_n, BLOCK_N):
+            n = start_n + offs_n
+            k = _rows(K, k0, n, Lk, h, sk_t, sk_h, sk_d, offs_d, D)
+            v = _rows(V, k0, n, Lk, h, sv_t, sv_h, sv_d, offs_d, D)
+            s = tl.where(_visible(offs_m, n, Lq, Lk, CAUSAL), tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row without keys so far: no NaN
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+            m_i = m_new
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        row_ok = offs_m < Lq
+        o_ptrs = O + (q0 + offs_m)[:, None].to(tl.int64) * so_t + h * so_h + offs_d[None, :] * so_d
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+        tl.store(LSE + h.to(tl.int64) * total_q + q0 + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _probs_and_ds(q, k, v, do, lse, delta, offs_m, n, Lq, Lk, scale_log2, CAUSAL: tl.constexpr):
+    """Recomputed probabilities p and d(loss)/d(scores) = p * (dO v^T - delta) of one tile."""
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    p = tl.where(_visible(offs_m, n, Lq, Lk, CAUSAL), tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _query_block(Q, DO, LSE, DELTA, q0, offs_m, Lq, h, total_q, sq_t, sq_h, sq_d, sdo_t, sdo_h, sdo_d, offs_d, D):
+    """q, dO, lse (+inf past the sequence) and delta of one query block, as the backward reads them."""
+    q = _rows(Q, q0, offs_m, Lq, h, sq_t, sq_h, sq_d, offs_d, D)
+    do = _rows(DO, q0, offs_m, Lq, h, sdo_t, sdo_h, sdo_d, offs_d, D)
+    row = h.to(tl.int64) * total_q + q0 + offs_m
+    lse = tl.load(LSE + row, mask=offs_m < Lq, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=offs_m < Lq, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, total_q, sq_t, sq_h, sq_d, sk_t, sk_h, sk_d,
+                 sv_t, sv_h, sv_d, sdo_t, sdo_h, sdo_d, sg_t, sg_h, sg_d, D, scale, scale_log2,
+                 CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q0, Lq, k0, Lk = _bounds(CU_Q, CU_K, b)
+    if start_n < Lk:
+        n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        k = _rows(K, k0, n, Lk, h, sk_t, sk_h, sk_d, offs_d, D)
+        v = _rows(V, k0, n, Lk, h, sv_t, sv_h, sv_d, offs_d, D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        begin_m = 0
+        if CAUSAL:  # the first query that sees key start_n, rounded down to a block
+            begin_m = (tl.maximum(start_n - (Lk - Lq), 0) // BLOCK_M) * BLOCK_M
+        for start_m in range(begin_m, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q, do, lse, delta = _query_block(Q, DO, LSE, DELTA, q0, offs_m, Lq, h, total_q, sq_t, sq_h, sq_d,
+                                             sdo_t, sdo_h, sdo_d, offs_d, D)
+            p, ds = _probs_and_ds(q, k, v, do, lse, delta, offs_m, n, Lq, Lk, scale_log2, CAUSAL)
+            dv += tl.dot(tl.trans(p), do)
+            dk += tl.dot(tl.trans(ds), q)
+        mask = (n < Lk)[:, None] & (offs_d < D)[None, :]
+        g_off = (k0 + n)[:, None].to(tl.int64) * sg_t + h * sg_h + offs_d[None, :] * sg_d
+        tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, total_q, sq_t, sq_h, sq_d, sk_t, sk_h, sk_d,
+               sv_t, sv_h, sv_d, sdo_t, sdo_h, sdo_d, sg_t, sg_h, sg_d, D, scale, scale_log2,
+               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q0, Lq, k0, Lk = _bounds(CU_Q, CU_K, b)
+    if start_m < Lq:
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        q, do, lse, delta = _query_block(Q, DO, LSE, DELTA, q0, offs_m, Lq, h, total_q, sq_t, sq_h, sq_d,
+                                         sdo_t, sdo_h, sdo_d, offs_d, D)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        end_n = Lk
+        if CAUSAL:
+            end_n = tl.minimum(Lk, start_m + BLOCK_M + Lk - Lq)
+        for start_n in range(0, end_n, BLOCK_N):
+            n = start_n + tl.arange(0, BLOCK_N)
+            k = _rows(K, k0, n, Lk, h, sk_t, sk_h, sk_d, offs_d, D)
+            v = _rows(V, k0, n, Lk, h, sv_t, sv_h, sv_d, offs_d, D)
+            _, ds = _probs_and_ds(q, k, v, do, lse, delta, offs_m, n, Lq, Lk, scale_log2, CAUSAL)
+            dq += tl.dot(ds, k)
+        g_ptrs = DQ + (q0 + offs_m)[:, None].to(tl.int64) * sg_t + h * sg_h + offs_d[None, :] * sg_d
+        tl.store(g_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & (offs_d < D)[None, :])
+
+
+def _strides(*ts):
+    return [s for t in ts for s in t.stride()]
+
+
+def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float):
+    total_q, H, D = q.shape
+    batch = cu_q.numel() - 1
+    out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
+    BM, BN, BD = _blocks(D)
+    grid = (triton.cdiv(max_q, BM), batch, H)
+    if total_q and batch and H and max_q:
+        _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, total_q, *_strides(q, k, v, out), D, scale * LOG2E,
+                          CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+    return out, lse
+
+
+def attention_varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
+                              scale: float):
+    total_q, H, D = q.shape
+    batch = cu_q.numel() - 1
+    # rowsum(dO * O) per (head, query): the softmax backward's correction term
+    delta = (grad_out.to(torch.float32) * out.to(torch.float32)).sum(-1).t().contiguous()
+    # every row lies in some sequence and its program stores it (zeros where nothing is seen);
+    # dk and dv share one layout (one offset computation in the kernel)
+    dq, dk, dv = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+    BM, BN, BD = _blocks(D)
+    args = (cu_q, cu_k, total_q, *_strides(q, k, v, grad_out), *[s for s in dq.stride()])
+    if total_q and batch and H and max_q:
+        _dq_kernel[(triton.cdiv(max_q, BM), batch, H)](q, k, v, grad_out, lse, delta, dq, *args, D, scale,
+                                                     scale * LOG2E, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
+                                                     BLOCK_D=BD)
+    if k.shape[0] and batch and H and max_k:
+        args = (cu_q, cu_k, total_q, *_strides(q, k, v, grad_out), *[s for s in dk.stride()])
+        _dkdv_kernel[(triton.cdiv(max_k, BN), batch, H)](q, k, v, grad_out, lse, delta, dk, dv, *args, D, scale,
+                                                       scale * LOG2E, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
+                                                       BLOCK_D=BD)
+    return dq, dk, dv
