@@ -9,7 +9,9 @@ the compiled kernel's. CUDA C++: ``cuobjdump --dump-resource-usage`` on the buil
 
 Compiling everything takes a while (~1-4 s per configuration on one core, fp32 longer): results
 are cached in a JSON file keyed by a hash of the kernel source (with the jit functions it calls),
-signature, constants, options, target and Triton version, so a run recompiles only what changed.
+signature, constants, options, target and Triton version, so a run recompiles only what changed (Triton's kernel hash includes line numbers: an edit above
+a kernel recompiles it). A configuration is reported once, in one representative specialisation of
+its integer arguments.
 
 ``--check`` exits 1 when an fp16/bf16 configuration spills or any configuration needs more shared
 memory than a block may have: CI runs it.

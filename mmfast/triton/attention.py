@@ -11,12 +11,14 @@ batch*head, row, column), one Philox call per four neighbouring columns, compare
 threshold computed on the host; the seed is a tensor drawn from torch's generator, so the backward
 regenerates exactly the forward's mask and nothing of size Lq x Lk is stored.
 
-Launch configurations are static (no timing inside a user call): the table
-``mmfast/triton_attention_configs.json`` holds the tuned (BLOCK_M, BLOCK_N, warps, stages) per
-(arch, dtype, head-dim block, Lq bucket, causal, dropout), written offline on a GPU by
-``MMFAST_TUNE=1 python -m mmfast.tune``; keys it lacks get the heuristic default, chosen so that
-no fp16/bf16 default spills registers on sm_90 (``mmfast kernels-report`` compiles and checks every
-configuration this module can launch).
+Launch configurations are static (no timing inside a user call): mmfast/triton_attention_configs.json
+holds the tuned (BLOCK_M, BLOCK_N, warps, stages) per (arch, dtype, head-dim block, Lq bucket, causal,
+dropout), written offline on a GPU by ``MMFAST_TUNE=1 python -m mmfast.tune``; keys it lacks get the
+heuristic default, chosen so that no fp16/bf16 default spills registers on sm_90 (``mmfast
+kernels-report`` compiles every configuration this module can launch and checks that).
+
+The log-sum-exp is kept in base 2 (scores are pre-multiplied by scale * log2(e), exp2 in the
+loop). float32 inputs use IEEE-precision dots unless torch.backends.cuda.matmul.allow_tf32 is set.
 """
 
 from __future__ import annotations
