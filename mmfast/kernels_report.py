@@ -222,6 +222,9 @@ def triton_rows(arch: str = "sm_90", cache_path: Path | None = DEFAULT_CACHE, jo
                 _collect(results, cache, cache_path, progress)
         else:
             _collect(map(_compile_one, range(len(_WORK))), cache, cache_path, progress)
+    if not only and not cached_only and cache_path is not None:  # a full run: keep only live entries
+        live = {key for _, key in rows}
+        _save_cache({k: v for k, v in cache.items() if k in live}, cache_path)
     out = list(errors)
     for launch, key in rows:
         r = cache[key]
