@@ -9,7 +9,9 @@ the compiled kernel's. CUDA C++: ``cuobjdump --dump-resource-usage`` on the buil
 
 Compiling everything takes a while (~1-4 s per configuration on one core, fp32 longer): results
 are cached in a JSON file keyed by a hash of the kernel source (with the jit functions it calls),
-signature, constants, options, target and Triton version, so a run recompiles only what changed.
+signature, constants, options, target and Triton version, so a run recompiles only what changed (Triton's kernel hash includes line numbers: an edit above
+a kernel recompiles it). A configuration is reported once, in one representative specialisation of
+its integer arguments.
 
 ``--check`` exits 1 when an fp16/bf16 configuration spills or any configuration needs more shared
 memory than a block may have: CI runs it.
@@ -220,6 +222,9 @@ def triton_rows(arch: str = "sm_90", cache_path: Path | None = DEFAULT_CACHE, jo
                 _collect(results, cache, cache_path, progress)
         else:
             _collect(map(_compile_one, range(len(_WORK))), cache, cache_path, progress)
+    if not only and not cached_only and cache_path is not None:  # a full run: keep only live entries
+        live = {key for _, key in rows}
+        _save_cache({k: v for k, v in cache.items() if k in live}, cache_path)
     out = list(errors)
     for launch, key in rows:
         r = cache[key]

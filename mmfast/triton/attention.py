@@ -11,12 +11,14 @@ batch*head, row, column), one Philox call per four neighbouring columns, compare
 threshold computed on the host; the seed is a tensor drawn from torch's generator, so the backward
 regenerates exactly the forward's mask and nothing of size Lq x Lk is stored.
 
-Launch configurations are static (no timing inside a user call): the table
-``mmfast/triton_attention_configs.json`` holds the tuned (BLOCK_M, BLOCK_N, warps, stages) per
-(arch, dtype, head-dim block, Lq bucket, causal, dropout), written offline on a GPU by
-``MMFAST_TUNE=1 python -m mmfast.tune``; keys it lacks get the heuristic default, chosen so that
-no fp16/bf16 default spills registers on sm_90 (``mmfast kernels-report`` compiles and checks every
-configuration this module can launch).
+Launch configurations are static (no timing inside a user call): mmfast/triton_attention_configs.json
+holds the tuned (BLOCK_M, BLOCK_N, warps, stages) per (arch, dtype, head-dim block, Lq bucket, causal,
+dropout), written offline on a GPU by ``MMFAST_TUNE=1 python -m mmfast.tune``; keys it lacks get the
+heuristic default, chosen so that no fp16/bf16 default spills registers on sm_90 (``mmfast
+kernels-report`` compiles every configuration this module can launch and checks that).
+
+The log-sum-exp is kept in base 2 (scores are pre-multiplied by scale * log2(e), exp2 in the
+loop). float32 inputs use IEEE-precision dots unless torch.backends.cuda.matmul.allow_tf32 is set.
 """
 
 from __future__ import annotations
@@ -323,7 +325,10 @@ def _default_bwd(dtype, block_d, lqb, dropout) -> dict:
     three backward kernels)."""
     if dtype == torch.float32:
         return _cfg(min(lqb, 32), 32 if block_d <= 64 else 16, 4, 1)
-    # with dropout the 4-warp dK/dV kernel sits at 248-255 registers and spills with mask + causal
+    if dropout and block_d <= 64:
+        # a 64-row dK/dV tile with dropout + mask + causal spills on sm_90 with 4 warps and with 8
+        # (255 registers); 32 rows: ~180-210, no spill
+        return _cfg(min(32, lqb), 64, 4, 2)
     return _cfg(min(64, lqb), 64 if block_d <= 64 else 32, 8 if dropout else 4, 2)
 
 
