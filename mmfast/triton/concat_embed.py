@@ -323,8 +323,9 @@ def concat_embed_backward(grad_out, features, type_emb, pos_tables, pos_index, l
 
 # ---- the launches dispatch can make (mmfast.triton convention, for `mmfast kernels-report`) -----
 def launches(arch: str = "sm_90"):
-    """Forward and backward per dtype and hidden size regime of ``_launch_cfg`` (D 384 / 768 /
-    1024), every optional input on (the most registers), with and without dropout."""
+    """Forward and backward per dtype and hidden size regime (D 384 / 768 / 1024), every optional
+    input on (the most registers), with and without dropout; the backward at its widest tile and at
+    the split ``_bwd_split`` picks for B64 x L197 on an H100/H200 (132 SMs)."""
     from mmfast.triton import Launch
 
     B, L, Ltot = 64, 197, 237
@@ -332,7 +333,7 @@ def launches(arch: str = "sm_90"):
         dname = str(dtype).replace("torch.", "")
         for D in (384, 768, 1024):
             block, rows, warps = _launch_cfg(D)
-            lt = max(1, rows // 2)
+            bblock, lt_max, bwarps = _bwd_launch_cfg(D)
             f = torch.empty((B, L, D), dtype=dtype, device="meta")
             out = torch.empty((B, Ltot, D), dtype=dtype, device="meta")
             vec = torch.empty(D, dtype=dtype, device="meta")
@@ -345,8 +346,9 @@ def launches(arch: str = "sm_90"):
                              (f, vec, vec, vec, vec, out, stats, stats, seed, B, L, Ltot, 40, D, 1e-12, 1.1, 429496729),
                              dict(HAS_POS=True, HAS_TYPE=True, HAS_LN=True, HAS_BIAS=True, DROPOUT=dropout, ROWS=rows,
                                   BLOCK_D=block, num_warps=warps))
-                yield Launch("concat_embed", _bwd_kernel, dname, f"LT{lt} BB{_BB} D{block} w{warps} pos type ln" + flag,
-                             (out, f, vec, vec, vec, stats, stats, seed, f, part, part, part, part, B, L, Ltot, 40, D,
-                              1.1, 429496729),
-                             dict(HAS_POS=True, HAS_TYPE=True, HAS_LN=True, DROPOUT=dropout, LT=lt, BB=_BB,
-                                  BLOCK_D=block, num_warps=warps))
+                for lt in sorted({lt_max, _bwd_split(B, L, lt_max, 132)[0]}):
+                    yield Launch("concat_embed", _bwd_kernel, dname, f"LT{lt} D{bblock} w{bwarps} pos type ln" + flag,
+                                 (out, f, vec, vec, vec, stats, stats, seed, f, part, part, part, part, B, L, Ltot, 40,
+                                  D, _BB, 1.1, 429496729),
+                                 dict(HAS_POS=True, HAS_TYPE=True, HAS_LN=True, DROPOUT=dropout, LT=lt,
+                                      BLOCK_D=bblock, num_warps=bwarps))

@@ -284,25 +284,26 @@ def contrastive_grad_tile(L, lse_r, lse_c, i0, eps, N):
 
 # ---- the launches dispatch can make (mmfast.triton convention, for `mmfast kernels-report`) -----
 def launches(arch: str = "sm_90"):
-    """The cross-entropy kernel per dtype and per launch-config regime of ``_launch_config`` (class
-    counts from 2 to 65536), with its flags all off and all on (the most registers), with and
-    without the gradient; the contrastive tile kernel (float32)."""
+    """The cross-entropy kernel per dtype and per regime of ``_gpu_launch_config`` (class counts from
+    2 to 65536), with its flags all off and all on (the most registers), with and without the
+    gradient; the contrastive tile kernel (float32)."""
     from mmfast.triton import Launch
 
     N = 4096
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for C in (2, 64, 1024, 4096, 30522, 65536):
-            rows, block, warps = _launch_config(N, C)
+        for C in (2, 64, 1024, 4096, 16384, 30522, 65536):
             x = torch.empty((N, C), dtype=dtype, device="meta")
             t = torch.empty(N, dtype=torch.int64, device="meta")
             w = loss = torch.empty(N, dtype=torch.float32, device="meta")
             for flags in (False, True):
                 for grad in (False, True):
+                    rows, block, warps, one_chunk = _gpu_launch_config(N, C, grad, flags)
                     yield Launch("cross_entropy", _ce_kernel, str(dtype).replace("torch.", ""),
-                                 f"ROWS{rows} BLOCK{block} w{warps}" + " weight smooth scale" * flags + " grad" * grad,
+                                 f"ROWS{rows} BLOCK{block} w{warps}" + " one-chunk" * one_chunk
+                                 + " weight smooth scale" * flags + " grad" * grad,
                                  (x, C, x, C, t, w, loss, loss, 0, N, C, -100, 0.1),
                                  dict(HAS_WEIGHT=flags, SMOOTH=flags, HAS_SCALE=flags, COMPUTE_GRAD=grad, ROWS=rows,
-                                      BLOCK=block, num_warps=warps))
+                                      BLOCK=block, ONE_CHUNK=one_chunk, num_warps=warps))
     L = torch.empty((256, 256), dtype=torch.float32, device="meta")
     lse = torch.empty(256, dtype=torch.float32, device="meta")
     yield Launch("cross_entropy", _contrastive_grad_kernel, "float32", "BM64 BN128 w4",
