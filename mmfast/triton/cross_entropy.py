@@ -175,7 +175,7 @@ def _gpu_launch_config(N: int, C: int, compute_grad: bool, smooth: bool) -> tupl
     if compute_grad and (block_c <= 16384 or (block_c <= _ONE_CHUNK_MAX and not smooth)):
         # 16..64 values per thread; at 32768 the smoothing sums tip it into a few spilled bytes
         return 1, block_c, max(4, min(32, block_c // 512)), True
-    return 1, min(block_c, 8192), 8 if C <= 16384 else 16, False
+    return 1, min(block_c, 8192), 8 if C <= 16384 or smooth else 16, False  # 16 warps + smoothing: 8 B spill
 
 
 def _check_targets(target: torch.Tensor, C: int, ignore_index: int) -> None:
