@@ -31,6 +31,17 @@ def _blocks(D: int):
     return block, block, max(16, triton.next_power_of_2(D))
 
 
+def _bwd_warps(D: int) -> int:
+    """The backward kernels keep fp32 (BLOCK, D) accumulators: 4 warps spill from D = 64 on sm_90."""
+    return 4 if D <= 32 else 8
+
+
+def _dkdv_blocks(D: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the dK/dV kernel: past D = 64 its fp32 accumulators and (BLOCK_M, D) query
+    tiles spill with 64-row blocks even at 8 warps."""
+    return (block_m, block_n) if D <= 64 else (min(block_m, 32), min(block_n, 32))
+
+
 @triton.jit
 def _bounds(CU_Q, CU_K, b):
     q0 = tl.load(CU_Q + b)
@@ -204,10 +215,43 @@ def attention_varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q: in
     if total_q and batch and H and max_q:
         _dq_kernel[(triton.cdiv(max_q, BM), batch, H)](q, k, v, grad_out, lse, delta, dq, *args, D, scale,
                                                      scale * LOG2E, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
-                                                     BLOCK_D=BD)
+                                                     BLOCK_D=BD, num_warps=_bwd_warps(D))
     if k.shape[0] and batch and H and max_k:
+        BM, BN = _dkdv_blocks(D, BM, BN)
         args = (cu_q, cu_k, total_q, *_strides(q, k, v, grad_out), *[s for s in dk.stride()])
         _dkdv_kernel[(triton.cdiv(max_k, BN), batch, H)](q, k, v, grad_out, lse, delta, dk, dv, *args, D, scale,
                                                        scale * LOG2E, CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN,
-                                                       BLOCK_D=BD)
+                                                       BLOCK_D=BD, num_warps=_bwd_warps(D))
     return dq, dk, dv
+
+
+# ---- the launches dispatch can make (mmfast.triton convention, for `mmfast kernels-report`) -----
+def launches(arch: str = "sm_90"):
+    """Forward, dQ and dK/dV kernels per dtype, head dim (32, 64, 128) and causal flag, with the GPU's
+    64 x 64 blocks (``_blocks`` outside the interpreter)."""
+    from mmfast.triton import Launch
+
+    total, H, batch = 4096, 12, 64
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        dname = str(dtype).replace("torch.", "")
+        for D in (32, 64, 128):
+            BM = BN = 64
+            BD = max(16, triton.next_power_of_2(D))
+            x = torch.empty((total, H, D), dtype=dtype, device="meta")
+            lse = torch.empty((H, total), dtype=torch.float32, device="meta")
+            cu = torch.empty(batch + 1, dtype=torch.int32, device="meta")
+            strides = _strides(x, x, x, x)
+            for causal in (False, True):
+                config = f"BM{BM} BN{BN} D{BD}" + " causal" * causal
+                constexprs = dict(CAUSAL=causal, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+                yield Launch("attention_varlen", _fwd_kernel, dname, config + " w4",
+                             (x, x, x, x, lse, cu, cu, total, *strides, D, 0.125 * LOG2E), constexprs)
+                bwd = (cu, cu, total, *strides, *strides[:3], D, 0.125, 0.125 * LOG2E)
+                bwd_constexprs = dict(constexprs, num_warps=_bwd_warps(D))
+                bwd_config = config + f" w{_bwd_warps(D)}"
+                yield Launch("attention_varlen", _dq_kernel, dname, bwd_config, (x, x, x, x, lse, lse, x, *bwd),
+                             bwd_constexprs)
+                BMkv, BNkv = _dkdv_blocks(D, BM, BN)
+                yield Launch("attention_varlen", _dkdv_kernel, dname,
+                             bwd_config.replace(f"BM{BM} BN{BN}", f"BM{BMkv} BN{BNkv}"),
+                             (x, x, x, x, lse, lse, x, x, *bwd), dict(bwd_constexprs, BLOCK_M=BMkv, BLOCK_N=BNkv))
