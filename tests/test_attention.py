@@ -424,30 +424,29 @@ def test_gpu_cuda_face_rejects_fp32():
 # Triton launch configurations: every candidate the GPU autotuner may pick is correct, and the
 # chooser keeps the fastest one that compiles
 
-@pytest.mark.parametrize("Lq,Lk", [(40, 197), (113, 203)])
-def test_triton_every_config_candidate(monkeypatch, Lq, Lk):
+def _each_triton_config(monkeypatch, Lq, Lk, D, run_check):
+    """Runs ``run_check()`` once per launch configuration the GPU autotuner may pick (forward and
+    backward candidates in step), in the interpreter."""
     if torch.cuda.is_available():
         pytest.skip("interpreter test (the GPU matrix runs with the autotuner)")
     import mmfast.triton.attention as T
 
-    n = max(len(T.fwd_configs(Lq, Lk, 64)), len(T.bwd_configs(Lq, Lk, 64)))
+    n = max(len(T.fwd_configs(Lq, Lk, D)), len(T.bwd_configs(Lq, Lk, D)))
     for i in range(n):
         monkeypatch.setattr(T, "_choose", lambda key, cands, run, i=i: cands[min(i, len(cands) - 1)])
-        check("triton", 1, 1, Lq, Lk, 64, torch.float16, True, True)
+        run_check()
+
+
+@pytest.mark.parametrize("Lq,Lk", [(40, 197), (113, 203)])
+def test_triton_every_config_candidate(monkeypatch, Lq, Lk):
+    _each_triton_config(monkeypatch, Lq, Lk, 64, lambda: check("triton", 1, 1, Lq, Lk, 64, torch.float16, True, True))
 
 
 @pytest.mark.parametrize("Lq,Lk", [(16, 129), (16, 128), (17, 144), (65, 193)])
 def test_triton_causal_bottom_right_on_block_edges_every_config(monkeypatch, Lq, Lk):
     """Causal with Lq != Lk puts the diagonal at key i + Lk - Lq: with Lk - Lq on or next to a
     multiple of the key block, a loop bound one block short drops the last visible keys of a row."""
-    if torch.cuda.is_available():
-        pytest.skip("interpreter test (the GPU matrix runs with the autotuner)")
-    import mmfast.triton.attention as T
-
-    n = max(len(T.fwd_configs(Lq, Lk, 16)), len(T.bwd_configs(Lq, Lk, 16)))
-    for i in range(n):
-        monkeypatch.setattr(T, "_choose", lambda key, cands, run, i=i: cands[min(i, len(cands) - 1)])
-        check("triton", 1, 1, Lq, Lk, 16, torch.float32, False, True)
+    _each_triton_config(monkeypatch, Lq, Lk, 16, lambda: check("triton", 1, 1, Lq, Lk, 16, torch.float32, False, True))
 
 
 def test_triton_config_chooser(monkeypatch):

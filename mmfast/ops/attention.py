@@ -404,8 +404,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     Equals ``F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_mask[:, None, None, :],
     dropout_p=dropout_p, scale=scale)`` except that a query row whose keys are all masked returns
     zeros (and zero gradients; so does every row when Lk = 0) and ``causal`` with Lq != Lk is
-    aligned bottom-right (query i sees keys j <= i + Lk - Lq). ``key_padding_mask``: bool (B, Lk), True = the key takes part. Dropout
-    draws its seed from torch's generator on q's device (``torch.manual_seed`` reproduces it).
+    aligned bottom-right (query i sees keys j <= i + Lk - Lq). ``key_padding_mask``: bool (B, Lk),
+    True = the key takes part. Dropout draws its seed from torch's generator on q's device
+    (``torch.manual_seed`` reproduces it).
     """
     _check_args(q, k, v, key_padding_mask, scale, dropout_p, backend)
     dtype, dropout = q.dtype, dropout_p > 0
