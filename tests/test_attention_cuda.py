@@ -250,7 +250,7 @@ def test_gpu_inputs_copied_when_not_streamable():
     check_args = dict(key_padding_mask=m, causal=True)
     testing.check_op(lambda q, k, v: attention(q, k, v, **check_args, backend="cuda"),
                      lambda q, k, v: R.attention(q, k, v, **check_args), [q, k, v], grad_inputs=[0, 1, 2],
-                     name="cuda strided k")
+                     name="cuda strided k", face=("attention", "cuda"), reduction=(max(q.shape[2], k.shape[2]), q.shape[3]))
     # a base that is not 16-byte aligned (check_op would clone it away): the same bits as aligned
     flat = torch.empty(q.numel() + 1, device="cuda", dtype=q.dtype)
     q_odd = flat[1:].view(q.shape)
@@ -288,7 +288,8 @@ def test_gpu_dropout_equals_reference_mask(D, Lq, Lk, causal, dtype):
     keep = dropout.keep_mask(s, B, H, Lq, Lk, p)
     testing.check_op(lambda q, k, v, m: _op("cuda", q, k, v, m, seed, causal, p),
                      _reference_with_mask(keep, p, causal), [q, k, v, m], grad_inputs=[0, 1, 2],
-                     name=f"cuda dropout {Lq}x{Lk} D{D} {dtype} causal={causal}")
+                     name=f"cuda dropout {Lq}x{Lk} D{D} {dtype} causal={causal}", face=("attention", "cuda"),
+                     reduction=(max(Lq, Lk), D))
 
 
 @pytest.mark.cuda

@@ -53,6 +53,11 @@ def faces_called(monkeypatch):
     return calls
 
 
+def _reduction(q, longest=None):
+    """Reductions behind one element: dot products over D, then sums over a sequence's keys or queries."""
+    return (longest or max(LENS_Q + LENS_K), q.shape[-1])
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend,dtype", [("cpu", torch.float32), ("cpu", torch.float16), ("cpu", torch.float64),
                                            ("triton", torch.float32), ("torch", torch.float32)])
@@ -61,7 +66,8 @@ def test_matches_float64_reference(backend, dtype, causal, faces_called):
     fn = lambda q, k, v, cq, ck: mmfast.ops.attention_varlen(q, k, v, cq, ck, max(LENS_Q), max(LENS_K),
                                                              causal=causal, backend=backend)
     ref = lambda q, k, v, cq, ck: ref_varlen(q, k, v, cq, ck, causal=causal)
-    check_op(fn, ref, [q, k, v, cq, ck], grad_inputs=(0, 1, 2), name=f"attention_varlen[{backend}]")
+    check_op(fn, ref, [q, k, v, cq, ck], grad_inputs=(0, 1, 2), name=f"attention_varlen[{backend}]",
+             face=("attention_varlen", backend), reduction=_reduction(q))
     sequences_with_both = sum(1 for a, b in zip(LENS_Q, LENS_K) if a and b)
     expected = {"torch": [], "cpu": ["cpu"] * sequences_with_both, "triton": ["triton varlen kernel"]}[backend]
     assert faces_called == expected
@@ -199,7 +205,8 @@ def test_long_sequences_across_blocks(backend, dtype, D, causal):
     fn = lambda q, k, v, cq, ck: mmfast.ops.attention_varlen(q, k, v, cq, ck, 33, 40, causal=causal, scale=0.3,
                                                              backend=backend)
     ref = lambda q, k, v, cq, ck: ref_varlen(q, k, v, cq, ck, causal=causal, scale=0.3)
-    check_op(fn, ref, [q, k, v, _cu(lens_q), _cu(lens_k)], grad_inputs=(0, 1, 2), name=f"attention_varlen[{backend}]")
+    check_op(fn, ref, [q, k, v, _cu(lens_q), _cu(lens_k)], grad_inputs=(0, 1, 2), name=f"attention_varlen[{backend}]",
+             face=("attention_varlen", backend), reduction=_reduction(q, max(lens_q + lens_k)))
 
 
 def test_per_sequence_loop_carries_the_lse_of_a_face_that_keeps_one():

@@ -297,4 +297,4 @@ def test_gpu_deferred_gradient_register_row_and_chunk_loop(backend, C):
     testing.check_op(
         lambda x, t: mmfast.ops.cross_entropy(x, t, label_smoothing=0.1, backend=backend) * 1024.0,
         lambda x, t: F.cross_entropy(x, t.to(x.device), label_smoothing=0.1) * 1024.0,
-        [x, t], grad_inputs=[0], name=f"{backend} 257x{C} bf16")
+        [x, t], grad_inputs=[0], name=f"{backend} 257x{C} bf16", face=("cross_entropy", backend), reduction=(C, 257))

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmfast import dispatch
+from mmfast import _provenance, dispatch
 from mmfast.ops.attention import MAX_HEAD_DIM
 from mmfast.reference.attention_varlen import attention_varlen as _reference, to_heads_first
 
@@ -97,6 +97,7 @@ def _varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seq
                    max_seqlen_k: int, seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
                    backend: str) -> tuple[Tensor, Tensor]:
     """(out (total_q, H, D), lse (H, total_q) float32; (0,) where the cpu attention face keeps none)."""
+    _provenance.record("attention_varlen", backend, "forward")
     if backend == "cpu":
         return _loop_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend)
     return dispatch.triton_face("attention_varlen").attention_varlen_forward(
@@ -115,6 +116,7 @@ def _varlen_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                    seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str
                    ) -> tuple[Tensor, Tensor, Tensor]:
+    _provenance.record("attention_varlen", backend, "backward")
     if backend == "cpu":
         return _loop_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, causal, scale,
                               dropout_p, backend)
@@ -219,7 +221,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         unsupported += (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),)
     be = dispatch.resolve("attention_varlen", backend, q.device.type, q.dtype, unsupported)
     if be == "torch":
-        return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, dropout_p=dropout_p)
+        return _provenance.reference_ran("attention_varlen", _reference(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, dropout_p=dropout_p))
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     seed = None
     if dropout_p > 0:  # drawn from q's device generator, so torch.manual_seed reproduces the masks
