@@ -184,6 +184,7 @@ def _cross_entropy_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor
                                ignore_index: int, label_smoothing: float, reduction: str, backend: str) -> Tensor:
     """d(loss)/d(logits) times the upstream gradient, written in one pass by the face kernel: the
     upstream factor (scalar or per row) goes in as the kernel's grad_scale, read on the device."""
+    _provenance.record("cross_entropy", backend, "backward")
     scale = _upstream_scale(grad_loss, reduction, target, weight, ignore_index, logits.shape[1])
     _, grad = _face_forward(backend)(logits, target, weight, ignore_index, label_smoothing, True, scale)
     return grad
