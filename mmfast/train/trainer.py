@@ -177,13 +177,14 @@ class Trainer:
         self.last_checkpoint: Path | None = None  # rank 0 only
         self._saved_step = None  # every rank: the step of the newest checkpoint
         self.stopped_early = False
-        self._tensorboard = self._open_tensorboard() if cfg.tensorboard and self.is_main else None
         torch.manual_seed(cfg.seed + self.rank)  # dropout etc.; differs per rank, like the data
         if cfg.resume:
             self._resume()
         elif cfg.out_dir and ckpt_io.find_checkpoint(cfg.out_dir) is not None:  # every rank: all stop alike
             raise FileExistsError(f"out_dir {cfg.out_dir} already holds a checkpoint: resume it (resume=True, "
                                   "--resume) or choose another directory")
+        # after a resume: events of replayed steps (after the checkpoint) are purged, like metrics.jsonl rows
+        self._tensorboard = self._open_tensorboard() if cfg.tensorboard and self.is_main else None
 
     # ----------------------------------------------------------------------------------- set-up
     def _open_tensorboard(self):
