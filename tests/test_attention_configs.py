@@ -175,17 +175,23 @@ def test_gpu_launch_on_the_tensors_device():
     torch.testing.assert_close(out.cpu(), ref.cpu())
 
 
-def test_auto_sends_gpu_float32_to_the_reference_but_explicit_triton_stays():
+def test_auto_sends_gpu_float32_to_the_reference_but_explicit_triton_stays(monkeypatch):
     """fp32 Triton attention on a GPU: backend='auto' resolves to the reference; backend='triton'
-    is not blocked. (Resolved for device type "cuda" without a GPU: the Triton face would be
-    available by import, so without the rule auto would pick it.)"""
+    is not blocked. (Resolved for device type "cuda" without a GPU, with MMFAST_TRUST_UNVERIFIED=1 so
+    that safe auto would take the Triton face where nothing rules it out.)"""
     import mmfast.dispatch as dispatch
     from mmfast.ops.attention import _unsupported
 
-    auto = _unsupported("cuda", torch.float32, False, "auto")
-    assert dispatch.resolve("attention", "auto", "cuda", torch.float32, auto) == "torch"
-    assert dispatch.resolve("attention", "auto", "cuda", torch.float32, ()) == "triton"
-    assert dispatch.resolve("attention", "triton", "cuda", torch.float32,
-                            _unsupported("cuda", torch.float32, False, "triton")) == "triton"
-    assert dispatch.resolve("attention", "auto", "cuda", torch.float16,
-                            _unsupported("cuda", torch.float16, False, "auto")) == "triton"
+    monkeypatch.setenv("MMFAST_TRUST_UNVERIFIED", "1")
+    dispatch.refresh()
+    try:
+        auto = _unsupported("cuda", torch.float32, 64, "auto")
+        assert dispatch.resolve("attention", "auto", "cuda", torch.float32, auto) == "torch"
+        assert dispatch.resolve("attention", "auto", "cuda", torch.float32, ()) == "triton"
+        assert dispatch.resolve("attention", "triton", "cuda", torch.float32,
+                                _unsupported("cuda", torch.float32, 64, "triton")) == "triton"
+        assert dispatch.resolve("attention", "auto", "cuda", torch.float16,
+                                _unsupported("cuda", torch.float16, 64, "auto")) == "triton"
+    finally:
+        monkeypatch.delenv("MMFAST_TRUST_UNVERIFIED")
+        dispatch.refresh()
