@@ -25,6 +25,7 @@ per architecture, fused speed / eager-twin speed (same weights, same batch of 8,
 backward + AdamW) at tiny size with 1 thread and at small size (MiniLM-L6 + ViT-S/16, 224 px, text
 40) with 2 threads, inference (eval, no grad) at small size with 2 threads, and the tiny training
 step against ``torch.compile(eager twin)`` (inductor; skipped with ``MMFAST_BENCH_MODELS_COMPILE=0``).
+``MMFAST_BENCH_CPU_SIZES=tiny`` (or ``small``) runs one size only.
 """
 
 from __future__ import annotations
@@ -190,9 +191,9 @@ def _interleaved_medians(steps: dict, rounds: int, warmup: int = 2) -> dict:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def cpu_table(archs=None, rounds: int = 5, compile_: bool = True) -> list[dict]:
+def cpu_table(archs=None, rounds: int = 5, compile_: bool = True, sizes=("tiny", "small")) -> list[dict]:
     archs = archs or list(mm.ARCHS)
-    cases = [("tiny", 1, "train"), ("small", 2, "train"), ("small", 2, "infer")]
+    cases = [c for c in [("tiny", 1, "train"), ("small", 2, "train"), ("small", 2, "infer")] if c[0] in sizes]
     rows = []
     for arch in archs:
         row = {"arch": arch}
@@ -204,7 +205,7 @@ def cpu_table(archs=None, rounds: int = 5, compile_: bool = True) -> list[dict]:
             row[f"{size}/{threads}/{mode}/ms"] = (med["fused"] * 1e3, med["eager"] * 1e3)
             print(f"  {arch} {size} {threads} thread(s) {mode}: fused {med['fused'] * 1e3:.1f} ms, "
                   f"eager {med['eager'] * 1e3:.1f} ms", flush=True)
-        if compile_:
+        if compile_ and "tiny" in sizes:
             torch.set_num_threads(1)
             steps, eager, inputs = _cpu_pair(arch, "tiny", "train")
             steps["compile"] = _cpu_step(torch.compile(eager), eager, inputs, "train")
@@ -245,4 +246,6 @@ if __name__ == "__main__":
     if os.environ.get("MMFAST_BENCH_CPU") != "1":
         raise SystemExit("run the pytest suite (pytest benchmarks/bench_models.py), or set MMFAST_BENCH_CPU=1 "
                          "for the CPU table")
-    print_cpu_table(cpu_table(ARCHS, rounds=int(os.environ.get("MMFAST_BENCH_CPU_STEPS", "5")), compile_=COMPILE))
+    sizes = os.environ.get("MMFAST_BENCH_CPU_SIZES", "tiny,small").split(",")
+    print_cpu_table(cpu_table(ARCHS, rounds=int(os.environ.get("MMFAST_BENCH_CPU_STEPS", "5")), compile_=COMPILE,
+                              sizes=sizes))

@@ -108,19 +108,17 @@ MMFAST_INLINE void vstore(T* p, V<T> x) { *reinterpret_cast<V<T>*>(p) = x; }
 template <typename T>
 MMFAST_INLINE V<T> vsplat(T x) { return V<T>{} + x; }
 
-// exp2(x) for x <= 0 (x = -inf gives 0): 2^n * poly(x - n), n = round-down(x); relative error ~2e-7
-// in float32. Vectorised by hand (no library call in the loop); float64 uses std::exp2.
+// exp2(x) for x <= 0 (x = -inf gives 0): 2^n * poly(x - n), n = x rounded to nearest, so the
+// polynomial (Cephes' exp2f, ~1 ulp) sees [-0.5, 0.5]. Vectorised by hand (no library call in the
+// loop); float64 uses std::exp2.
 MMFAST_INLINE V<float> exp2_nonpos(V<float> x) {
   typedef int32_t VI __attribute__((vector_size(64)));
-  const V<float> lo = vsplat(-127.f);
+  const V<float> lo = vsplat(-126.f);
   const VI below = x < lo;
   x = below ? lo : x;
-  VI n = __builtin_convertvector(x, VI);  // truncates toward zero
-  V<float> fl = __builtin_convertvector(n, V<float>);
-  const VI fix = fl > x;  // negative non-integers: step down
-  n += fix;               // fix is -1 where true
-  fl = __builtin_convertvector(n, V<float>);
-  const V<float> f = x - fl;
+  // x - 0.5 < 0, so truncation is ceil(x - 0.5): x rounded to nearest
+  const VI n = __builtin_convertvector(x - 0.5f, VI);
+  const V<float> f = x - __builtin_convertvector(n, V<float>);  // [-0.5, 0.5]
   V<float> p = vsplat(1.535336188319500e-4f);
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
@@ -391,18 +389,15 @@ MMFAST_INLINE void backward_task(const Problem& P, const BwdIn& g, int64_t bh, T
     }
     exp2_row(s, lse, P.Lkp);
     row_scores(dorow, vt, P.Lkp, D, P.Lkp, dp);  // dp_j = dO_i . v_j
-    pack_rows(g.out, b, h, i, 1, D, dqrow);  // scratch: O_i
-    T delta = 0;                             // dO_i . O_i
-    for (int64_t d = 0; d < D; ++d) delta += dorow[d] * dqrow[d];
-    if (P.dropout_p > 0) {
-      dropout_row(P, bh, i, end, keep);
-      for (int64_t j = 0; j < end; ++j) {
-        const T p = s[j];
-        s[j] = p * keep[j];                      // the dropped probability: weight of dO_i in dv_j
-        dp[j] = p * (keep[j] * dp[j] - delta);   // ds_j
-      }
-    } else {
-      for (int64_t j = 0; j < end; ++j) dp[j] = s[j] * (dp[j] - delta);
+    // delta = dO_i . O_i, computed as sum_j (dropped p_j)(dO_i . v_j) from this row's own numbers, so
+    // ds sums to zero over the row exactly where it should (one visible key: dq = 0, not round-off)
+    if (P.dropout_p > 0) dropout_row(P, bh, i, end, keep);
+    T delta = 0;
+    for (int64_t j = 0; j < end; ++j) delta += (P.dropout_p > 0 ? s[j] * keep[j] : s[j]) * dp[j];
+    for (int64_t j = 0; j < end; ++j) {
+      const T p = s[j], pd = P.dropout_p > 0 ? p * keep[j] : p;
+      dp[j] = pd * dp[j] - p * delta;  // ds_j = p_j (z_j dp_j - delta)
+      s[j] = pd;                       // the dropped probability: weight of dO_i in dv_j
     }
     for (int64_t d = 0; d < D; ++d) dqrow[d] = T(0);
     accumulate_rows(dp, kr, D, end, dqrow);
