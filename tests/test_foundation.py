@@ -72,14 +72,17 @@ def test_auto_picks_cpu_face_on_cpu_when_built():
 
 
 def test_cuda_face_is_preferred_only_where_the_table_says_verified_and_faster(monkeypatch):
-    row = dict(op="cross_entropy", backend="cuda", arch="sm_90", dtype="bfloat16", correct=True,
-               faster_than_triton=True)
+    """MMFAST_TRUST_UNVERIFIED's order: the CUDA face before Triton only where the table has it
+    verified and at least as fast as a verified Triton face in every size bucket both were timed in."""
+    row = dict(op="cross_entropy", backend="cuda", arch="sm_90", dtype="bfloat16", verified=True,
+               speedup_vs_reference={"large": 2.0})
+    triton = dict(row, backend="triton", speedup_vs_reference={"large": 1.5})
     prefers = lambda rows: (monkeypatch.setattr(dispatch, "kernel_table", lambda: rows),
                             dispatch.cuda_preferred("cross_entropy", "sm_90", torch.bfloat16))[1]
     assert not prefers([])
-    assert prefers([row])
-    assert not prefers([dict(row, faster_than_triton=False)])
-    assert not prefers([dict(row, correct=False)])
+    assert prefers([row]) and prefers([row, triton])
+    assert not prefers([row, dict(triton, speedup_vs_reference={"large": 3.0})])
+    assert not prefers([dict(row, verified=False)])
     assert not prefers([dict(row, arch="sm_80")]) and not prefers([dict(row, dtype="float16")])
     assert not prefers([dict(row, op="attention")]) and not prefers([dict(row, backend="triton")])
 

@@ -110,14 +110,14 @@ def test_check_op_fails_when_only_the_backward_is_not_the_face(monkeypatch):
                                    name="attention")
     run()
 
-    def reference_backward(grad_out, q, k, v, out, lse, mask, seed, causal, scale, dropout_p, backend):
+    def reference_backward(backend, grad_out, q, k, v, out, lse, mask, seed, causal, scale, dropout_p):
         _provenance.record("attention", "torch", "backward")
         with torch.enable_grad():
             x = [t.detach().requires_grad_() for t in (q, k, v)]
             o = ref_attention(*x, key_padding_mask=mask, causal=causal, scale=scale)
             return torch.autograd.grad(o, x, grad_out)
 
-    monkeypatch.setattr(A, "_attention_bwd_op", reference_backward)
+    monkeypatch.setattr(A, "_run_backward", reference_backward)  # every path's way to the backward face
     with pytest.raises(AssertionError, match=r"face 'cpu' did not run backward.*attention/torch/backward"):
         run()
 
