@@ -102,7 +102,8 @@ def test_cpp_kernel_rule(monkeypatch, dtype, B, H, Lq, Lk, D, mask, causal, nonc
     testing.check_op(
         lambda q, k, v, m: A.attention(q, k, v, key_padding_mask=m, causal=causal, backend="cpu"),
         lambda q, k, v, m: R.attention(q, k, v, key_padding_mask=m, causal=causal),
-        [q, k, v, m], grad_inputs=[0, 1, 2], name=f"cpp {B}x{H} {Lq}x{Lk} D{D} {dtype} mask={mask} causal={causal}")
+        [q, k, v, m], grad_inputs=[0, 1, 2], name=f"cpp {B}x{H} {Lq}x{Lk} D{D} {dtype} mask={mask} causal={causal}",
+        face=("attention", "cpu"), reduction=(max(Lq, Lk), D))
 
 
 @needs_cpp
@@ -143,14 +144,15 @@ def test_cpp_dropout_backward_matches_its_mask():
     keep = keep_mask(seed, B, H, Lq, Lk, p)
 
     def fn(q, k, v, m):
-        return A._CpuAttention.apply(q, k, v, m, torch.tensor([seed]), False, D ** -0.5, p)
+        return A._EagerAttention.apply(q, k, v, m, torch.tensor([seed]), False, D ** -0.5, p, "cpu")
 
     def ref(q, k, v, m):
         e = torch.eye(Lk, dtype=q.dtype).expand(B, H, Lk, Lk)
         probs = R.attention(q, k, e, key_padding_mask=m)
         return (probs * keep.to(q.dtype) / (1 - p)) @ v
 
-    testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], name="cpp dropout")
+    testing.check_op(fn, ref, [q, k, v, m], grad_inputs=[0, 1, 2], name="cpp dropout", face=("attention", "cpu"),
+                     reduction=(max(q.shape[2], k.shape[2]), q.shape[3]))
 
 
 # ---------------------------------------------------------------------------------------------
