@@ -5,13 +5,14 @@
 # tree: tests/test_stable_abi.py (no unstable symbol, every op registered, errors cross the ABI) and
 # the C++ CPU face of every op under the correctness rule, opcheck and torch.compile.
 #   bash scripts/check_torch211.sh [WHEEL]    # default: the newest dist/*.whl, else build_wheel.sh
-# The venv is cached in .cache/torch211 (git-ignored; MMFAST_TORCH211_VENV overrides): the first run
+# The venv is cached outside the checkout, in ~/.cache/mmfast-torch211 (so fresh clones and CI reuse it;
+# MMFAST_TORCH211_VENV overrides): the first run
 # downloads torch 2.11.0 with its CUDA libraries from PyPI (~4.7 GB, ~5 min here), later runs reuse it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-.venv/bin/python}
-VENV=${MMFAST_TORCH211_VENV:-$ROOT/.cache/torch211}
+VENV=${MMFAST_TORCH211_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mmfast-torch211}
 TORCH_VERSION=2.11.0
 start=$(date +%s)
 
