@@ -401,7 +401,8 @@ def run(args) -> int:
     say = lambda msg: print(msg, file=sys.stderr, flush=True)
     rows = triton_rows(args.arch, Path(args.cache) if args.cache else None, args.jobs, progress=say, only=args.only,
                        cached_only=args.cached_only)
-    rows += cuda_rows(args.library)
+    rows += [r for r in cuda_rows(args.library)  # --only applies to them as to the Triton rows
+             if not args.only or re.search(args.only, " ".join((r["op"], r["kernel"], r["dtype"], r["config"])))]
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(markdown(rows, args.arch))
