@@ -94,6 +94,13 @@ def _bundled_tool(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+def cache_key(source_hash: str, options: dict, target, triton_version: str, triton_dir: str) -> str:
+    """The cache key of one compile. Options hold absolute paths into the triton package (libdevice):
+    keyed without them, so the committed cache serves any checkout and virtual env (CI's fresh clone)."""
+    opts = str(sorted(options.items())).replace(triton_dir, "<triton>")
+    return hashlib.sha256(f"{source_hash}|{opts}|{target}|{triton_version}".encode()).hexdigest()
+
+
 class _Compiler:
     """Compiles one Launch for the target the way Triton's launcher would (same binder, so the
     same specialisation of the arguments), without a GPU."""
@@ -120,11 +127,7 @@ class _Compiler:
         bound, spec, opts = self._binders[fn](*launch.args, **launch.kwargs)
         options, signature, constexprs, attrs = fn._pack_args(self.backend, launch.kwargs, bound, spec, opts)
         src = ASTSource(fn, signature, constexprs, attrs)
-        # options hold absolute paths into the triton package (libdevice): keyed without them, so the
-        # committed cache serves any checkout and virtual env (CI's fresh clone included)
-        opts = str(sorted(options.__dict__.items())).replace(self.triton_dir, "<triton>")
-        key = hashlib.sha256(f"{src.hash()}|{opts}|{self.target}|{self.triton_version}".encode()).hexdigest()
-        return src, options, key
+        return src, options, cache_key(src.hash(), options.__dict__, self.target, self.triton_version, self.triton_dir)
 
     def compile(self, launch) -> dict:
         import triton

@@ -74,3 +74,12 @@ def test_report_compiles_offline_for_sm90(tmp_path):
     assert "compiling 1 Triton" in r.stderr
     r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert json.loads(r2.stdout) == rows and "compiling" not in r2.stderr
+
+
+def test_cache_key_does_not_depend_on_where_triton_is_installed():
+    """The committed cache must serve a fresh clone with its own virtual env (CI): libdevice's absolute
+    path in the compile options is not part of the key; everything else is."""
+    opts = lambda root: {"num_warps": 4, "extern_libs": (("libdevice", f"{root}/backends/nvidia/lib/libdevice.10.bc"),)}
+    key = lambda root, **kw: K.cache_key("src", dict(opts(root), **kw), "cuda:90", "3.8.0", root)
+    assert key("/a/.venv/site-packages/triton") == key("/tmp/ci/.venv/site-packages/triton")
+    assert key("/a/triton") != key("/a/triton", num_warps=8)
