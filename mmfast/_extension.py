@@ -88,6 +88,27 @@ def load_error() -> str | None:
     return _load_error
 
 
+_CPU_ISAS = ("base", "avx2", "avx512")  # the order of csrc/cpu/isa.h's Isa enum
+
+
+def cpu_isa() -> str | None:
+    """Which instruction set the C++ CPU kernels run here: "avx512", "avx2" or "base" (the
+    extension is built for baseline x86-64 and picks its hot loops at run time), or None when
+    the extension is not loaded. ``MMFAST_CPU_ISA=base|avx2|avx512`` narrows the choice (never
+    past what the CPU has); a value it does not know is ignored with one warning."""
+    if not load() or not hasattr(torch.ops.mmfast_C, "cpu_isa"):
+        return None
+    asked = os.environ.get("MMFAST_CPU_ISA")
+    if asked and asked not in _CPU_ISAS:
+        _warn_once(f"mmfast: MMFAST_CPU_ISA={asked!r} is not one of {', '.join(_CPU_ISAS)}; ignoring it")
+    return _CPU_ISAS[torch.ops.mmfast_C.cpu_isa()]
+
+
+@lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message)
+
+
 def has_kernel(name: str, dispatch_key: str) -> bool:
     """Whether ``torch.ops.mmfast_C.<name>`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
     if not load():

@@ -37,7 +37,7 @@ def _print_info(info: dict) -> None:
     print("GPU:", v["gpu"] or "none", "| TRITON_INTERPRET:", v["triton_interpret"])
     if ext["built"] and ext["loaded"]:
         cuda = f"CUDA sources for {', '.join(ext['archs'])}" if ext["cuda_sources"] else f"no CUDA sources ({ext['why_not']})"
-        print(f"extension mmfast._C: built and loaded; {cuda}")
+        print(f"extension mmfast._C: built and loaded; {cuda}; C++ CPU kernels run {ext['cpu_isa']}")
     else:
         print(f"extension mmfast._C: not available ({ext['why_not']})")
     print("default backend:", info["default_backend"])

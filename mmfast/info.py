@@ -40,6 +40,7 @@ def backends() -> dict:
         "loaded": loaded,
         "cuda_sources": bool(info.get("cuda")),
         "archs": info.get("archs", []),
+        "cpu_isa": _extension.cpu_isa(),
         "why_not": info.get("reason") or (None if loaded else _extension.load_error()),
     }
     ops = {}

@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "philox.h"
 
 namespace mmfast {
@@ -89,7 +90,6 @@ inline int64_t visible_end(const Problem& P, int64_t i) {
 
 // ------------------------------------------------------------------ vectorisable kernels
 // Everything below is inlined into one function per instruction set (see the *_range wrappers).
-#define MMFAST_INLINE inline __attribute__((always_inline))
 
 // One 64-byte vector of T (an AVX-512 register; two AVX2 or four SSE registers on smaller ISAs),
 // loaded and stored unaligned. GCC's vector extensions: the compiler maps them onto the ISA of the
@@ -442,34 +442,14 @@ struct Scratch {
     for (int64_t t = begin; t < end; ++t) backward_task(P, g, t, kt, vt, kr, dk, dv, s, dp, keep, qrow, dorow, dqrow); \
   }
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define MMFAST_AVX512_ATTRS __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), noinline))
-#define MMFAST_AVX2_ATTRS __attribute__((target("avx2,fma"), noinline))
+#ifdef MMFAST_HAVE_X86_ISAS
 MMFAST_FORWARD_RANGE(forward_avx512, MMFAST_AVX512_ATTRS)
 MMFAST_FORWARD_RANGE(forward_avx2, MMFAST_AVX2_ATTRS)
 MMFAST_BACKWARD_RANGE(backward_avx512, MMFAST_AVX512_ATTRS)
 MMFAST_BACKWARD_RANGE(backward_avx2, MMFAST_AVX2_ATTRS)
 #endif
-MMFAST_FORWARD_RANGE(forward_base, __attribute__((noinline)))
-MMFAST_BACKWARD_RANGE(backward_base, __attribute__((noinline)))
-
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kBase;
-  }();
-  return isa;
-#else
-  return Isa::kBase;
-#endif
-}
+MMFAST_FORWARD_RANGE(forward_base, MMFAST_BASE_ATTRS)
+MMFAST_BACKWARD_RANGE(backward_base, MMFAST_BASE_ATTRS)
 
 // ------------------------------------------------------------------ argument checks and set-up
 void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
@@ -548,7 +528,7 @@ void run_forward(const Problem& P, const FwdOut& o) {
     T* keep = sc.take(P.Lkp);
     T* qrow = sc.take(P.D);
     T* acc = sc.take(P.D);
-#if defined(__x86_64__) || defined(_M_X64)
+#ifdef MMFAST_HAVE_X86_ISAS
     if (isa == Isa::kAvx512) return forward_avx512<T>(P, o, begin, end, kt, vr, s, keep, qrow, acc);
     if (isa == Isa::kAvx2) return forward_avx2<T>(P, o, begin, end, kt, vr, s, keep, qrow, acc);
 #endif
@@ -575,7 +555,7 @@ void run_backward(const Problem& P, const BwdIn& g) {
     T* qrow = sc.take(P.D);
     T* dorow = sc.take(P.D);
     T* dqrow = sc.take(P.D);
-#if defined(__x86_64__) || defined(_M_X64)
+#ifdef MMFAST_HAVE_X86_ISAS
     if (isa == Isa::kAvx512)
       return backward_avx512<T>(P, g, begin, end, kt, vt, kr, dk, dv, s, dp, keep, qrow, dorow, dqrow);
     if (isa == Isa::kAvx2)

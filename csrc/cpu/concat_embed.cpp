@@ -19,15 +19,17 @@
 
 #include "common.h"
 #include "concat_embed.h"
+#include "isa.h"
 
 namespace mmfast {
 namespace {
 
 constexpr int64_t kMaxModalities = kConcatEmbedMaxModalities;
 constexpr int64_t kPosBlock = 8;  // positions per backward block
-constexpr int kLanes = 16;        // independent accumulators in row sums (vectorisable, accurate)
+constexpr int kLanes = 64;        // independent accumulators in row sums: four AVX-512 registers, so the
+                                  // adds do not wait on each other; also more accurate than one running sum
 
-inline uint32_t fmix32(uint32_t h) {
+MMFAST_INLINE uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
   h ^= h >> 13;
@@ -39,7 +41,7 @@ inline uint32_t fmix32(uint32_t h) {
 // Keep mask of n consecutive flat indices starting at base, as acc_t multipliers (scale or 0).
 // Written as plain loops over 32-bit lanes so the compiler vectorises the hash.
 template <typename acc_t>
-inline void dropout_row(uint64_t base, int64_t n, uint32_t k0, uint32_t k1, uint32_t thresh, acc_t scale,
+MMFAST_INLINE void dropout_row(uint64_t base, int64_t n, uint32_t k0, uint32_t k1, uint32_t thresh, acc_t scale,
                         uint32_t* hbuf, acc_t* x) {
   const uint32_t lo0 = static_cast<uint32_t>(base), hi0 = static_cast<uint32_t>(base >> 32);
   for (int64_t j = 0; j < n; ++j) {
@@ -56,7 +58,7 @@ inline uint32_t dropout_threshold(double p) {
 }
 
 template <typename acc_t>
-inline double lane_sum(const acc_t* x, int64_t n) {
+MMFAST_INLINE double lane_sum(const acc_t* x, int64_t n) {
   acc_t lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -68,7 +70,7 @@ inline double lane_sum(const acc_t* x, int64_t n) {
 }
 
 template <typename acc_t>
-inline double lane_dot(const acc_t* x, const acc_t* y, int64_t n) {
+MMFAST_INLINE double lane_dot(const acc_t* x, const acc_t* y, int64_t n) {
   acc_t lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -76,6 +78,27 @@ inline double lane_dot(const acc_t* x, const acc_t* y, int64_t n) {
   double s = 0;
   for (int k = 0; k < kLanes; ++k) s += lanes[k];
   for (; j < n; ++j) s += static_cast<double>(x[j]) * y[j];
+  return s;
+}
+
+// x[j] -= mean for the row; returns the sum of the centred squares (the two-pass variance, without
+// a third pass over the row).
+template <typename acc_t>
+MMFAST_INLINE double center_and_square(acc_t* x, acc_t mean, int64_t n) {
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const acc_t v = x[j + k] - mean;
+      x[j + k] = v;
+      lanes[k] += v * v;
+    }
+  double s = 0;
+  for (int k = 0; k < kLanes; ++k) s += lanes[k];
+  for (; j < n; ++j) {
+    x[j] -= mean;
+    s += static_cast<double>(x[j]) * x[j];
+  }
   return s;
 }
 
@@ -129,7 +152,7 @@ Plan<acc_t> make_plan(const std::vector<Tensor>& features, const std::optional<T
 
 // x[0..D) = features row + position row + type row, in acc_t, in eager's order of additions.
 template <typename scalar_t, typename acc_t>
-inline void load_row(const Plan<acc_t>& p, const scalar_t* const* feats, int64_t m, int64_t b, int64_t l,
+MMFAST_INLINE void load_row(const Plan<acc_t>& p, const scalar_t* const* feats, int64_t m, int64_t b, int64_t l,
                      acc_t* x) {
   const int64_t D = p.D;
   const scalar_t* f = feats[m] + (b * p.L[m] + l) * D;
@@ -144,40 +167,162 @@ inline void load_row(const Plan<acc_t>& p, const scalar_t* const* feats, int64_t
   }
 }
 
+// Rows [begin, end) of the forward; x and hbuf are D-long scratch rows.
+template <typename scalar_t, typename acc_t>
+MMFAST_INLINE void forward_rows(const Plan<acc_t>& p, const scalar_t* const* feats, scalar_t* out, acc_t* mean_out,
+                                acc_t* rstd_out, double eps, int64_t begin, int64_t end, acc_t* x, uint32_t* hbuf) {
+  const int64_t D = p.D;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t b = r / p.Ltot, t = r % p.Ltot;
+    int64_t m = 0;
+    while (t >= p.off[m + 1]) ++m;
+    load_row<scalar_t, acc_t>(p, feats, m, b, t - p.off[m], x);
+    scalar_t* o = out + r * D;
+    if (p.w) {
+      const acc_t mean = static_cast<acc_t>(lane_sum(x, D) / D);
+      // two-pass variance (centred first): no cancellation
+      const acc_t var = static_cast<acc_t>(center_and_square(x, mean, D) / D);
+      const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(var) + eps));
+      mean_out[r] = mean;
+      rstd_out[r] = rstd;
+      if (!p.dropout) {  // the common case: normalise straight into the output row
+        if (p.bias) {
+          for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(x[j] * rstd * p.w[j] + p.bias[j]);
+        } else {
+          for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(x[j] * rstd * p.w[j]);
+        }
+        continue;
+      }
+      if (p.bias) {
+        for (int64_t j = 0; j < D; ++j) x[j] = x[j] * rstd * p.w[j] + p.bias[j];
+      } else {
+        for (int64_t j = 0; j < D; ++j) x[j] = x[j] * rstd * p.w[j];
+      }
+    }
+    if (p.dropout)
+      dropout_row(static_cast<uint64_t>(r) * static_cast<uint64_t>(D), D, p.k0, p.k1, p.thresh, p.scale, hbuf, x);
+    for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(x[j]);
+  }
+}
+
+#define MMFAST_CONCAT_FORWARD_ROWS(NAME, ATTRS)                                                            \
+  template <typename scalar_t, typename acc_t>                                                            \
+  ATTRS void NAME(const Plan<acc_t>& p, const scalar_t* const* feats, scalar_t* out, acc_t* mean_out,     \
+                  acc_t* rstd_out, double eps, int64_t begin, int64_t end, acc_t* x, uint32_t* hbuf) {    \
+    forward_rows<scalar_t, acc_t>(p, feats, out, mean_out, rstd_out, eps, begin, end, x, hbuf);          \
+  }
+#ifdef MMFAST_HAVE_X86_ISAS
+MMFAST_CONCAT_FORWARD_ROWS(forward_rows_avx512, MMFAST_AVX512_ATTRS)
+MMFAST_CONCAT_FORWARD_ROWS(forward_rows_avx2, MMFAST_AVX2_ATTRS)
+#endif
+MMFAST_CONCAT_FORWARD_ROWS(forward_rows_base, MMFAST_BASE_ATTRS)
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const Plan<acc_t>& p, const scalar_t* const* feats, scalar_t* out, acc_t* mean_out,
                     acc_t* rstd_out, double eps) {
-  const int64_t D = p.D, rows = p.B * p.Ltot;
-  parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(D);
-    std::vector<uint32_t> hbuf(p.dropout ? D : 0);
-    acc_t* x = buf.data();
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / p.Ltot, t = r % p.Ltot;
-      int64_t m = 0;
-      while (t >= p.off[m + 1]) ++m;
-      load_row<scalar_t, acc_t>(p, feats, m, b, t - p.off[m], x);
-      if (p.w) {
-        const acc_t mean = static_cast<acc_t>(lane_sum(x, D) / D);
-        for (int64_t j = 0; j < D; ++j) x[j] -= mean;  // two-pass variance: no cancellation
-        const acc_t var = static_cast<acc_t>(lane_dot(x, x, D) / D);
-        const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(var) + eps));
-        mean_out[r] = mean;
-        rstd_out[r] = rstd;
-        if (p.bias) {
-          for (int64_t j = 0; j < D; ++j) x[j] = x[j] * rstd * p.w[j] + p.bias[j];
-        } else {
-          for (int64_t j = 0; j < D; ++j) x[j] = x[j] * rstd * p.w[j];
-        }
-      }
-      scalar_t* o = out + r * D;
-      if (p.dropout)
-        dropout_row(static_cast<uint64_t>(r) * static_cast<uint64_t>(D), D, p.k0, p.k1, p.thresh, p.scale,
-                    hbuf.data(), x);
-      for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(x[j]);
-    }
+  const Isa isa = cpu_isa();
+  parallel_for(0, p.B * p.Ltot, 8, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> x(p.D);
+    std::vector<uint32_t> hbuf(p.dropout ? p.D : 0);
+#ifdef MMFAST_HAVE_X86_ISAS
+    if (isa == Isa::kAvx512)
+      return forward_rows_avx512(p, feats, out, mean_out, rstd_out, eps, begin, end, x.data(), hbuf.data());
+    if (isa == Isa::kAvx2)
+      return forward_rows_avx2(p, feats, out, mean_out, rstd_out, eps, begin, end, x.data(), hbuf.data());
+#endif
+    forward_rows_base(p, feats, out, mean_out, rstd_out, eps, begin, end, x.data(), hbuf.data());
   });
 }
+
+// Everything the first backward stage reads and writes, resolved by backward_kernel.
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const Plan<acc_t>& p;
+  const scalar_t* gout;
+  const scalar_t* const* feats;
+  const acc_t* mean_in;
+  const acc_t* rstd_in;
+  scalar_t* const* gfeat;
+  acc_t* const* gpos;
+  const int64_t* blk_m;   // modality of each block
+  const int64_t* blk_l0;  // its first position
+  const int64_t* blk_l1;  // one past its last position
+  acc_t* partial;         // per block: [weight | bias | type] partial sums, each D wide
+  bool want_type;
+};
+
+// The gradient g of one input row goes to its feature row, and is added to its position row and
+// its block's type partial sum (each when there is one): one pass over g.
+template <typename scalar_t, typename acc_t>
+MMFAST_INLINE void scatter_row_grad(const acc_t* g, int64_t D, scalar_t* gf, acc_t* dpos, acc_t* pt) {
+  if (dpos && pt) {
+    for (int64_t j = 0; j < D; ++j) {
+      gf[j] = static_cast<scalar_t>(g[j]);
+      dpos[j] += g[j];
+      pt[j] += g[j];
+    }
+  } else if (dpos || pt) {
+    acc_t* sum = dpos ? dpos : pt;
+    for (int64_t j = 0; j < D; ++j) {
+      gf[j] = static_cast<scalar_t>(g[j]);
+      sum[j] += g[j];
+    }
+  } else {
+    for (int64_t j = 0; j < D; ++j) gf[j] = static_cast<scalar_t>(g[j]);
+  }
+}
+
+// Blocks [begin, end) of the first backward stage; x, g and hbuf are D-long scratch rows.
+template <typename scalar_t, typename acc_t>
+MMFAST_INLINE void backward_blocks(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end, acc_t* x,
+                                   acc_t* g, uint32_t* hbuf) {
+  const Plan<acc_t>& p = a.p;
+  const int64_t D = p.D;
+  const bool ln = p.w != nullptr;
+  for (int64_t k = begin; k < end; ++k) {
+    const int64_t m = a.blk_m[k];
+    acc_t* pw = a.partial + k * 3 * D;
+    acc_t* pb = pw + D;
+    acc_t* pt = pb + D;
+    for (int64_t l = a.blk_l0[k]; l < a.blk_l1[k]; ++l) {
+      acc_t* dpos = a.gpos[m] ? a.gpos[m] + l * D : nullptr;
+      if (dpos) std::fill(dpos, dpos + D, acc_t(0));
+      for (int64_t b = 0; b < p.B; ++b) {
+        const int64_t r = b * p.Ltot + p.off[m] + l;
+        const scalar_t* go = a.gout + r * D;
+        for (int64_t j = 0; j < D; ++j) g[j] = static_cast<acc_t>(go[j]);
+        if (p.dropout)
+          dropout_row(static_cast<uint64_t>(r) * static_cast<uint64_t>(D), D, p.k0, p.k1, p.thresh, p.scale, hbuf, g);
+        if (ln) {
+          load_row<scalar_t, acc_t>(p, a.feats, m, b, l, x);
+          const acc_t mean = a.mean_in[r], rstd = a.rstd_in[r];
+          for (int64_t j = 0; j < D; ++j) {
+            x[j] = (x[j] - mean) * rstd;  // x-hat
+            pw[j] += g[j] * x[j];
+            pb[j] += g[j];
+            g[j] *= p.w[j];  // now d(loss)/d(x-hat)
+          }
+          const acc_t c1 = static_cast<acc_t>(lane_sum(g, D) / D);
+          const acc_t c2 = static_cast<acc_t>(lane_dot(g, x, D) / D);
+          for (int64_t j = 0; j < D; ++j) g[j] = rstd * (g[j] - c1 - x[j] * c2);  // now d/dx
+        }
+        scatter_row_grad<scalar_t, acc_t>(g, D, a.gfeat[m] + (b * p.L[m] + l) * D, dpos, a.want_type ? pt : nullptr);
+      }
+    }
+  }
+}
+
+#define MMFAST_CONCAT_BACKWARD_BLOCKS(NAME, ATTRS)                                                         \
+  template <typename scalar_t, typename acc_t>                                                            \
+  ATTRS void NAME(const BackwardArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end, acc_t* x, acc_t* g, \
+                  uint32_t* hbuf) {                                                                       \
+    backward_blocks<scalar_t, acc_t>(a, begin, end, x, g, hbuf);                                          \
+  }
+#ifdef MMFAST_HAVE_X86_ISAS
+MMFAST_CONCAT_BACKWARD_BLOCKS(backward_blocks_avx512, MMFAST_AVX512_ATTRS)
+MMFAST_CONCAT_BACKWARD_BLOCKS(backward_blocks_avx2, MMFAST_AVX2_ATTRS)
+#endif
+MMFAST_CONCAT_BACKWARD_BLOCKS(backward_blocks_base, MMFAST_BASE_ATTRS)
 
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const Plan<acc_t>& p, const scalar_t* gout, const scalar_t* const* feats,
@@ -193,52 +338,21 @@ void backward_kernel(const Plan<acc_t>& p, const scalar_t* gout, const scalar_t*
       blk_l1.push_back(std::min(p.L[m], l + kPosBlock));
     }
   const int64_t nblk = static_cast<int64_t>(blk_m.size());
-  const bool ln = p.w != nullptr, want_type = gtype != nullptr;
+  const bool want_type = gtype != nullptr;
   // Per-block partial sums [weight | bias | type], each D wide.
   std::vector<acc_t> partial(static_cast<size_t>(nblk) * 3 * D, acc_t(0));
 
+  const BackwardArgs<scalar_t, acc_t> a{p, gout, feats, mean_in, rstd_in, gfeat, gpos,
+                                        blk_m.data(), blk_l0.data(), blk_l1.data(), partial.data(), want_type};
+  const Isa isa = cpu_isa();
   parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf(D), gbuf(D);
+    std::vector<acc_t> x(D), g(D);
     std::vector<uint32_t> hbuf(p.dropout ? D : 0);
-    acc_t* x = xbuf.data();
-    acc_t* g = gbuf.data();
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t m = blk_m[k];
-      acc_t* pw = partial.data() + k * 3 * D;
-      acc_t* pb = pw + D;
-      acc_t* pt = pb + D;
-      for (int64_t l = blk_l0[k]; l < blk_l1[k]; ++l) {
-        acc_t* dpos = gpos[m] ? gpos[m] + l * D : nullptr;
-        if (dpos) std::fill(dpos, dpos + D, acc_t(0));
-        for (int64_t b = 0; b < p.B; ++b) {
-          const int64_t r = b * p.Ltot + p.off[m] + l;
-          const scalar_t* go = gout + r * D;
-          for (int64_t j = 0; j < D; ++j) g[j] = static_cast<acc_t>(go[j]);
-          if (p.dropout)
-            dropout_row(static_cast<uint64_t>(r) * static_cast<uint64_t>(D), D, p.k0, p.k1, p.thresh, p.scale,
-                        hbuf.data(), g);
-          if (ln) {
-            load_row<scalar_t, acc_t>(p, feats, m, b, l, x);
-            const acc_t mean = mean_in[r], rstd = rstd_in[r];
-            for (int64_t j = 0; j < D; ++j) x[j] = (x[j] - mean) * rstd;  // x-hat
-            for (int64_t j = 0; j < D; ++j) {
-              pw[j] += g[j] * x[j];
-              pb[j] += g[j];
-              g[j] *= p.w[j];  // now d(loss)/d(x-hat)
-            }
-            const acc_t c1 = static_cast<acc_t>(lane_sum(g, D) / D);
-            const acc_t c2 = static_cast<acc_t>(lane_dot(g, x, D) / D);
-            for (int64_t j = 0; j < D; ++j) g[j] = rstd * (g[j] - c1 - x[j] * c2);  // now d/dx
-          }
-          scalar_t* gf = gfeat[m] + (b * p.L[m] + l) * D;
-          for (int64_t j = 0; j < D; ++j) gf[j] = static_cast<scalar_t>(g[j]);
-          if (dpos)
-            for (int64_t j = 0; j < D; ++j) dpos[j] += g[j];
-          if (want_type)
-            for (int64_t j = 0; j < D; ++j) pt[j] += g[j];
-        }
-      }
-    }
+#ifdef MMFAST_HAVE_X86_ISAS
+    if (isa == Isa::kAvx512) return backward_blocks_avx512(a, begin, end, x.data(), g.data(), hbuf.data());
+    if (isa == Isa::kAvx2) return backward_blocks_avx2(a, begin, end, x.data(), g.data(), hbuf.data());
+#endif
+    backward_blocks_base(a, begin, end, x.data(), g.data(), hbuf.data());
   });
 
   // Stage 2: sum the partials over blocks in block order, parallel over columns.

@@ -3,7 +3,7 @@
 //   pass 2  e_j = exp(x_j - max) written straight into the gradient row, sum(e) and the sums
 //           label smoothing needs,
 //   pass 3  gradient from e_j in place (no second exp).
-// float32 rows use AVX2+FMA intrinsics when the CPU has them (checked at run time, so the
+// float32 rows use AVX2+FMA intrinsics when the CPU has them (cpu_isa() in isa.h, so the
 // binary stays portable without -march flags); float16/bfloat16 rows are converted to a float32
 // scratch row first; float64 keeps a scalar double path. Sums are accumulated per 256-element
 // block in float vectors, then in double, so 30522 classes lose no more than eager does.
@@ -24,6 +24,7 @@
 
 #include "common.h"
 #include "cross_entropy.h"
+#include "isa.h"
 
 namespace mmfast {
 namespace {
@@ -195,18 +196,13 @@ MMFAST_AVX2 float ce_row_f32_avx2(const float* x, float* g, int64_t t, float sca
   g[t] -= a * scale;
   return loss;
 }
-
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 #endif
 
 using RowFn = float (*)(const float*, float*, int64_t, float, const RowParams&);
 
 RowFn pick_row_fn() {
 #ifdef MMFAST_X86
-  if (cpu_has_avx2()) return &ce_row_f32_avx2;
+  if (cpu_isa() != Isa::kBase) return &ce_row_f32_avx2;  // AVX-512 CPUs run the AVX2 row
 #endif
   return &ce_row_f32_scalar;
 }
