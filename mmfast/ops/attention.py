@@ -27,6 +27,7 @@ from torch import Tensor
 
 from mmfast import _extension, _provenance, dispatch
 from mmfast import reference as _ref
+from mmfast.ops._eager_path import plain_eager
 from mmfast.reference.attention import attention_mask as _dense_mask
 from mmfast.reference.attention import sdpa_attention as _sdpa_reference
 
@@ -278,10 +279,7 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# Eager fast path: the same faces through an autograd.Function. torch.library's custom-op call
-# costs ~35 us (no grad) to ~115 us (grad) of Python per forward on this CPU, against ~15 us for
-# an autograd.Function; the custom op stays the path for torch.compile, tensor subclasses
-# (FakeTensor, DTensor), dispatch / torch-function modes and functorch transforms.
+# Eager fast path: the same faces through an autograd.Function (see mmfast/ops/_eager_path.py).
 
 class _EagerAttention(torch.autograd.Function):
     @staticmethod
@@ -299,15 +297,6 @@ class _EagerAttention(torch.autograd.Function):
         dq, dk, dv = _run_backward(backend, grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale,
                                    dropout_p)
         return dq, dk, dv, None, None, None, None, None, None
-
-
-def _plain_eager(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """True when nothing but eager autograd will see the call (the custom op is not needed)."""
-    return (not torch.compiler.is_compiling()
-            and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor
-            and not torch._C._is_torch_function_mode_enabled()
-            and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +412,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Ten
     if dropout:
         # drawn from the default generator of q's device, so torch.manual_seed reproduces the mask
         seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
-    if _plain_eager(q, k, v):
+    if plain_eager(q, k, v):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _EagerAttention.apply(q, k, v, key_padding_mask, seed, causal, scale, dropout_p, be)
         return _run_forward(be, q, k, v, key_padding_mask, seed, causal, scale, dropout_p)[0]

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from mmfast import _extension, _provenance, dispatch
 from mmfast import reference as _ref
+from mmfast.ops._eager_path import plain_eager
 
 _MAX_MODALITIES = 4
 _CUDA_MAX_D = 1024  # kMaxD in csrc/cuda/concat_embed.cu
@@ -103,14 +104,26 @@ def _face(backend: str, name: str):
     return getattr(dispatch.triton_face("concat_embed"), name)
 
 
+def _run_forward(backend, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, eps, dropout_p, seed):
+    """The one place every forward face is called from (custom op and eager path alike)."""
+    _provenance.record("concat_embed", backend, "forward")
+    return _face(backend, "concat_embed_forward")(
+        features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, eps, dropout_p, seed)
+
+
+def _run_backward(backend, grad_out, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, mean, rstd,
+                  dropout_p, seed):
+    _provenance.record("concat_embed", backend, "backward")
+    return list(_face(backend, "concat_embed_backward")(
+        grad_out, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, mean, rstd, dropout_p, seed))
+
+
 @torch.library.custom_op("mmfast::concat_embed", mutates_args=())
 def _concat_embed_op(features: List[Tensor], type_emb: Optional[Tensor], pos_tables: List[Tensor],
                      pos_index: List[int], ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], eps: float,
                      dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    _provenance.record("concat_embed", backend, "forward")
-    out, mean, rstd = _face(backend, "concat_embed_forward")(
-        features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, eps, dropout_p, seed)
-    return out, mean, rstd
+    return _run_forward(backend, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, eps, dropout_p,
+                        seed)
 
 
 @_concat_embed_op.register_fake
@@ -129,10 +142,8 @@ def _concat_embed_backward_op(grad_out: Tensor, features: List[Tensor], type_emb
                               pos_tables: List[Tensor], pos_index: List[int], ln_weight: Optional[Tensor],
                               ln_bias: Optional[Tensor], mean: Tensor, rstd: Tensor, dropout_p: float,
                               seed: Optional[Tensor], backend: str) -> List[Tensor]:
-    _provenance.record("concat_embed", backend, "backward")
-    grads = _face(backend, "concat_embed_backward")(
-        grad_out, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, mean, rstd, dropout_p, seed)
-    return list(grads)
+    return _run_backward(backend, grad_out, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, mean, rstd,
+                         dropout_p, seed)
 
 
 @_concat_embed_backward_op.register_fake
@@ -166,15 +177,49 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     type_emb, ln_weight, ln_bias, seed = (next(rest) if h else None for h in ctx.has)
     grads = _concat_embed_backward_op(grad_out.contiguous(), features, type_emb, pos_tables, ctx.pos_index,
                                       ln_weight, ln_bias, mean, rstd, ctx.dropout_p, seed, ctx.backend)
-    g_feat = grads[:M]
-    g_type = grads[M] if type_emb is not None else None
-    g_pos = grads[M + 1:M + 1 + K]
-    g_w = grads[M + 1 + K] if ln_weight is not None else None
-    g_b = grads[M + 2 + K] if ln_bias is not None else None
+    g_feat, g_type, g_pos, g_w, g_b = _split_grads(grads, M, K, ctx.has)
     return g_feat, g_type, g_pos, None, g_w, g_b, None, None, None, None
 
 
+def _split_grads(grads, M, K, has):
+    """The kernel's flat gradient list -> (features, type, pos tables, ln weight, ln bias); None
+    for an absent parameter. ``has`` = (type_emb, ln_weight, ln_bias, seed) given."""
+    return (grads[:M], grads[M] if has[0] else None, grads[M + 1:M + 1 + K],
+            grads[M + 1 + K] if has[1] else None, grads[M + 2 + K] if has[2] else None)
+
+
 _concat_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager fast path: the same faces through an autograd.Function (see mmfast/ops/_eager_path.py).
+# autograd.Function sees only top-level tensor arguments, so the lists travel flattened:
+# (*features, *pos_tables, type_emb, ln_weight, ln_bias, seed), None where absent.
+
+class _EagerConcatEmbed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, meta, *tensors):
+        M, K, pos_index, eps, dropout_p, backend = meta
+        features, pos_tables = list(tensors[:M]), list(tensors[M:M + K])
+        type_emb, ln_weight, ln_bias, seed = tensors[M + K:]
+        out, mean, rstd = _run_forward(backend, features, type_emb, pos_tables, pos_index, ln_weight, ln_bias, eps,
+                                       dropout_p, seed)
+        ctx.save_for_backward(*tensors, mean, rstd)
+        ctx.meta = meta
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        M, K, pos_index, _, dropout_p, backend = ctx.meta
+        saved = ctx.saved_tensors
+        features, pos_tables = list(saved[:M]), list(saved[M:M + K])
+        type_emb, ln_weight, ln_bias, seed, mean, rstd = saved[M + K:]
+        grads = _run_backward(backend, grad_out.contiguous(), features, type_emb, pos_tables, pos_index, ln_weight,
+                              ln_bias, mean, rstd, dropout_p, seed)
+        has = (type_emb is not None, ln_weight is not None, ln_bias is not None)
+        g_feat, g_type, g_pos, g_w, g_b = _split_grads(grads, M, K, has)
+        return (None, *g_feat, *g_pos, g_type, g_w, g_b, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +371,11 @@ def concat_embed(features, *, type_embeddings=None, pos_embeddings=None, ln_weig
     p = float(dropout_p)
     # A fresh 64-bit seed per call from torch's default generator (no host sync: drawn on the device).
     seed = torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=f0.device) if p > 0 else None
-    out, _, _ = _concat_embed_op(feats, _as_param(type_embeddings, f0.dtype), pos_tables, pos_index,
-                                 _as_param(ln_weight, f0.dtype), _as_param(ln_bias, f0.dtype), float(eps), p, seed, be)
+    params = (_as_param(type_embeddings, f0.dtype), _as_param(ln_weight, f0.dtype), _as_param(ln_bias, f0.dtype))
+    if plain_eager(*feats, *pos_tables, *params):
+        out = _EagerConcatEmbed.apply((len(feats), len(pos_tables), pos_index, float(eps), p, be),
+                                      *feats, *pos_tables, *params, seed)
+    else:
+        out, _, _ = _concat_embed_op(feats, params[0], pos_tables, pos_index, params[1], params[2], float(eps), p,
+                                     seed, be)
     return out, _concat_masks(masks, features)
