@@ -678,7 +678,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_bwd_kernel(con
       const int64_t qrow = m0 + mq + g;
       float* acc_rows = p.dq_acc + (bh * p.Lq + qrow) * p.D + c0;
 #pragma unroll 1
-      for (int d0 = 0; d0 < kCols && c0 + d0 < DP; d0 += 16) {  // 16 columns of dQ at a time: 8 registers
+      constexpr bool kEvenSplit = kCols * (kWarps / kKC) == DP;  // all but DP 80: no run-time bound
+      for (int d0 = 0; d0 < kCols && (kEvenSplit || c0 + d0 < DP); d0 += 16) {  // 16 columns of dQ at a time: 8 registers
         float dq[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int kk = 0; kk < kTileRows / 16; ++kk) {
