@@ -41,8 +41,8 @@
 
 #include <cstdint>
 #include <optional>
-#include <tuple>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 #include "attention_dropout.h"
@@ -677,8 +677,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_bwd_kernel(con
       const uint32_t b_addr = smem_u32(sK + bt_row(lane) * kLd + c0 + bt_col(lane));
       const int64_t qrow = m0 + mq + g;
       float* acc_rows = p.dq_acc + (bh * p.Lq + qrow) * p.D + c0;
-#pragma unroll 1
       constexpr bool kEvenSplit = kCols * (kWarps / kKC) == DP;  // all but DP 80: no run-time bound
+#pragma unroll 1
       for (int d0 = 0; d0 < kCols && (kEvenSplit || c0 + d0 < DP); d0 += 16) {  // 16 columns of dQ at a time: 8 registers
         float dq[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
@@ -759,7 +759,6 @@ Tensor streamable(const Tensor& t) {
 }
 
 Slice make_slice(const Tensor& t) { return Slice{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
-
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
