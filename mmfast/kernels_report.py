@@ -513,7 +513,9 @@ def markdown(rows: list[dict], arch: str) -> str:
              "(the CUDA occupancy calculator's rules: registers in units of 256 per warp from 4 sub-partitions, "
              "shared memory + 1 KB reserved per block in units of 128 B out of 228 KB, 64 warps, 32 blocks), "
              "with the resource that binds. Need: the blocks/SM a CUDA kernel is built for (its "
-             "`__launch_bounds__`), checked by `--check`.", ""]
+             "`__launch_bounds__`), checked by `--check`. CUDA static shared memory is cuobjdump's, which "
+             "includes a 1 KB section most nvcc-built sm_90 kernels carry though `ptxas -v` reports none: "
+             "counted, the conservative reading.", ""]
     bad = problems(rows)
     lines += [f"Configurations: {len(rows)}; problems (spills, shared-memory overflows, occupancy below "
               f"the need, errors): {len(bad)}.", ""]
