@@ -5,7 +5,16 @@ Triton: every module of ``mmfast.triton`` lists its launches (``launches(arch)``
 mmfast/triton/__init__.py); each distinct compilation is compiled for the target (default sm_90)
 with Triton's bundled ptxas, whose ``-v`` log gives registers and spill bytes; shared memory is
 the compiled kernel's. CUDA C++: ``cuobjdump --dump-resource-usage`` on the built extension
-(mmfast/_C*.so; nothing when it was built without CUDA sources).
+(mmfast/_C*.so; nothing when it was built without CUDA sources) gives registers, stack/local bytes and
+static shared memory; the block size and dynamic shared memory of each kernel come from the table the
+library exports, ``mmfast_cuda_launch_configs()`` (declared beside the launchers' constants:
+csrc/cuda/launch_config.h), read through ctypes in a child process (no GPU needed). A kernel without a
+declared configuration, or a declaration without its kernel, is an error row.
+
+Blocks per SM follow the CUDA occupancy calculator (cuda_occupancy.h) for sm_90 with the largest
+shared-memory carveout: registers allocated per warp in units of 256 from 4 sub-partitions of 16384,
+shared memory per block rounded up to 128 bytes with 1 KB reserved per block (228 KB per SM, 227 KB
+per block), at most 64 warps and 32 blocks per SM. Each row names the resource that binds.
 
 Compiling everything takes a while (~1-4 s per configuration on one core, fp32 longer): results
 are cached in a JSON file keyed by a hash of the kernel source (with the jit functions it calls),
@@ -13,8 +22,9 @@ signature, constants, options, target and Triton version, so a run recompiles on
 a kernel recompiles it). A configuration is reported once, in one representative specialisation of
 its integer arguments.
 
-``--check`` exits 1 when an fp16/bf16 configuration spills or any configuration needs more shared
-memory than a block may have: CI runs it.
+``--check`` exits 1 when an fp16/bf16 Triton configuration or any CUDA kernel spills, any configuration
+needs more shared memory than a block may have, a CUDA kernel declared to need N blocks per SM
+(its ``__launch_bounds__``) gets fewer, or a row is an error: CI runs it.
 """
 
 from __future__ import annotations
@@ -34,28 +44,54 @@ import sys
 import time
 from pathlib import Path
 
-KEYS = ("op", "face", "kernel", "dtype", "config", "registers", "spill_bytes", "shared_bytes", "blocks_per_sm")
-# sm_90 (H100/H200) limits
+KEYS = ("op", "face", "kernel", "dtype", "config", "registers", "spill_bytes", "shared_bytes", "blocks_per_sm",
+        "threads", "limited_by", "min_blocks_per_sm")
+# sm_90 (H100/H200) limits, as cuda_occupancy.h (CUDA 13) states them
 SM_REGISTERS = 65536
-SM_SHARED = 233472  # 228 KB per SM
-BLOCK_SHARED_MAX = 232448  # 227 KB opt-in per block
-SM_THREADS = 2048
+SUB_PARTITIONS = 4  # registers are allocated per sub-partition: 16384 each
+REG_ALLOC_UNIT = 256  # registers per warp are rounded up to this
+MAX_REGS_PER_THREAD = 255
+SM_SHARED = 233472  # 228 KB per SM (the largest carveout)
+BLOCK_SHARED_MAX = 232448  # 227 KB opt-in per block, static + dynamic
+SHARED_ALLOC_UNIT = 128
+SHARED_RESERVED_PER_BLOCK = 1024  # by the driver, on top of the block's own
+SM_WARPS = 64
+BLOCK_THREADS_MAX = 1024
 SM_BLOCKS = 32
-SHARED_RESERVED_PER_BLOCK = 1024
 CHECKED_DTYPES = ("float16", "bfloat16")  # a spill there fails --check
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmfast" / "kernels-report.json"
 
 
-def blocks_per_sm(registers: int, shared_bytes: int, threads: int) -> int:
-    """Resident blocks per SM on sm_90: limited by registers (allocated per warp in units of 256),
-    shared memory (plus 1 KB the system reserves per block), threads and the 32-block cap."""
+def _round_up(x: int, unit: int) -> int:
+    return -(-x // unit) * unit
+
+
+def occupancy(registers: int, shared_bytes: int, threads: int) -> tuple[int, str]:
+    """(resident blocks per SM on sm_90, the resource that limits them) for a kernel using
+    ``registers`` per thread and ``shared_bytes`` (static + dynamic) per block of ``threads``, as the
+    CUDA occupancy calculator computes it (cuda_occupancy.h: cudaOccMaxBlocksPerSM*Limit). Ties name
+    every binding resource ("registers, shared memory")."""
     warps = -(-threads // 32)
-    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    by_regs = SM_REGISTERS // (regs_per_warp * warps) if regs_per_warp * warps else SM_BLOCKS
-    by_shared = SM_SHARED // (shared_bytes + SHARED_RESERVED_PER_BLOCK) if shared_bytes else SM_BLOCKS
-    if shared_bytes > BLOCK_SHARED_MAX:
-        by_shared = 0
-    return max(0, min(by_regs, by_shared, SM_THREADS // max(threads, 1), SM_BLOCKS))
+    limits = {}
+    # registers: per warp, rounded up to 256; each of the 4 sub-partitions holds 16384 of them, and a
+    # block's warps are spread over the sub-partitions (the hardware check rounds them up to 4)
+    regs_per_warp = _round_up(registers * 32, REG_ALLOC_UNIT)
+    if registers > MAX_REGS_PER_THREAD or regs_per_warp * _round_up(warps, SUB_PARTITIONS) > SM_REGISTERS:
+        limits["registers"] = 0
+    elif regs_per_warp:
+        limits["registers"] = (SM_REGISTERS // SUB_PARTITIONS // regs_per_warp) * SUB_PARTITIONS // warps
+    # shared memory: the block's own plus 1 KB reserved, rounded up to 128 bytes
+    per_block = _round_up(shared_bytes + SHARED_RESERVED_PER_BLOCK, SHARED_ALLOC_UNIT)
+    limits["shared memory"] = 0 if shared_bytes > BLOCK_SHARED_MAX else SM_SHARED // per_block
+    limits["warps"] = 0 if threads > BLOCK_THREADS_MAX else SM_WARPS // max(warps, 1)
+    limits["blocks"] = SM_BLOCKS
+    blocks = min(limits.values())
+    return blocks, ", ".join(name for name, n in limits.items() if n == blocks)
+
+
+def blocks_per_sm(registers: int, shared_bytes: int, threads: int) -> int:
+    """Resident blocks per SM on sm_90 (``occupancy`` without the limiting resource)."""
+    return occupancy(registers, shared_bytes, threads)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,9 +115,7 @@ def _all_launches(arch: str):
                 raise AttributeError(f"{mod.__name__} defines no launches(arch) (see mmfast/triton/__init__.py)")
             items = list(mod.launches(arch))
         except Exception as e:  # noqa: BLE001
-            yield mod, dict(op=op, face="triton", kernel="launches()", dtype="", config="", registers=None,
-                            spill_bytes=None, shared_bytes=None, blocks_per_sm=0,
-                            error=f"{type(e).__name__}: {e}"[:300])
+            yield mod, _error_row(op, "triton", "launches()", f"{type(e).__name__}: {e}")
             continue
         for launch in items:
             yield mod, launch
@@ -233,15 +267,26 @@ def triton_rows(arch: str = "sm_90", cache_path: Path | None = DEFAULT_CACHE, jo
     out = list(errors)
     for launch, key in rows:
         r = cache[key]
-        row = dict(op=launch.op, face="triton", kernel=launch.kernel.__name__, dtype=launch.dtype,
-                   config=launch.config, registers=r.get("registers"), spill_bytes=r.get("spill_bytes"),
-                   shared_bytes=r.get("shared_bytes"),
-                   blocks_per_sm=(blocks_per_sm(r["registers"], r["shared_bytes"], r["threads"])
-                                  if "error" not in r else 0))
         if "error" in r:
-            row["error"] = r["error"]
+            row = _error_row(launch.op, "triton", launch.kernel.__name__, r["error"], launch.dtype, launch.config)
+        else:
+            row = _row(launch.op, "triton", launch.kernel.__name__, launch.dtype, launch.config, r["registers"],
+                       r["spill_bytes"], r["shared_bytes"], r["threads"])
         out.append(row)
     return out
+
+
+def _row(op, face, kernel, dtype, config, registers, spill_bytes, shared_bytes, threads, min_blocks_per_sm=None):
+    blocks, limited_by = occupancy(registers, shared_bytes, threads)
+    return dict(op=op, face=face, kernel=kernel, dtype=dtype, config=config, registers=registers,
+                spill_bytes=spill_bytes, shared_bytes=shared_bytes, blocks_per_sm=blocks, threads=threads,
+                limited_by=limited_by, min_blocks_per_sm=min_blocks_per_sm)
+
+
+def _error_row(op, face, kernel, error, dtype="", config=""):
+    return dict(op=op, face=face, kernel=kernel, dtype=dtype, config=config, registers=None, spill_bytes=None,
+                shared_bytes=None, blocks_per_sm=0, threads=None, limited_by="", min_blocks_per_sm=None,
+                error=error[:300])
 
 
 def _collect(results, cache, cache_path, progress):
@@ -276,9 +321,10 @@ def _save_cache(cache: dict, path: Path | None) -> None:
 # ---------------------------------------------------------------------------------------------
 # CUDA C++
 
-def cuda_rows(library: str | None = None) -> list[dict]:
-    """Rows of the CUDA kernels in the built extension's libraries (none without device code: the CUDA
-    kernels live in mmfast/_C_cuda*.so, the CPU ones in _C*.so)."""
+def cuda_rows(library: str | None = None, arch: str = "sm_90") -> list[dict]:
+    """Rows of the CUDA kernels compiled for ``arch`` in the built extension's libraries (none without
+    device code: the CUDA kernels live in mmfast/_C_cuda*.so, the CPU ones in _C*.so): cuobjdump's
+    resource usage joined with the launch configurations the library declares."""
     if library is None:
         import mmfast
 
@@ -289,14 +335,103 @@ def cuda_rows(library: str | None = None) -> list[dict]:
     for lib in libs:
         proc = subprocess.run([_bundled_tool("cuobjdump"), "--dump-resource-usage", lib], capture_output=True,
                               text=True)
-        if proc.returncode == 0:  # else no device code in it (the CPU library, a CPU-only build)
-            rows += parse_resource_usage(proc.stdout)
+        if proc.returncode != 0:  # no device code in it (the CPU library, a CPU-only build)
+            continue
+        try:
+            declared = launch_configs(lib)
+        except RuntimeError as e:
+            rows.append(_error_row("", "cuda", Path(lib).name, str(e)))
+            continue
+        usage = parse_resource_usage(proc.stdout)
+        built = sorted({u["arch"] for u in usage})
+        usage = [u for u in usage if u["arch"] == arch]
+        if not usage:
+            rows.append(_error_row("", "cuda", Path(lib).name, f"no {arch} code in the library (built for {built})"))
+            continue
+        rows += join_launch_configs(usage, declared)
+    return rows
+
+
+# Run in a child process: loading the library registers its kernels with torch's dispatcher, which
+# must not happen twice in the report's own process (nor beside another build of the library).
+_READ_LAUNCH_CONFIGS = r"""
+import ctypes, json, sys
+import torch  # the library's torch and CUDA runtime dependencies, by soname
+class Row(ctypes.Structure):
+    _fields_ = [("op", ctypes.c_char_p), ("kernel", ctypes.c_char_p), ("threads", ctypes.c_int32),
+                ("dynamic_smem_bytes", ctypes.c_int32), ("min_blocks_per_sm", ctypes.c_int32)]
+lib = ctypes.CDLL(sys.argv[1])
+try:
+    fn = lib.mmfast_cuda_launch_configs
+except AttributeError:
+    sys.exit("exports no mmfast_cuda_launch_configs() (csrc/cuda/launch_config.h)")
+fn.restype = ctypes.POINTER(Row)
+fn.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+n = ctypes.c_int64()
+table = fn(ctypes.byref(n))
+print(json.dumps([dict(op=r.op.decode(), kernel=r.kernel.decode(), threads=r.threads,
+                       dynamic_smem_bytes=r.dynamic_smem_bytes, min_blocks_per_sm=r.min_blocks_per_sm)
+                  for r in table[:n.value]]))
+"""
+
+
+def launch_configs(library: str) -> list[dict]:
+    """The launch configurations ``library`` declares (mmfast_cuda_launch_configs(), read through
+    ctypes in a child process; the CUDA runtime is loaded, no GPU is needed)."""
+    proc = subprocess.run([sys.executable, "-c", _READ_LAUNCH_CONFIGS, str(library)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"cannot read the launch configurations of {library}: {last}")
+    return json.loads(proc.stdout)
+
+
+def kernel_key(name: str) -> str:
+    """A kernel's name without namespaces, return type, parameters or spaces: the demangled
+    "void mmfast::(anonymous namespace)::attn_fwd_kernel<__half, 64>(mmfast::(anonymous namespace)::Params)"
+    and the declared "attn_fwd_kernel<__half, 64>" both give "attn_fwd_kernel<__half,64>"."""
+    s = re.sub(r"\(anonymous namespace\)::|\b[A-Za-z_]\w*::", "", name)
+    s = re.sub(r"^void\s+", "", s.strip())
+    depth = 0
+    for i, ch in enumerate(s):  # the parameter list: the first "(" outside the template arguments
+        depth += (ch == "<") - (ch == ">")
+        if ch == "(" and depth == 0:
+            s = s[:i]
+            break
+    return s.replace(" ", "")
+
+
+def join_launch_configs(usage: list[dict], declared: list[dict]) -> list[dict]:
+    """One row per kernel of cuobjdump's ``usage`` (parse_resource_usage) with its declared launch
+    configuration; a kernel without one, and a declaration matching no kernel, are error rows."""
+    by_key = {}
+    for d in declared:
+        by_key.setdefault(kernel_key(d["kernel"]), d)
+    rows, used = [], set()
+    for u in usage:
+        key = kernel_key(u["kernel"])
+        d = by_key.get(key)
+        if d is None:
+            rows.append(_error_row(_cuda_op(u["kernel"]), "cuda", u["kernel"],
+                                   "no launch configuration declared (csrc/cuda/launch_config.h)",
+                                   _cuda_dtype(u["kernel"]), u["arch"]))
+            continue
+        used.add(key)
+        rows.append(_row(d["op"], "cuda", d["kernel"], _cuda_dtype(d["kernel"]),
+                         f"{u['arch']} dyn smem {d['dynamic_smem_bytes']}", u["registers"], u["spill_bytes"],
+                         u["static_shared_bytes"] + d["dynamic_smem_bytes"], d["threads"],
+                         d["min_blocks_per_sm"] or None))
+    for key, d in by_key.items():
+        if key not in used:
+            rows.append(_error_row(d["op"], "cuda", d["kernel"], "declared, but no such kernel in the library",
+                                   _cuda_dtype(d["kernel"])))
     return rows
 
 
 def parse_resource_usage(text: str) -> list[dict]:
-    """Rows from ``cuobjdump --dump-resource-usage`` output. Spill bytes: the stack frame plus
-    local memory (cuobjdump does not split spills from local arrays; ptxas -v would)."""
+    """Per kernel of ``cuobjdump --dump-resource-usage`` output: its demangled name, arch, registers,
+    spill bytes and static shared memory. Spill bytes: the stack frame plus local memory (cuobjdump
+    does not split spills from local arrays; ptxas -v would)."""
     rows, arch, name = [], None, None
     for line in text.splitlines():
         m = re.search(r"arch = (sm_\d+)", line)
@@ -309,20 +444,21 @@ def parse_resource_usage(text: str) -> list[dict]:
         m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
         if m and name:
             reg, stack, shared, local = map(int, m.groups())
-            kernel = _demangle(name)
-            rows.append(dict(op=_cuda_op(kernel), face="cuda", kernel=kernel, dtype=_cuda_dtype(kernel),
-                             config=arch or "", registers=reg, spill_bytes=stack + local, shared_bytes=shared,
-                             # threads per block are a launch parameter: occupancy at 256 threads
-                             blocks_per_sm=blocks_per_sm(reg, shared, 256)))
+            rows.append(dict(kernel=name, arch=arch or "", registers=reg, spill_bytes=stack + local,
+                             static_shared_bytes=shared))
             name = None
+    for row, demangled in zip(rows, _demangle([r["kernel"] for r in rows])):
+        row["kernel"] = demangled
     return rows
 
 
-def _demangle(name: str) -> str:
+def _demangle(names: list[str]) -> list[str]:
+    """Demangled names (one c++filt run); the names themselves where c++filt is missing."""
     try:
-        return subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
     except OSError:
-        return name
+        return names
+    return out if len(out) == len(names) else names
 
 
 def _cuda_op(kernel: str) -> str:
@@ -346,18 +482,23 @@ def _cuda_dtype(kernel: str) -> str:
 # Output
 
 def problems(rows: list[dict]) -> list[str]:
-    """What --check fails on: a spill in an fp16/bf16 configuration, shared memory over the per-block
-    limit, a configuration that did not compile."""
+    """What --check fails on: a spill in an fp16/bf16 Triton configuration or in any CUDA kernel,
+    shared memory over the per-block limit, fewer blocks per SM than a CUDA kernel declares it needs,
+    an error row (a configuration that did not compile, a CUDA kernel without a declared launch
+    configuration)."""
     out = []
     for r in rows:
         name = f"{r['face']} {r['kernel']} {r['dtype']} [{r['config']}]"
         if "error" in r:
-            out.append(f"{name}: does not compile: {r['error']}")
+            out.append(f"{name}: {r['error']}")
             continue
-        if r["dtype"] in CHECKED_DTYPES and r["spill_bytes"]:
+        if r["spill_bytes"] and (r["face"] == "cuda" or r["dtype"] in CHECKED_DTYPES):
             out.append(f"{name}: spills {r['spill_bytes']} bytes per thread")
         if r["shared_bytes"] > BLOCK_SHARED_MAX:
             out.append(f"{name}: needs {r['shared_bytes']} bytes of shared memory (limit {BLOCK_SHARED_MAX})")
+        if r.get("min_blocks_per_sm") and r["blocks_per_sm"] < r["min_blocks_per_sm"]:
+            out.append(f"{name}: {r['blocks_per_sm']} blocks per SM (limited by {r['limited_by']}), "
+                       f"needs {r['min_blocks_per_sm']}")
     return out
 
 
@@ -365,19 +506,28 @@ def markdown(rows: list[dict], arch: str) -> str:
     import triton
 
     lines = [f"# Kernel resource usage ({arch}, offline compile)", "",
-             f"Generated by `mmfast kernels-report` (Triton {triton.__version__}, bundled ptxas). "
-             "Registers and spill bytes are per thread, shared memory per block; blocks/SM is the "
-             "occupancy those allow on sm_90 (CUDA kernels: at 256 threads per block, static shared memory only: "
-             "cuobjdump sees neither a kernel's block size nor its dynamic shared memory).", ""]
+             f"Generated by `mmfast kernels-report` (Triton {triton.__version__}, bundled ptxas; CUDA C++: "
+             "cuobjdump on the built mmfast._C_cuda and the launch configurations it declares, "
+             "csrc/cuda/launch_config.h). Registers and spill bytes are per thread; shared memory is per "
+             "block, static + dynamic; threads per block; blocks/SM is the occupancy those allow on sm_90 "
+             "(the CUDA occupancy calculator's rules: registers in units of 256 per warp from 4 sub-partitions, "
+             "shared memory + 1 KB reserved per block in units of 128 B out of 228 KB, 64 warps, 32 blocks), "
+             "with the resource that binds. Need: the blocks/SM a CUDA kernel is built for (its "
+             "`__launch_bounds__`), checked by `--check`. CUDA static shared memory is cuobjdump's, which "
+             "includes a 1 KB section most nvcc-built sm_90 kernels carry though `ptxas -v` reports none: "
+             "counted, the conservative reading.", ""]
     bad = problems(rows)
-    lines += [f"Configurations: {len(rows)}; fp16/bf16 spills or shared-memory overflows: {len(bad)}.", ""]
+    lines += [f"Configurations: {len(rows)}; problems (spills, shared-memory overflows, occupancy below "
+              f"the need, errors): {len(bad)}.", ""]
     if bad:
         lines += ["## Problems", ""] + [f"- {b}" for b in bad] + [""]
-    lines += ["| op | face | kernel | dtype | config | registers | spill B | shared B | blocks/SM |",
-              "|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines += ["| op | face | kernel | dtype | config | registers | spill B | shared B | threads | blocks/SM | "
+              "limited by | need |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['op']} | {r['face']} | {r['kernel']} | {r['dtype']} | {r['config']} | "
-                     f"{r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | {r['blocks_per_sm']} |")
+                     f"{r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | {r['threads']} | "
+                     f"{r['blocks_per_sm']} | {r['limited_by']} | {r['min_blocks_per_sm'] or ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -391,7 +541,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per configuration")
     p.add_argument("--arch", default="sm_90", help="target architecture (default sm_90)")
     p.add_argument("--check", action="store_true",
-                   help="exit 1 on an fp16/bf16 spill, a shared-memory overflow or a failed compile")
+                   help="exit 1 on an fp16/bf16 (Triton) or CUDA spill, a shared-memory overflow, a CUDA kernel "
+                        "below the blocks/SM it declares, a failed compile or an undeclared CUDA launch configuration")
     p.add_argument("--markdown", metavar="PATH", help="also write the report as a markdown table")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="result cache (JSON); '' for none")
     p.add_argument("--cached-only", action="store_true", help="compile nothing: report the cached configurations")
@@ -404,7 +555,7 @@ def run(args) -> int:
     say = lambda msg: print(msg, file=sys.stderr, flush=True)
     rows = triton_rows(args.arch, Path(args.cache) if args.cache else None, args.jobs, progress=say, only=args.only,
                        cached_only=args.cached_only)
-    rows += [r for r in cuda_rows(args.library)  # --only applies to them as to the Triton rows
+    rows += [r for r in cuda_rows(args.library, args.arch)  # --only applies to them as to the Triton rows
              if not args.only or re.search(args.only, " ".join((r["op"], r["kernel"], r["dtype"], r["config"])))]
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
@@ -412,12 +563,12 @@ def run(args) -> int:
     if args.json:
         print(json.dumps([{k: r[k] for k in KEYS} for r in rows], indent=1))
     else:
-        print(f"{'op':<14}{'face':<7}{'kernel':<28}{'dtype':<10}{'config':<44}{'regs':>5}{'spill':>6}"
-              f"{'shared':>8}{'blk/SM':>7}")
+        print(f"{'op':<14}{'face':<7}{'kernel':<36}{'dtype':<10}{'config':<44}{'regs':>5}{'spill':>6}"
+              f"{'shared':>8}{'thr':>5}{'blk/SM':>7}  limited by")
         for r in rows:
-            print(f"{r['op']:<14}{r['face']:<7}{r['kernel'][:27]:<28}{r['dtype']:<10}{r['config'][:43]:<44}"
+            print(f"{r['op']:<14}{r['face']:<7}{r['kernel'][:35]:<36}{r['dtype']:<10}{r['config'][:43]:<44}"
                   f"{r['registers'] or 0:>5}{r['spill_bytes'] or 0:>6}{r['shared_bytes'] or 0:>8}"
-                  f"{r['blocks_per_sm']:>7}")
+                  f"{r['threads'] or 0:>5}{r['blocks_per_sm']:>7}  {r['limited_by']}")
     bad = problems(rows)
     for b in bad:
         say(f"kernels-report: {b}")

@@ -6,7 +6,7 @@
 // attend, causal aligned bottom-right (query i sees keys j <= i + Lk - Lq), a row without visible keys
 // gives out 0, lse 0 and zero gradients, dropout by the Philox contract of csrc/philox.h (the indexing
 // in attention_dropout.h), any Lq/Lk >= 1, D a multiple of 8 up to 128 (zero-padded to DP in
-// {32, 64, 96, 128} in shared memory), int64 offsets, current stream, no host sync.
+// {32, 64, 80, 96, 128} in shared memory), int64 offsets, current stream, no host sync.
 //
 // Forward: a block = 4 warps owns 64 query rows (16 per warp) and streams 64-key tiles of K and V
 // (cp.async, the next tile loads while this one is used); causal tiles past the block's last visible
@@ -41,11 +41,13 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 
 #include "attention_dropout.h"
 #include "attention_fragments.h"
+#include "launch_config.h"
 
 namespace mmfast {
 namespace {
@@ -53,8 +55,26 @@ namespace {
 constexpr int kTileRows = 64;  // query rows of a forward block, keys of a backward block, rows of every tile
 constexpr int kWarps = 4;      // 16 rows of the block's tile each
 constexpr int kThreads = 32 * kWarps;
+constexpr int kMinBlocksPerSm = 2;     // forward and backward: the residency they are built for
 constexpr int kSmemPerSm = 233472;     // sm_90: 228 KB of shared memory per SM
 constexpr int kSmemReserved = 1024;    // reserved by the driver per block
+
+// The padded head dims DP the kernels are instantiated for (D is zero-padded up to the next one in
+// shared memory) and the element types.
+template <int... DPs>
+struct HeadDims {
+  static constexpr int padded(int64_t D) {
+    int dp = 0;
+    ((dp = (dp == 0 && D <= DPs) ? DPs : dp), ...);
+    return dp;
+  }
+  template <typename F>
+  static void for_each(F&& f) {
+    (f(std::integral_constant<int, DPs>{}), ...);
+  }
+};
+using PaddedDims = HeadDims<32, 64, 80, 96, 128>;
+using ElementTypes = TypeList<__half, __nv_bfloat16>;
 
 template <int DP>
 struct Layout {
@@ -64,7 +84,7 @@ struct Layout {
   static constexpr int kTile = kTileRows * kLd;  // elements of one 64-row tile
   // forward: Q, two stages of (K, V), two stages of the 64-bit key mask
   static constexpr int kFwdBytes = 5 * kTile * 2 + 2 * 8;
-  static_assert(2 * (kFwdBytes + kSmemReserved) <= kSmemPerSm, "forward: 2 blocks per SM");
+  static_assert(kMinBlocksPerSm * (kFwdBytes + kSmemReserved) <= kSmemPerSm, "forward: 2 blocks per SM");
 
   // backward: query tiles of kBM rows. 32 for D > 64: with 64, the 16 x 64 fp32 tiles S^T and dP^T
   // beside the dK, dV accumulators (2 x DP / 2 registers) made ptxas spill at 255 registers.
@@ -73,8 +93,18 @@ struct Layout {
   static constexpr int kLdDS = kBM + 8;  // dS^T tile (64 keys x kBM queries), conflict-free like kLd
   // K, V, two stages of (Q, dO), dS^T, two stages of (lse, delta)
   static constexpr int kBwdBytes = 2 * kTile * 2 + 4 * kQTile * 2 + kTileRows * kLdDS * 2 + 2 * 2 * kBM * 4;
-  static_assert(2 * (kBwdBytes + kSmemReserved) <= kSmemPerSm, "backward: 2 blocks per SM");
+  static_assert(kMinBlocksPerSm * (kBwdBytes + kSmemReserved) <= kSmemPerSm, "backward: 2 blocks per SM");
+  // backward, kernel 1 (delta): one 64-row tile of O and one of dO
+  static constexpr int kDeltaBytes = 2 * kTile * 2;
+
+  // How each kernel is launched (and what kernels-report reads: csrc/cuda/launch_config.h)
+  static constexpr LaunchConfig kFwdLaunch{kThreads, kFwdBytes, kMinBlocksPerSm};
+  static constexpr LaunchConfig kDeltaLaunch{kThreads, kDeltaBytes, 0};
+  static constexpr LaunchConfig kBwdLaunch{kThreads, kBwdBytes, kMinBlocksPerSm};
 };
+
+constexpr int kDqConvertThreads = 256;
+constexpr LaunchConfig kDqConvertLaunch{kDqConvertThreads, 0, 0};
 
 // ------------------------------------------------------------------------------------------
 // PTX wrappers. "memory" clobbers keep the compiler from moving ordinary shared-memory accesses
@@ -259,11 +289,12 @@ __device__ __forceinline__ void load_tile(T* dst, const Slice& s, int64_t base, 
                                           int64_t D) {
   constexpr int kChunks = DP / 8;  // 16-byte chunks per row
   constexpr int kLd = Layout<DP>::kLd;
-  static_assert(ROWS * kChunks % kThreads == 0, "whole chunks per thread");
+  constexpr int kTotal = ROWS * kChunks;  // not a multiple of kThreads at DP 80 with 32 rows
   const T* src = static_cast<const T*>(s.ptr) + base;
 #pragma unroll
-  for (int it = 0; it < ROWS * kChunks / kThreads; ++it) {
+  for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
     const int idx = it * kThreads + threadIdx.x;
+    if (kTotal % kThreads != 0 && idx >= kTotal) break;
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
     const bool ok = row0 + r < L && c < D;
     cp_async16(dst + r * kLd + c, ok ? src + (row0 + r) * s.sl + c : src, ok);
@@ -310,7 +341,7 @@ __device__ __forceinline__ void store_warp_rows(const float (&acc)[DP / 8][4], f
 // Forward
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_fwd_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Ly = Layout<DP>;
   constexpr int kLd = Ly::kLd;
@@ -495,7 +526,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Params p
 // kBM rows that see them, accumulates dK, dV in registers and adds dQ into the fp32 buffer with atomics.
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads, 2) attn_bwd_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_bwd_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Ly = Layout<DP>;
   constexpr int kLd = Ly::kLd;
@@ -637,16 +668,18 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_kernel(const Params p) {
     }
     __syncthreads();
     {
-      // warp w: queries 16 (w % kKC) .. +15 of the tile, columns [w / kKC * kCols, + kCols) of dQ.
+      // warp w: queries 16 (w % kKC) .. +15 of the tile, columns [w / kKC * kCols, + kCols) of dQ
+      // (whole 16-column steps: at DP 80 the first warp of a query group takes 48, the second 32).
       // A = dS (queries x keys) = sdS^T (.trans), B = K [keys][D] (.trans)
-      constexpr int kCols = DP / (kWarps / kKC);
+      constexpr int kCols = (DP / (kWarps / kKC) + 15) / 16 * 16;
       const int mq = (warp % kKC) * 16, c0 = (warp / kKC) * kCols;
       const uint32_t a_addr = smem_u32(sdS + at_row(lane) * kLdDS + mq + at_col(lane));
       const uint32_t b_addr = smem_u32(sK + bt_row(lane) * kLd + c0 + bt_col(lane));
       const int64_t qrow = m0 + mq + g;
       float* acc_rows = p.dq_acc + (bh * p.Lq + qrow) * p.D + c0;
+      constexpr bool kEvenSplit = kCols * (kWarps / kKC) == DP;  // all but DP 80: no run-time bound
 #pragma unroll 1
-      for (int d0 = 0; d0 < kCols; d0 += 16) {  // 16 columns of dQ at a time: 8 registers
+      for (int d0 = 0; d0 < kCols && (kEvenSplit || c0 + d0 < DP); d0 += 16) {  // 16 columns of dQ at a time: 8 registers
         float dq[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
         for (int kk = 0; kk < kTileRows / 16; ++kk) {
@@ -682,7 +715,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_bwd_kernel(const Params p) {
 
 // Backward, kernel 3: dq = dq_acc * scale in the input dtype (n = B * H * Lq * D elements, contiguous).
 template <typename T>
-__global__ void __launch_bounds__(256) attn_bwd_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
+__global__ void __launch_bounds__(kDqConvertThreads) attn_bwd_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if constexpr (Mma<T>::kHalf)
@@ -727,12 +760,11 @@ Tensor streamable(const Tensor& t) {
 
 Slice make_slice(const Tensor& t) { return Slice{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
-int padded_dim(int64_t D) { return D <= 32 ? 32 : D <= 64 ? 64 : D <= 96 ? 96 : 128; }
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename Kernel>
-void launch(Kernel kernel, int64_t blocks, int smem_bytes, const Params& p, cudaStream_t stream) {
+void launch(Kernel kernel, const LaunchConfig& cfg, int64_t blocks, const Params& p, cudaStream_t stream) {
+  const int smem_bytes = cfg.dynamic_smem_bytes;
   if (blocks == 0) return;
   MMFAST_ATTN_CHECK(blocks <= 2147483647LL, "q", "too many (batch, head, tile) blocks: ", blocks);
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
@@ -741,41 +773,44 @@ void launch(Kernel kernel, int64_t blocks, int smem_bytes, const Params& p, cuda
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                   static_cast<int>(cudaSharedmemCarveoutMaxShared)),
              "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(p);
+  kernel<<<static_cast<unsigned>(blocks), cfg.threads, smem_bytes, stream>>>(p);
   check_cuda(cudaGetLastError(), "kernel launch");
 }
 
 template <typename T, int DP>
 void run_forward(const Params& p, int64_t BH, cudaStream_t stream) {
-  launch(attn_fwd_kernel<T, DP>, p.num_tiles * BH, Layout<DP>::kFwdBytes, p, stream);
+  launch(attn_fwd_kernel<T, DP>, Layout<DP>::kFwdLaunch, p.num_tiles * BH, p, stream);
 }
 
 template <typename T, int DP>
 void run_backward(const Params& p, int64_t BH, Tensor& dq, cudaStream_t stream) {
   Params pq = p;
   pq.num_tiles = ceil_div(p.Lq, kTileRows);
-  launch(attn_bwd_delta_kernel<T, DP>, pq.num_tiles * BH, 2 * Layout<DP>::kTile * 2, pq, stream);
+  launch(attn_bwd_delta_kernel<T, DP>, Layout<DP>::kDeltaLaunch, pq.num_tiles * BH, pq, stream);
   Params pk = p;
   pk.num_tiles = ceil_div(p.Lk, kTileRows);
-  launch(attn_bwd_kernel<T, DP>, pk.num_tiles * BH, Layout<DP>::kBwdBytes, pk, stream);
+  launch(attn_bwd_kernel<T, DP>, Layout<DP>::kBwdLaunch, pk.num_tiles * BH, pk, stream);
   const int64_t n = BH * p.Lq * p.D;
-  const int64_t blocks = ceil_div(n, 256) < 65536 ? ceil_div(n, 256) : 65536;
-  attn_bwd_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+  const int64_t per_block = kDqConvertLaunch.threads;
+  const int64_t blocks = ceil_div(n, per_block) < 65536 ? ceil_div(n, per_block) : 65536;
+  attn_bwd_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), kDqConvertLaunch.threads,
+                                  kDqConvertLaunch.dynamic_smem_bytes, stream>>>(
       p.dq_acc, static_cast<T*>(dq.data_ptr()), n, p.scale);
   check_cuda(cudaGetLastError(), "kernel launch");
 }
 
-// One switch over (dtype, padded head dim): 2 x 4 instantiations of each kernel.
-#define MMFAST_ATTN_DISPATCH(DTYPE, D, FN, ...)                                                     \
-  do {                                                                                             \
-    const bool is_half = (DTYPE) == ScalarType::Half;                                              \
-    switch (padded_dim(D)) {                                                                       \
-      case 32: is_half ? FN<__half, 32>(__VA_ARGS__) : FN<__nv_bfloat16, 32>(__VA_ARGS__); break;   \
-      case 64: is_half ? FN<__half, 64>(__VA_ARGS__) : FN<__nv_bfloat16, 64>(__VA_ARGS__); break;   \
-      case 96: is_half ? FN<__half, 96>(__VA_ARGS__) : FN<__nv_bfloat16, 96>(__VA_ARGS__); break;   \
-      default: is_half ? FN<__half, 128>(__VA_ARGS__) : FN<__nv_bfloat16, 128>(__VA_ARGS__); break; \
-    }                                                                                              \
-  } while (0)
+// Calls f(Elem<T>{}, std::integral_constant<int, DP>{}) for the instantiation serving (dtype, D):
+// 2 element types x 5 padded head dims of each kernel, the instantiations declared below.
+template <typename F>
+void dispatch_instantiation(ScalarType dtype, int64_t D, F&& f) {
+  const int dp = PaddedDims::padded(D);
+  ElementTypes::for_each([&](auto elem) {
+    if ((dtype == ScalarType::Half) != std::is_same_v<typename decltype(elem)::type, __half>) return;
+    PaddedDims::for_each([&](auto DP) {
+      if (decltype(DP)::value == dp) f(elem, DP);
+    });
+  });
+}
 
 void check_4d_cuda(const Tensor& t, const char* name, const Tensor& q) {
   MMFAST_ATTN_CHECK(t.dim() == 4, name, "expected a 4-D tensor (B, H, L, D), got ", t.dim(), " dims");
@@ -863,7 +898,9 @@ std::tuple<Tensor, Tensor> attention_forward_cuda(Tensor q, Tensor k, Tensor v, 
   p.out = out.data_ptr();
   p.lse = static_cast<float*>(lse.data_ptr());
   p.num_tiles = ceil_div(Lq, kTileRows);
-  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_forward, p, B * H, current_stream(q));
+  dispatch_instantiation(q.scalar_type(), D, [&](auto elem, auto DP) {
+    run_forward<typename decltype(elem)::type, decltype(DP)::value>(p, B * H, current_stream(q));
+  });
   return {out, lse};
 }
 
@@ -911,9 +948,27 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(Tensor grad_out, Tens
   p.out = dq.data_ptr();
   p.out2 = dk.data_ptr();
   p.out3 = dv.data_ptr();
-  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_backward, p, B * H, dq, current_stream(q));
+  dispatch_instantiation(q.scalar_type(), D, [&](auto elem, auto DP) {
+    run_backward<typename decltype(elem)::type, decltype(DP)::value>(p, B * H, dq, current_stream(q));
+  });
   return {dq, dk, dv};
 }
+
+// Every instantiation's launch configuration, for kernels-report (csrc/cuda/launch_config.h).
+[[maybe_unused]] const bool kLaunchConfigsDeclared = [] {
+  ElementTypes::for_each([](auto elem) {
+    using T = typename decltype(elem)::type;
+    PaddedDims::for_each([](auto dp) {
+      constexpr int DP = decltype(dp)::value;
+      const auto name = [](const char* kernel) { return kernel_name(kernel, {arg_name<T>(), std::to_string(DP)}); };
+      declare_launch("attention", name("attn_fwd_kernel"), Layout<DP>::kFwdLaunch);
+      declare_launch("attention", name("attn_bwd_delta_kernel"), Layout<DP>::kDeltaLaunch);
+      declare_launch("attention", name("attn_bwd_kernel"), Layout<DP>::kBwdLaunch);
+    });
+    declare_launch("attention", kernel_name("attn_bwd_dq_convert_kernel", {arg_name<T>()}), kDqConvertLaunch);
+  });
+  return true;
+}();
 
 }  // namespace
 }  // namespace mmfast

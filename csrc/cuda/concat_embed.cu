@@ -21,6 +21,7 @@
 
 #include "common.h"
 #include "concat_embed.h"
+#include "cuda/launch_config.h"
 
 namespace mmfast {
 namespace {
@@ -31,6 +32,10 @@ constexpr int kMaxD = 1024;        // forward registers per lane: kMaxD / 32 val
 constexpr int kBwdThreads = 128;   // one position per backward block
 constexpr int kMaxBatchChunk = 32; // most batch rows per backward block
 constexpr int kBwdBlocksPerSm = 2; // backward grid target
+// How the kernels are launched (and what kernels-report reads: csrc/cuda/launch_config.h)
+constexpr LaunchConfig kFwdLaunch{kWarps * 32, 0, 0};
+constexpr LaunchConfig kBwdLaunch{kBwdThreads, 0, 0};
+using CudaTypes = TypeList<float, Half, BFloat16>;
 
 // float32 / float16 / bfloat16 only (no float64 instantiations: compile time).
 template <typename F>
@@ -434,7 +439,8 @@ std::tuple<Tensor, Tensor, Tensor> concat_embed_forward_cuda(
   const cudaStream_t stream = current_cuda_stream(feats[0]);
   dispatch_cuda_types(out.scalar_type(), "features", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
-    concat_embed_fwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(
+    concat_embed_fwd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kFwdLaunch.threads,
+                                        kFwdLaunch.dynamic_smem_bytes, stream>>>(
         a, out.mutable_data_ptr<scalar_t>(), a.w ? mean.mutable_data_ptr<float>() : nullptr,
         a.w ? rstd.mutable_data_ptr<float>() : nullptr);
   });
@@ -505,7 +511,7 @@ std::vector<Tensor> concat_embed_backward_cuda(
       float* pb_m = a.w ? pb.mutable_data_ptr<float>() + ln_row0 * a.D : nullptr;
       dispatch_cuda_types(go.scalar_type(), "grad_out", [&](auto tag) {
         using scalar_t = typename decltype(tag)::type;
-        concat_embed_bwd_kernel<scalar_t><<<grid, kBwdThreads, 0, stream>>>(
+        concat_embed_bwd_kernel<scalar_t><<<grid, kBwdLaunch.threads, kBwdLaunch.dynamic_smem_bytes, stream>>>(
             a, m, chunk[m], go.const_data_ptr<scalar_t>(), a.w ? mean_c->const_data_ptr<float>() : nullptr,
             a.w ? rstd_c->const_data_ptr<float>() : nullptr, grads[m].mutable_data_ptr<scalar_t>(),
             (k >= 0 || a.type) ? pg.mutable_data_ptr<float>() : nullptr, pw_m, pb_m);
@@ -530,6 +536,16 @@ std::vector<Tensor> concat_embed_backward_cuda(
   grads.push_back(a.bias ? torch::stable::sum(pb, IntArrayRef(dim0)) : empty({0}, ScalarType::Float, f0));
   return grads;
 }
+
+// Every instantiation's launch configuration, for kernels-report.
+[[maybe_unused]] const bool kLaunchConfigsDeclared = [] {
+  CudaTypes::for_each([](auto elem) {
+    const std::string t = arg_name<typename decltype(elem)::type>();
+    declare_launch("concat_embed", kernel_name("concat_embed_fwd_kernel", {t}), kFwdLaunch);
+    declare_launch("concat_embed", kernel_name("concat_embed_bwd_kernel", {t}), kBwdLaunch);
+  });
+  return true;
+}();
 
 }  // namespace
 

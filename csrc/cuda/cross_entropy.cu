@@ -11,12 +11,16 @@
 
 #include "common.h"
 #include "cross_entropy.h"
+#include "cuda/launch_config.h"
 
 namespace mmfast {
 namespace {
 
 constexpr int kThreads = 512;
 constexpr int kMaxItems = 64;  // 32768 classes in registers (BERT's 30522); <= 128 registers/thread
+constexpr int kShortItems = 8;  // rows up to 4096 classes: fewer registers
+// How the kernel is launched (and what kernels-report reads: csrc/cuda/launch_config.h)
+constexpr LaunchConfig kLaunch{kThreads, 0, 0};
 
 struct RowStats {
   float max, sum_exp, sum_wx;
@@ -186,15 +190,15 @@ void launch(const Tensor& logits, const Tensor* grad, const CrossEntropyInputs& 
   dispatch<float, Half, BFloat16>(logits.scalar_type(), "logits", [&](auto tag) {
     using scalar_t = typename decltype(tag)::type;
     auto run = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
+      kernel<<<static_cast<unsigned>(N), kLaunch.threads, kLaunch.dynamic_smem_bytes, stream>>>(
           logits.const_data_ptr<scalar_t>(), logits.stride(0), c.target.const_data_ptr<int64_t>(),
           c.weight ? c.weight->const_data_ptr<float>() : nullptr, C, ignore_index,
           static_cast<float>(label_smoothing), c.scale ? c.scale->const_data_ptr<float>() : nullptr, c.scale_stride,
           loss.mutable_data_ptr<float>(), grad ? grad->mutable_data_ptr<scalar_t>() : nullptr,
           grad ? grad->stride(0) : 0);
     };
-    if (C <= 8 * kThreads)
-      run(cross_entropy_forward_kernel<scalar_t, 8>);
+    if (C <= kShortItems * kThreads)
+      run(cross_entropy_forward_kernel<scalar_t, kShortItems>);
     else if (C <= kMaxItems * kThreads)
       run(cross_entropy_forward_kernel<scalar_t, kMaxItems>);
     else
@@ -225,6 +229,16 @@ Tensor cross_entropy_forward_inplace_cuda(const Tensor& logits, const Tensor& ta
   launch(logits, &logits, c, ignore_index, label_smoothing, loss);  // the gradient overwrites the logits
   return loss;
 }
+
+// Every instantiation's launch configuration, for kernels-report.
+[[maybe_unused]] const bool kLaunchConfigsDeclared = [] {
+  TypeList<float, Half, BFloat16>::for_each([](auto elem) {
+    const std::string t = arg_name<typename decltype(elem)::type>();
+    for (const int items : {kShortItems, kMaxItems, 0})
+      declare_launch("cross_entropy", kernel_name("cross_entropy_forward_kernel", {t, std::to_string(items)}), kLaunch);
+  });
+  return true;
+}();
 
 }  // namespace
 
