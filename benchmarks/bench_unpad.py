@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 import pytest
@@ -124,13 +125,18 @@ def main(argv=None) -> None:
     models = variants(stock)
     padded = inputs["input_ids"].numel()
     print(f"{case}: {tokens} valid tokens of {padded} padded positions; {args.threads} threads, "
-          f"median of {args.reps} after 1 warm-up")
-    ms = {}
+          f"median of {args.reps} steps after 1 warm-up, impls interleaved (a shared machine's load drifts)")
     for impl, m in models.items():
         model_check(m, m, stock, inputs, name=impl)()  # the rule, before timing
-        ms[impl] = time_ms(step(m, inputs), warmup=1, reps=args.reps)
+        step(m, inputs)()  # warm-up
+    times = {impl: [] for impl in models}
+    for _ in range(args.reps):
+        for impl, m in models.items():
+            times[impl].append(time_ms(step(m, inputs), warmup=0, reps=1))
+    ms = {impl: statistics.median(t) for impl, t in times.items()}
+    for impl in models:
         print(f"  {impl:13s} {ms[impl]:9.1f} ms/step  {tokens / (ms[impl] * 1e-3):9.0f} valid tokens/s  "
-              f"{ms['stock'] / ms[impl]:5.2f}x stock")
+              f"{ms['stock'] / ms[impl]:5.2f}x stock  (steps: {', '.join(f'{t:.0f}' for t in times[impl])} ms)")
 
 
 if __name__ == "__main__":

@@ -68,15 +68,13 @@ def _fallback(reason: str, module, query, key, value, attention_mask, scaling, d
 _VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _varlen_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                    scaling: Optional[float], dropout: float, kwargs: dict):
+def _varlen_forward(module, query: Tensor, key: Tensor, value: Tensor, scaling: Optional[float], dropout: float,
+                    kwargs: dict):
     """Packed sequences through ``mmfast.ops.attention_varlen``. No eager fallback here: HF's eager
     attention would let the packed sequences see each other, so what it cannot do raises."""
     why = [f"'{n}' is given" for n in _UNSUPPORTED_KWARGS if kwargs.get(n) is not None]
     if kwargs.get("output_attentions"):
         why.append("attention weights are requested")
-    if attention_mask is not None:
-        why.append("a 4-D attention mask is given as well (packed rows take none)")
     if query.dim() != 4 or query.shape[0] != 1 or key.shape[0] != 1 or query.shape[1] % key.shape[1] != 0:
         why.append(f"q/k are not (1, H, total, D) with grouped heads (got {tuple(query.shape)}, {tuple(key.shape)})")
     if why:
@@ -101,10 +99,11 @@ def mmfast_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
                              attention_mask: Optional[Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                              **kwargs):
     """HF attention-interface function: q, k, v (B, H, L, D) -> (out (B, Lq, H, D) contiguous, None).
-    Packed sequences (HF's ``cu_seq_lens_q/k``, ``max_length_q/k`` kwargs, B = 1) run
+    Packed sequences (HF's ``cu_seq_lens_q/k``, ``max_length_q/k`` kwargs, B = 1, no mask) run
     ``mmfast.ops.attention_varlen``."""
-    if all(kwargs.get(n) is not None for n in _VARLEN_KWARGS):
-        return _varlen_forward(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if attention_mask is None and all(kwargs.get(n) is not None for n in _VARLEN_KWARGS):
+        # (with a mask, e.g. the one HF builds from packed position_ids, the mask says it all)
+        return _varlen_forward(module, query, key, value, scaling, dropout, kwargs)
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             return _fallback(f"'{name}' is given", module, query, key, value, attention_mask, scaling, dropout, kwargs)
