@@ -120,7 +120,7 @@ def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, embe
     if getattr(model, STATE_ATTR, None) is not None:
         unpatch(model)
     if unpad:
-        _check_unpad(model, attention)  # before anything changes
+        _check_unpad(model, attention)  # before this patch changes anything
     report = PatchReport(model=type(model).__name__, backend=backend)
     undo: list = []
     ops_used: set = set()
