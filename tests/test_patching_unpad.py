@@ -295,3 +295,8 @@ def test_packed_kwargs_with_attention_weights_requested_raise():
     assert out.shape == (1, 8, 2, 16) and (out[0] - ref).abs().max() < 1e-5
     with pytest.raises(ValueError, match="packed sequences .* attention weights are requested: not supported"):
         mmfast_attention_forward(att, q, q, q, None, scaling=0.25, output_attentions=True, **packed)
+    # with a mask (HF builds one from packed position_ids for non-flash implementations) the mask decides
+    keep = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    keep[..., :3, :3] = keep[..., 3:, 3:] = True
+    out_masked, _ = mmfast_attention_forward(att, q, q, q, keep, scaling=0.25, **packed)
+    assert (out_masked[0] - ref).abs().max() < 1e-5
