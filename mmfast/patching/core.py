@@ -12,7 +12,12 @@ ViLT / VisualBERT / LXMERT attention   module class swapped for a subclass (hf_v
 ViltEmbeddings (embeddings=True)       class swapped: merge through concat_embed (hf_vilt.py)
 timm.layers.Attention                  class swapped for a subclass (timm_vit.py)
 HF task heads (losses=True)            instance ``forward`` override (losses.py)
+BertEncoder (unpad=True)               class swapped: runs the valid tokens only, packed, through
+                                       attention_varlen (hf_unpad.py)
 =====================================  =========================================================
+
+``unpad=True`` is the one option that raises on a model it cannot serve (one line naming why):
+silently running padded would defeat its purpose.
 
 Undo information is kept on the model as plain data (module names, classes, previous values),
 never as references to modules, so ``copy.deepcopy`` of a patched model is patched the same way
@@ -80,21 +85,42 @@ def _availability_notes(model: nn.Module, backend: str, ops_used: list, report: 
                                 f"{str(p.dtype).replace('torch.', '')} here ({why}); calls will raise until it is")
 
 
+def _check_unpad(model: nn.Module, attention: bool) -> None:
+    """Raises the one-line reason why ``unpad=True`` cannot patch ``model``."""
+    if not attention:
+        raise ValueError("mmfast.patch: argument 'unpad'=True needs attention=True (the packed rows run "
+                         "mmfast.ops.attention_varlen)")
+    why = "transformers is not imported"
+    if "transformers" in sys.modules:
+        from mmfast.patching import hf_unpad
+
+        why = hf_unpad.unsupported_reason(model)
+    if why is not None:
+        raise ValueError(f"mmfast.patch: argument 'unpad'=True supports stock Hugging Face BERT encoders (transformers "
+                         f"BertModel and its heads, config.is_decoder=False), got {type(model).__name__}: {why}")
+
+
 def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, embeddings: bool = True,
-          backend: str = "auto") -> PatchReport:
+          backend: str = "auto", unpad: bool = False) -> PatchReport:
     """Makes ``model`` run mmfast's ops in place and returns a :class:`PatchReport`.
 
     ``attention``: attention layers; ``losses``: task-head losses (cross-entropy, masked-LM
     linear cross-entropy); ``embeddings``: ViLT's embedding merge; ``backend``: passed to every op
-    ("auto", "triton", "cuda", "cpu", "torch"). Parameters, buffers and ``state_dict`` are not
+    ("auto", "triton", "cuda", "cpu", "torch"); ``unpad``: run HF BERT encoders on the valid tokens
+    only, packed (hf_unpad.py: what padded positions hold, when a call runs padded); raises
+    ValueError on a model it does not support. Parameters, buffers and ``state_dict`` are not
     changed. Patching a patched model first undoes the earlier patch."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"mmfast.patch: argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
     if backend != "auto" and backend not in dispatch.BACKENDS:
         raise ValueError(f"mmfast.patch: argument 'backend' must be one of {('auto',) + dispatch.BACKENDS}, "
                          f"got {backend!r}")
+    if not isinstance(unpad, bool):
+        raise TypeError(f"mmfast.patch: argument 'unpad' must be a bool, got {type(unpad).__name__}")
     if getattr(model, STATE_ATTR, None) is not None:
         unpatch(model)
+    if unpad:
+        _check_unpad(model, attention)  # before this patch changes anything
     report = PatchReport(model=type(model).__name__, backend=backend)
     undo: list = []
     ops_used: set = set()
@@ -145,6 +171,18 @@ def patch(model: nn.Module, *, attention: bool = True, losses: bool = True, embe
                 covered_attention.add(aname)
                 swapped_names.add(aname)
             ops_used.add("attention")
+
+    # 1b. Unpadded BERT encoders (their self-attention goes through the "mmfast" function above).
+    if unpad:
+        from mmfast.patching import hf_unpad
+
+        for name, m in hf_unpad.encoders(model):
+            undo.append(("class", name, type(m)))
+            m.__class__ = hf_unpad.UnpadBertEncoder
+            report.add(name, "unpad: BertEncoder runs the valid tokens only, packed (mmfast.data.pack), self-attention "
+                             "via mmfast.ops.attention_varlen; outputs scattered back to (B, L), 0 at padded positions")
+            swapped_names.add(name)
+        ops_used.add("attention_varlen")
 
     # 2. Hand-written HF attention / embeddings (ViLT, VisualBERT, LXMERT).
     if (attention or embeddings) and any(type(m).__module__.startswith(_HANDWRITTEN_MODULES) for _, m in named):

@@ -14,7 +14,9 @@ the attention function makes HF pass no mask at all):
   cannot express exactly (an untagged mask that is not padding/causal, attention weights asked
   for, softcap, sinks, position biases, paged caches, ...) runs the model's own eager attention
   for that call, with the mask converted to the additive form eager expects; each reason is
-  warned about once and counted in :func:`fallback_counts`.
+  warned about once and counted in :func:`fallback_counts`. Packed sequences (HF's
+  ``cu_seq_lens_q/k`` kwargs, as its FlashAttention-2 path takes them) run
+  ``mmfast.ops.attention_varlen``; what that cannot do raises instead (eager would mix sequences).
 """
 
 from __future__ import annotations
@@ -60,10 +62,48 @@ def _fallback(reason: str, module, query, key, value, attention_mask, scaling, d
                                   **kwargs)
 
 
+# HF's names for packed sequences (FlashAttentionKwargs): rows of a (1, total, ...) batch, sequence
+# b = rows cu_seq_lens[b]:cu_seq_lens[b + 1]. Passed by mmfast's unpadded BERT encoder (hf_unpad.py)
+# and by HF's DataCollatorWithFlattening.
+_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _varlen_forward(module, query: Tensor, key: Tensor, value: Tensor, scaling: Optional[float], dropout: float,
+                    kwargs: dict):
+    """Packed sequences through ``mmfast.ops.attention_varlen``. No eager fallback here: HF's eager
+    attention would let the packed sequences see each other, so what it cannot do raises."""
+    why = [f"'{n}' is given" for n in _UNSUPPORTED_KWARGS if kwargs.get(n) is not None]
+    if kwargs.get("output_attentions"):
+        why.append("attention weights are requested")
+    if query.dim() != 4 or query.shape[0] != 1 or key.shape[0] != 1 or query.shape[1] % key.shape[1] != 0:
+        why.append(f"q/k are not (1, H, total, D) with grouped heads (got {tuple(query.shape)}, {tuple(key.shape)})")
+    if why:
+        raise ValueError(f"mmfast: attention in {type(module).__name__} got packed sequences (cu_seq_lens_q/k) but "
+                         f"{'; '.join(why)}: not supported")
+    if key.shape[1] != query.shape[1]:  # grouped-query attention
+        rep = query.shape[1] // key.shape[1]
+        key = key.repeat_interleave(rep, dim=1)
+        value = value.repeat_interleave(rep, dim=1)
+    is_causal = kwargs.get("is_causal")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+    cu_q, cu_k = (kwargs[n].to(torch.int32) for n in ("cu_seq_lens_q", "cu_seq_lens_k"))
+    # (1, H, total, D) -> (total, H, D): for HF's q/k/v (a head-split view of (1, total, H*D)) a view
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = ops.attention_varlen(q, k, v, cu_q, cu_k, int(kwargs["max_length_q"]), int(kwargs["max_length_k"]),
+                               causal=causal, scale=scaling, dropout_p=float(dropout),
+                               backend=getattr(module, BACKEND_ATTR, "auto"))
+    return out[None], None
+
+
 def mmfast_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                              attention_mask: Optional[Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                              **kwargs):
-    """HF attention-interface function: q, k, v (B, H, L, D) -> (out (B, Lq, H, D) contiguous, None)."""
+    """HF attention-interface function: q, k, v (B, H, L, D) -> (out (B, Lq, H, D) contiguous, None).
+    Packed sequences (HF's ``cu_seq_lens_q/k``, ``max_length_q/k`` kwargs, B = 1, no mask) run
+    ``mmfast.ops.attention_varlen``."""
+    if attention_mask is None and all(kwargs.get(n) is not None for n in _VARLEN_KWARGS):
+        # (with a mask, e.g. the one HF builds from packed position_ids, the mask says it all)
+        return _varlen_forward(module, query, key, value, scaling, dropout, kwargs)
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             return _fallback(f"'{name}' is given", module, query, key, value, attention_mask, scaling, dropout, kwargs)
