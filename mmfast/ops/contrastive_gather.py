@@ -1,9 +1,10 @@
 """CLIP's contrastive loss over the global batch of all processes (``contrastive_loss(..., gather=True)``).
 
-Each process holds ``n`` image and ``n`` text features. It all-gathers both (with their gradient:
-:class:`_AllGatherWithGrad`) and owns only its own rows: image rows -> all ``N = P * n`` texts
-(image->text) and text rows -> all images (text->image). Both are cross-entropies of a row against
-every column, and the labels of process ``r`` are the columns ``r * n .. r * n + n - 1``. Its loss is
+Process ``r`` holds ``n_r`` image and ``n_r`` text features (sizes may differ between processes). It
+all-gathers both (with their gradient: :class:`_AllGatherWithGrad`) and owns only its own rows: image
+rows -> all ``N = sum(n_r)`` texts (image->text) and text rows -> all images (text->image). Both are
+cross-entropies of a row against every column, and the labels of process ``r`` are its own columns
+``n_0 + ... + n_{r-1} + i``. Its loss is
 
     loss_r = P / (2N) * sum over its own rows of (image->text row loss + text->image row loss)
 
@@ -55,45 +56,49 @@ def _dist():
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """Concatenation along dim 0 of ``x`` from every process; backward sums the incoming gradients
-    of all processes and returns this process's slice (a reduce-scatter)."""
+    """Concatenation along dim 0 of ``x`` from every process (``sizes[r]`` rows from rank ``r``; the
+    collectives need equal shapes, so uneven parts travel zero-padded to the largest); backward sums
+    the incoming gradients of all processes and returns this process's rows (a reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, sizes: list) -> Tensor:
         dist = _dist()
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        rows = max(sizes)
+        x = x.contiguous() if x.shape[0] == rows else torch.cat([x, x.new_zeros((rows - x.shape[0],) + x.shape[1:])])
+        parts = [torch.empty_like(x) for _ in sizes]
         dist.all_gather(parts, x)
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        return torch.cat(parts, 0)
+        ctx.rank, ctx.sizes = dist.get_rank(), sizes
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
+    def backward(ctx, grad: Tensor):
         dist = _dist()
-        grad = grad.contiguous()
-        mine = torch.empty_like(grad[: ctx.n])
+        sizes, rank = ctx.sizes, ctx.rank
+        first = sum(sizes[:rank])
         if dist.get_backend() == "nccl":
-            dist.reduce_scatter_tensor(mine, grad)
-        else:  # gloo has no reduce-scatter: sum everything, keep our slice
-            total = grad.clone()
-            dist.all_reduce(total)
-            mine.copy_(total[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n])
-        return mine
+            rows = max(sizes)
+            padded = grad.new_zeros((len(sizes) * rows,) + grad.shape[1:])
+            for r, n in enumerate(sizes):
+                padded[r * rows:r * rows + n] = grad[sum(sizes[:r]):sum(sizes[:r]) + n]
+            mine = grad.new_empty((rows,) + grad.shape[1:])
+            dist.reduce_scatter_tensor(mine, padded)
+            return mine[:sizes[rank]], None
+        total = grad.contiguous().clone()  # gloo has no reduce-scatter: sum everything, keep our rows
+        dist.all_reduce(total)
+        return total[first:first + sizes[rank]], None
 
 
-def all_gather_with_grad(x: Tensor) -> Tensor:
-    """``x`` of every process concatenated along dim 0 (same shape on every process), differentiable."""
-    return _AllGatherWithGrad.apply(x)
+def all_gather_with_grad(x: Tensor, sizes: list | None = None) -> Tensor:
+    """``x`` of every process concatenated along dim 0, differentiable; ``sizes``: the number of rows
+    of every process, in rank order (default: ``x``'s on every process)."""
+    return _AllGatherWithGrad.apply(x, sizes or [x.shape[0]] * _dist().get_world_size())
 
 
-def _check_same_batch_everywhere(dist, n: int, device: torch.device) -> None:
-    """Every process must hold the same number of rows (all_gather needs equal sizes)."""
+def _batch_sizes(dist, n: int, device: torch.device) -> list:
+    """The number of rows every process holds, in rank order."""
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=device))
-    sizes = [int(s) for s in sizes]
-    if len(set(sizes)) != 1:
-        raise ValueError(f"mmfast.contrastive_loss: with gather=True argument 'image_features' must have the same "
-                         f"number of rows on every process, got {sizes} (rank order)")
+    return [int(s) for s in sizes]
 
 
 def _logits_tile(rows: Tensor, columns: Tensor, scale: Tensor, acc: torch.dtype) -> Tensor:
@@ -169,13 +174,12 @@ def gathered_contrastive_loss(image_features: Tensor, text_features: Tensor, log
         raise ValueError(f"mmfast.contrastive_loss: with gather=True argument 'backend' must be 'auto' or 'torch' "
                          f"(the gathered loss runs its column tiles as torch matmuls), got {backend!r}")
     dist = _dist()
-    n, P = image_features.shape[0], dist.get_world_size()
-    _check_same_batch_everywhere(dist, n, image_features.device)
-    all_img = all_gather_with_grad(image_features)
-    all_txt = all_gather_with_grad(text_features)
-    first, eps, scale = dist.get_rank() * n, float(label_smoothing), logit_scale.reshape(())
+    sizes = _batch_sizes(dist, image_features.shape[0], image_features.device)
+    all_img = all_gather_with_grad(image_features, sizes)
+    all_txt = all_gather_with_grad(text_features, sizes)
+    first, eps, scale = sum(sizes[:dist.get_rank()]), float(label_smoothing), logit_scale.reshape(())
     image_to_text = _RowsAgainstAllColumns.apply(image_features, all_txt, scale, first, eps, COLUMN_TILE)
     text_to_image = _RowsAgainstAllColumns.apply(text_features, all_img, scale, first, eps, COLUMN_TILE)
-    N = P * n  # a tensor divided by 2N: NaN for an empty global batch, as the one-process loss
+    P, N = len(sizes), sum(sizes)  # a tensor divided by 2N: NaN for an empty global batch, as the one-process loss
     loss = (image_to_text.sum() + text_to_image.sum()) * P / (2 * N)
     return loss.to(image_features.dtype)
