@@ -96,7 +96,8 @@ class Kernels:
                                label_smoothing=label_smoothing)
 
     # Set by mmfast.train.Trainer around DDP training forwards: the contrastive (itc) loss then takes its
-    # negatives from every process's batch (mmfast/ops/contrastive_gather.py), in both twins.
+    # negatives from every process's batch (mmfast/ops/contrastive_gather.py, one face: torch tiles), in
+    # both twins.
     gather_contrastive = False
 
     def contrastive_loss(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,

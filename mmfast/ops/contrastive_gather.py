@@ -102,8 +102,11 @@ def _batch_sizes(dist, n: int, device: torch.device) -> list:
 
 
 def _logits_tile(rows: Tensor, columns: Tensor, scale: Tensor, acc: torch.dtype) -> Tensor:
-    """scale * rows @ columns.T in the accumulation dtype: the only place a logits block is made."""
-    tile = (rows @ columns.t()).to(acc)
+    """scale * rows @ columns.T in the accumulation dtype: the only place a logits block is made. The
+    matmul runs in the features' dtype whatever autocast says (as the one-process custom op, which
+    autocast does not enter), in the forward and in the backward alike."""
+    with torch.autocast(rows.device.type, enabled=False):
+        tile = (rows @ columns.t()).to(acc)
     return tile.mul_(scale.to(acc))
 
 
@@ -158,10 +161,11 @@ class _RowsAgainstAllColumns(torch.autograd.Function):
             r, c = _targets_in(c0, c1, first_label, n, rows.device)
             dL[r, c] -= 1.0 - eps
             dL = dL.mul_(up).to(rows.dtype)
-            dL_cols = (dL @ columns[c0:c1]).to(acc)  # L = s * rows @ cols.T, so d_rows = s * dL @ cols and
-            d_scale += (dL_cols * rows.to(acc)).sum()  # d_scale = sum(dL * rows @ cols.T) = sum(dL @ cols * rows)
+            with torch.autocast(rows.device.type, enabled=False):
+                dL_cols = (dL @ columns[c0:c1]).to(acc)  # L = s * rows @ cols.T, so d_rows = s * dL @ cols
+                d_columns[c0:c1] = (dL.t() @ rows) * scale.to(rows.dtype)
+            d_scale += (dL_cols * rows.to(acc)).sum()  # and d_scale = sum(dL * rows @ cols.T) = sum(dL @ cols * rows)
             d_rows += dL_cols
-            d_columns[c0:c1] = (dL.t() @ rows) * scale.to(rows.dtype)
         d_rows = (d_rows * scale.to(acc)).to(rows.dtype)
         return d_rows, d_columns, d_scale.to(scale.dtype), None, None, None
 
