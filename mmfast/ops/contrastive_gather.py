@@ -138,6 +138,7 @@ class _RowsAgainstAllColumns(torch.autograd.Function):
             m = L.amax(1)
             tile_lse = m + L.sub_(m[:, None]).exp_().sum(1).log()  # in place: still the one block
             lse = torch.logaddexp(lse, tile_lse)
+            del L  # freed before the next tile is built: one block at a time
         ctx.save_for_backward(rows, columns, scale, lse)
         ctx.first_label, ctx.eps, ctx.tile = first_label, eps, tile
         # (lse - L_y) + eps * (L_y - mean_j L_j): the smoothed cross-entropy, exactly 0 where torch's is (N = 1)
@@ -166,6 +167,7 @@ class _RowsAgainstAllColumns(torch.autograd.Function):
                 d_columns[c0:c1] = (dL.t() @ rows) * scale.to(rows.dtype)
             d_scale += (dL_cols * rows.to(acc)).sum()  # and d_scale = sum(dL * rows @ cols.T) = sum(dL @ cols * rows)
             d_rows += dL_cols
+            del dL  # as in the forward: one block at a time
         d_rows = (d_rows * scale.to(acc)).to(rows.dtype)
         return d_rows, d_columns, d_scale.to(scale.dtype), None, None, None
 
