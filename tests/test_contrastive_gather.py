@@ -65,11 +65,13 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def _worker(rank, P, sizes, tile, rdv, out_dir):
+def _worker(rank, P, sizes, tile, reduce_scatter, rdv, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=P)
     if tile is not None:
         gather_mod.COLUMN_TILE = tile
+    if reduce_scatter:  # the all-gather's NCCL backward (padded reduce-scatter), which gloo runs in torch >= 2.6
+        gather_mod._reduce_scatter = lambda dist: True
     try:
         n = sizes[rank]
         x, W, log_scale = _inputs(sum(sizes))
@@ -91,12 +93,18 @@ def _worker(rank, P, sizes, tile, rdv, out_dir):
         dist.destroy_process_group()
 
 
-# (local batch of each process, column tile): one tile as wide as the global batch (the default), and
-# tiles narrower than it that do not divide it, with local batches of 1 and 7, equal and uneven
-@pytest.mark.parametrize("sizes,tile", [((3, 3), None), ((7, 7, 7), 5), ((1, 1), 1), ((7, 1, 4), 3)])
-def test_gathered_loss_matches_one_process_over_the_global_batch(sizes, tile, tmp_path):
+# (local batch of each process, column tile, all-gather backward by reduce-scatter): one tile as wide
+# as the global batch (the default), and tiles narrower than it that do not divide it, with local
+# batches of 1 and 7, equal and uneven
+@pytest.mark.parametrize("sizes,tile,reduce_scatter", [((3, 3), None, False), ((7, 7, 7), 5, False),
+                                                       ((1, 1), 1, False), ((7, 1, 4), 3, False),
+                                                       ((4, 7, 1), 2, True)])
+def test_gathered_loss_matches_one_process_over_the_global_batch(sizes, tile, reduce_scatter, tmp_path):
+    if reduce_scatter and torch.__version__ < "2.6":
+        pytest.skip("gloo reduce-scatter needs torch >= 2.6")
     P, N = len(sizes), sum(sizes)
-    mp.spawn(_worker, args=(P, sizes, tile, str(tmp_path / "rdv"), str(tmp_path)), nprocs=P, join=True)
+    mp.spawn(_worker, args=(P, sizes, tile, reduce_scatter, str(tmp_path / "rdv"), str(tmp_path)), nprocs=P,
+             join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(P)]
     x, W, log_scale = _inputs(N)
     for eps, backend in CASES:
@@ -104,7 +112,7 @@ def test_gathered_loss_matches_one_process_over_the_global_batch(sizes, tile, tm
         loss64, g64 = _loss_and_grads(ref, x[0], x[1], W, log_scale, torch.float64)
         loss32, g32 = _loss_and_grads(ref, x[0], x[1], W, log_scale, torch.float32)
         got = [r[(eps, backend)] for r in per_rank]
-        tag = f"sizes={sizes} tile={tile} eps={eps} backend={backend}"
+        tag = f"sizes={sizes} tile={tile} reduce_scatter={reduce_scatter} eps={eps} backend={backend}"
         # the reductions behind each element (the rule's rounding floor): projection over D_IN, similarity
         # over D, log-sum-exp over N columns, sum over N rows; the scale's gradient sums all N x N logits
         red, red_scale = (D_IN, D, N, N), (D_IN, D, N, N * N)

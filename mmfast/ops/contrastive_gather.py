@@ -74,18 +74,24 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         dist = _dist()
         sizes, rank = ctx.sizes, ctx.rank
-        first = sum(sizes[:rank])
-        if dist.get_backend() == "nccl":
+        if _reduce_scatter(dist):  # each rank's part zero-padded to the largest, as in the forward
             rows = max(sizes)
             padded = grad.new_zeros((len(sizes) * rows,) + grad.shape[1:])
             for r, n in enumerate(sizes):
                 padded[r * rows:r * rows + n] = grad[sum(sizes[:r]):sum(sizes[:r]) + n]
             mine = grad.new_empty((rows,) + grad.shape[1:])
-            dist.reduce_scatter_tensor(mine, padded)
+            # reduce_scatter_single: torch >= 2.14's name for reduce_scatter_tensor
+            getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(mine, padded)
             return mine[:sizes[rank]], None
-        total = grad.contiguous().clone()  # gloo has no reduce-scatter: sum everything, keep our rows
+        total = grad.contiguous().clone()  # no reduce-scatter: sum everything, keep our rows
         dist.all_reduce(total)
+        first = sum(sizes[:rank])
         return total[first:first + sizes[rank]], None
+
+
+def _reduce_scatter(dist) -> bool:
+    """NCCL reduce-scatters; gloo (CPU) all-reduces, as it lacks reduce-scatter in older torch."""
+    return dist.get_backend() == "nccl"
 
 
 def all_gather_with_grad(x: Tensor, sizes: list | None = None) -> Tensor:
