@@ -95,8 +95,17 @@ class Kernels:
         return F.cross_entropy(F.linear(hidden, weight, bias), target, ignore_index=ignore_index,
                                label_smoothing=label_smoothing)
 
+    # Set by mmfast.train.Trainer around DDP training forwards: the contrastive (itc) loss then takes its
+    # negatives from every process's batch (mmfast/ops/contrastive_gather.py, one face: torch tiles), in
+    # both twins.
+    gather_contrastive = False
+
     def contrastive_loss(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
                          label_smoothing: float = 0.0) -> Tensor:
+        if self.gather_contrastive:
+            dt = torch.promote_types(image_features.dtype, text_features.dtype)
+            return ops.contrastive_loss(image_features.to(dt), text_features.to(dt), logit_scale,
+                                        label_smoothing=label_smoothing, gather=True)
         if self.fused:
             dt = torch.promote_types(image_features.dtype, text_features.dtype)
             return ops.contrastive_loss(image_features.to(dt), text_features.to(dt), logit_scale,

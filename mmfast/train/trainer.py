@@ -12,8 +12,9 @@ unscaled and clipped -> AdamW step -> LR schedule step -> log / eval / early sto
 
 Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), the trainer joins the
 process group (NCCL on GPUs, gloo on CPU), wraps the model in DistributedDataParallel and shards the
-data with a DistributedSampler; every rank evaluates the whole eval set (so early stopping agrees
-without communication) and only rank 0 logs and saves.
+data with a DistributedSampler; a zoo model's contrastive (itc) loss gathers the features of every
+rank, so it sees the global batch's negatives; every rank evaluates the whole eval set (so early
+stopping agrees without communication) and only rank 0 logs and saves.
 """
 
 from __future__ import annotations
@@ -269,6 +270,22 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    @contextlib.contextmanager
+    def _global_contrastive(self):
+        """Under DDP a zoo model's contrastive (itc) loss takes its negatives from every process's batch
+        (``contrastive_loss(gather=True)``): the mean over ranks of the loss and DDP's averaged gradients
+        are then one process's over the global batch. Training forwards only: every rank evaluates the
+        whole eval set, where gathering would count it world_size times."""
+        kernels = getattr(self.model, "kernels", None)
+        if self.world_size == 1 or not hasattr(kernels, "gather_contrastive"):
+            yield
+            return
+        kernels.gather_contrastive = True
+        try:
+            yield
+        finally:
+            kernels.gather_contrastive = False
+
     # ------------------------------------------------------------------------------- the loop
     def fit(self, until_step: int | None = None) -> dict:
         """Train to ``max_steps`` (or stop after ``until_step`` optimizer steps: the schedule still
@@ -308,7 +325,8 @@ class Trainer:
                 batch = self._to_device(next(batches))
                 last = micro == cfg.grad_accum - 1
                 no_sync = self.world_size > 1 and not last
-                with (self.train_model.no_sync() if no_sync else contextlib.nullcontext()), self._autocast():
+                with (self.train_model.no_sync() if no_sync else contextlib.nullcontext()), self._autocast(), \
+                        self._global_contrastive():
                     loss = _get(self.train_model(**batch), "loss")
                 if loss is None:
                     raise TypeError("the model's output has no 'loss': pass labels in the batch or return a loss")
