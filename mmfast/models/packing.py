@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from mmfast.data.pack import pack
+from mmfast.data.pack import pack, positions_in_sequences as positions  # noqa: F401 (positions: re-exported)
 
 
 class Layout(NamedTuple):
@@ -64,13 +64,6 @@ def twice(hidden: Tensor, mask):
     if is_packed(mask):
         return torch.cat([hidden, hidden]), mask.twice()
     return torch.cat([hidden, hidden]), None if mask is None else torch.cat([mask, mask])
-
-
-def positions(cu_seqlens: Tensor) -> Tensor:
-    """int64 (total,): each packed row's position in its sample."""
-    cu = cu_seqlens.long()
-    lengths = cu.diff()
-    return torch.arange(int(cu[-1]), device=cu.device) - torch.repeat_interleave(cu[:-1], lengths)
 
 
 def embed(embeddings, input_ids: Tensor, layout: Layout, token_type_ids: Optional[Tensor] = None) -> Tensor:
