@@ -125,6 +125,7 @@ def _items(lengths=(1, 7, 40, 3), seed=0):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(104, 1000, (n,), generator=g),
              "labels": torch.randint(0, 7, (n,), generator=g),  # per token (NER-style)
+             "mlm_labels": torch.randint(-100, 7, (n,), generator=g).clamp(min=-100),
              "pixel_values": torch.randn(3, 32, 32, generator=g)} for n in lengths]
 
 
@@ -134,7 +135,8 @@ def test_collate_packed_is_pack_batch_of_the_padded_batch_and_back():
     items = _items()
     padded = collate(items)
     packed = collate(items, packed=True)
-    assert set(packed) == {"input_ids", "labels", "pixel_values", "cu_seqlens", "max_seqlen"}
+    assert set(packed) == {"input_ids", "labels", "mlm_labels", "pixel_values", "cu_seqlens", "max_seqlen"}
+    assert padded["mlm_labels"].shape == padded["input_ids"].shape and (padded["mlm_labels"][0, 1:] == -100).all()
     assert packed["cu_seqlens"].dtype == torch.int32 and packed["cu_seqlens"].tolist() == [0, 1, 8, 48, 51]
     assert packed["max_seqlen"] == 40
     assert torch.equal(packed["input_ids"], torch.cat([it["input_ids"] for it in items]))
@@ -156,6 +158,7 @@ def test_collate_packed_feeds_a_packed_model_like_the_padded_batch():
     model = mm.create_model("cross_attention_tiny", task="mlm", packed=True)
     items = _items((5, 1, 9))
     for it in items:
+        del it["mlm_labels"]
         it["input_ids"][0] = model.cfg.cls_token_id
         it["labels"] = torch.where(torch.arange(len(it["labels"])) % 2 == 1, it["input_ids"], -100)
     with torch.no_grad():

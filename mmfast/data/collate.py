@@ -19,7 +19,7 @@ def collate(items: list[dict], pad_token_id: int = 0, label_pad_id: int = -100, 
 
     - ``input_ids`` (1-D, variable length) are right-padded with ``pad_token_id``; ``attention_mask``
       is built (1 = real token) unless the items bring their own (then it is padded with 0).
-    - 1-D ``labels`` whose length follows ``input_ids`` (captions, MLM, NER) are padded with
+    - 1-D ``labels`` / ``mlm_labels`` whose length follows ``input_ids`` (captions, MLM, NER) are padded with
       ``label_pad_id`` (-100: ignored by cross-entropy); scalar labels are stacked.
     - every other tensor (``pixel_values``, ...) is stacked and must have equal shapes.
 
@@ -56,8 +56,8 @@ def _padded(items: list[dict], pad_token_id: int, label_pad_id: int) -> dict:
             batch[key] = pad(values, pad_token_id)
         elif key == "attention_mask":
             batch[key] = pad(values, 0)
-        elif lengths is not None and torch.as_tensor(values[0]).dim() == 1 and key in ("labels", "token_type_ids"):
-            batch[key] = pad(values, label_pad_id if key == "labels" else 0)
+        elif lengths is not None and torch.as_tensor(values[0]).dim() == 1 and key in TOKEN_KEYS:
+            batch[key] = pad(values, 0 if key == "token_type_ids" else label_pad_id)
         else:
             try:
                 batch[key] = torch.stack([torch.as_tensor(v) for v in values])
