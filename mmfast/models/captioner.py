@@ -63,14 +63,14 @@ class CaptionerModel(FusionModel):
         Packed (``packed=True``): the same within each sample; logits and states are packed rows."""
         if pixel_values is None:
             raise ValueError("mmfast.models: captioner needs 'pixel_values'")
-        input_ids, mask, _, per_token = self._text_batch(input_ids, attention_mask, None, cu_seqlens, max_seqlen,
-                                                         pixel_values.shape[0])
+        input_ids, mask, _, labels, _ = self._text_batch(input_ids, attention_mask, None, cu_seqlens, max_seqlen,
+                                                         pixel_values.shape[0], labels)
         image = self.vision_encoder.forward_features(pixel_values)
         hidden = self.decode(input_ids, mask, image)
         if labels is None:
             return FusionOutput(logits=self.lm_head.logits(hidden), last_hidden_state=hidden)
         if is_packed(mask):
-            targets = shifted_targets(per_token(labels, "labels"), mask)
+            targets = shifted_targets(labels, mask)
             return FusionOutput(loss=self.lm_head.loss(hidden, targets, self.cfg.label_smoothing), last_hidden_state=hidden)
         if labels.shape != input_ids.shape:
             raise ValueError(f"mmfast.models: captioner 'labels' must have the shape of 'input_ids' "

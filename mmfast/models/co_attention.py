@@ -86,11 +86,8 @@ class CoAttentionModel(FusionModel):
             raise ValueError("mmfast.models: co_attention needs 'pixel_values'")
         k, task, c = self.kernels, self.task, self.cfg
         B = pixel_values.shape[0]
-        input_ids, mask, token_type_ids, per_token = self._text_batch(input_ids, attention_mask, token_type_ids,
-                                                                      cu_seqlens, max_seqlen, B)
-        if task == "mlm":
-            labels = per_token(labels, "labels")
-        mlm_labels = per_token(mlm_labels, "mlm_labels")
+        input_ids, mask, token_type_ids, labels, mlm_labels = self._text_batch(
+            input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, B, labels, mlm_labels)
         image = self.encode_image(pixel_values)
 
         if task == "pretrain":

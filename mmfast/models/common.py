@@ -5,6 +5,8 @@ import them from: ``kernels`` (the fused / eager switch), ``config`` (:class:`Zo
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -63,16 +65,20 @@ class FusionModel(nn.Module):
     def extra_repr(self) -> str:
         return f"arch={self.arch}, size={self.size}, task={self.task}, fused={self.fused}, packed={self.packed}"
 
-    def _text_batch(self, input_ids: Tensor, attention_mask, token_type_ids, cu_seqlens, max_seqlen, batch: int):
-        """(input_ids, mask, token_type_ids, pack_labels): padded as given (mask: bool or None), or
-        packed (ids (total,), mask: their Layout; ``pack_labels(t, name)`` packs per-token tensors)."""
+    def _text_batch(self, input_ids: Tensor, attention_mask, token_type_ids, cu_seqlens, max_seqlen, batch: int,
+                    labels: Optional[Tensor] = None, mlm_labels: Optional[Tensor] = None) -> tuple:
+        """(input_ids, mask, token_type_ids, labels, mlm_labels): padded as given (mask: bool or
+        None), or packed (ids (total,), mask: their Layout, the per-token tensors packed alike:
+        token types, MLM labels, and ``labels`` where the task's labels are per token)."""
         if not self.packed:
             if cu_seqlens is not None or max_seqlen is not None:
                 raise ValueError(f"mmfast.models: 'cu_seqlens'/'max_seqlen' (packed input_ids) need a model built "
                                  f"with packed=True; {self.arch}_{self.size} was built padded")
-            return input_ids, as_bool_mask(attention_mask), token_type_ids, lambda t, name: t
+            return input_ids, as_bool_mask(attention_mask), token_type_ids, labels, mlm_labels
         p = pack_text(input_ids, attention_mask, cu_seqlens, max_seqlen, token_type_ids, batch)
-        return p.input_ids, p.layout, p.token_type_ids, p.labels
+        if self.task in ("mlm", "caption"):
+            labels = p.labels(labels, "labels")
+        return p.input_ids, p.layout, p.token_type_ids, labels, p.labels(mlm_labels, "mlm_labels")
 
     # -- example inputs ---------------------------------------------------------------------------
     def _device(self):

@@ -42,7 +42,7 @@ class DualEncoderModel(FusionModel):
         """Each sample's [CLS] state (B, W), from padded or (packed model) packed text."""
         if batch is None:
             batch = input_ids.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-        ids, mask, tt, _ = self._text_batch(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, batch)
+        ids, mask, tt, _, _ = self._text_batch(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, batch)
         return first_tokens(self.text_encoder.encode(ids, mask, tt), mask)
 
     def get_text_features(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,

@@ -122,12 +122,9 @@ class SingleStreamModel(FusionModel):
         if pixel_values is None:
             raise ValueError("mmfast.models: single_stream needs 'pixel_values'")
         B = pixel_values.shape[0]
-        input_ids, mask, token_type_ids, per_token = self._text_batch(input_ids, attention_mask, token_type_ids,
-                                                                      cu_seqlens, max_seqlen, B)
+        input_ids, mask, token_type_ids, labels, mlm_labels = self._text_batch(
+            input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, B, labels, mlm_labels)
         k, task = self.kernels, self.task
-        if task == "mlm":
-            labels = per_token(labels, "labels")
-        mlm_labels = per_token(mlm_labels, "mlm_labels")
 
         if task == "pretrain":
             if mlm_labels is None:
