@@ -22,11 +22,11 @@ DEFAULT_TASK = {arch: cls.default_task for arch, cls in _classes().items()}
 SKEWED = [1, 7, 40, 13]  # one sample is [CLS] alone; 40 is far beyond the others
 
 
-def _models(arch, task, **kw):
+def _models(arch, task, backend="auto", **overrides):
     """(packed fused, padded eager twin) with the same weights."""
     torch.manual_seed(0)
-    packed = mm.create_model(f"{arch}_tiny", task=task, packed=True, **kw)
-    padded = mm.create_model(f"{arch}_tiny", task=task, fused=False)
+    packed = mm.create_model(f"{arch}_tiny", task=task, packed=True, backend=backend, **overrides)
+    padded = mm.create_model(f"{arch}_tiny", task=task, fused=False, **overrides)
     padded.load_state_dict(packed.state_dict())
     return packed, padded
 
@@ -223,3 +223,29 @@ def test_packed_generate_and_repr():
     px = m.example_inputs(2)["pixel_values"]
     assert torch.equal(m.generate(px, max_new_tokens=6), twin.generate(px, max_new_tokens=6))
     assert "packed=True" in repr(m)
+
+
+def test_packed_triton_interpreter_matches_padded():
+    """``backend={"attention": "triton"}`` runs the Triton varlen kernels on the packed text (in the
+    interpreter here), by the rule against the padded eager twin in float64."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    if "triton" not in testing.cpu_faces("attention_varlen"):
+        pytest.skip("attention_varlen has no Triton face here")
+    small = dict(vision_depth=1, num_hidden_layers=2)
+    packed, padded = _models("cross_attention", "mlm", backend={"attention": "triton"}, **small)
+    inputs = skewed_inputs(packed, [1, 9, 4])
+    with testing.faces_run() as ran:
+        out_p, g_p = _run(packed, inputs, poison=True)
+    testing.assert_face_ran(ran, "attention_varlen", "triton", what="packed cross_attention, triton")
+    out_r, g_r = _run(copy.deepcopy(padded).double(),
+                      {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()})
+    out_e, g_e = _run(padded, inputs)
+    reduction = _model_reduction(padded, _tokens(padded, inputs))
+    assert_close(out_p["loss"], out_r["loss"], out_e["loss"], name="loss", reduction=reduction)
+    magnitude = max(finite_magnitude(g) for g in g_r.values() if g is not None)
+    for n, g in g_r.items():
+        if g is not None:
+            assert_close(g_p[n], g, g_e[n], grad=True, name=f"grad {n}", reduction=reduction, magnitude=magnitude)
