@@ -207,6 +207,8 @@ def test_bad_input_is_one_clear_line():
     inp = skewed_inputs(mlm, [3, 5])
     with pytest.raises(ValueError, match="argument 'labels' must have the shape of 'input_ids'"):
         mlm(**{**inp, "labels": inp["labels"][:, :3]})
+    with pytest.raises(ValueError, match="argument 'labels' has targets on padding"):
+        mlm(**{**inp, "labels": inp["labels"].masked_fill(inp["attention_mask"] == 0, 5)})
     with pytest.raises(ValueError, match="'cu_seqlens'/'max_seqlen' .* need a model built with packed=True"):
         mm.create_model("dual_encoder_tiny")(input_ids=torch.arange(8), cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32),
                                              pixel_values=inp["pixel_values"])

@@ -138,6 +138,9 @@ def pack_text(input_ids: Tensor, attention_mask: Optional[Tensor], cu_seqlens: O
                 return None
             if tuple(t.shape) != (B, L):
                 raise _err(f"argument '{name}' must have the shape of 'input_ids' {(B, L)}, got {tuple(t.shape)}")
+            # the padded model would train on such a target, the packed one cannot see it
+            if name != "token_type_ids" and bool((t[~mask] != -100).any()):
+                raise _err(f"argument '{name}' has targets on padding (attention_mask 0); padding must be -100")
             return t.reshape(-1).index_select(0, p.indices)
 
         tt = labels(token_type_ids, "token_type_ids")
