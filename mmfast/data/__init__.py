@@ -1,5 +1,6 @@
 """Datasets and batching for mmfast training: ``ShapesDataset`` (synthetic, learnable on a CPU in
-minutes), ``ImageTextJsonl`` (your own image-text pairs) and ``collate``."""
+minutes), ``ImageTextJsonl`` (your own image-text pairs) and ``collate`` (``packed=True``, or
+``pack_batch`` / ``unpack_batch``: packed text + cu_seqlens for the zoo's packed models)."""
 
 from mmfast.data.collate import collate, pack_batch, unpack_batch
 from mmfast.data.jsonl import ImageTextJsonl, load_tokenizer
