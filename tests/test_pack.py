@@ -116,3 +116,69 @@ def test_concat_embed_packed_equals_per_sample_concat_embed(backend):
         concat_embed_packed(text, cu_seqlens_from_lengths([5, 0, 2, 6]), image, **kw)
     with pytest.raises(ValueError, match="argument 'text_cu_seqlens' must be int32"):
         concat_embed_packed(text, cu.long(), image, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The collate option: collate(items, packed=True), pack_batch / unpack_batch
+
+def _items(lengths=(1, 7, 40, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(104, 1000, (n,), generator=g),
+             "labels": torch.randint(0, 7, (n,), generator=g),  # per token (NER-style)
+             "mlm_labels": torch.randint(-100, 7, (n,), generator=g).clamp(min=-100),
+             "pixel_values": torch.randn(3, 32, 32, generator=g)} for n in lengths]
+
+
+def test_collate_packed_is_pack_batch_of_the_padded_batch_and_back():
+    from mmfast.data import collate, pack_batch, unpack_batch
+
+    items = _items()
+    padded = collate(items)
+    packed = collate(items, packed=True)
+    assert set(packed) == {"input_ids", "labels", "mlm_labels", "pixel_values", "cu_seqlens", "max_seqlen"}
+    assert padded["mlm_labels"].shape == padded["input_ids"].shape and (padded["mlm_labels"][0, 1:] == -100).all()
+    assert packed["cu_seqlens"].dtype == torch.int32 and packed["cu_seqlens"].tolist() == [0, 1, 8, 48, 51]
+    assert packed["max_seqlen"] == 40
+    assert torch.equal(packed["input_ids"], torch.cat([it["input_ids"] for it in items]))
+    assert torch.equal(packed["labels"], torch.cat([it["labels"] for it in items]))
+    assert torch.equal(packed["pixel_values"], padded["pixel_values"])
+    again = pack_batch(padded)
+    assert all(torch.equal(again[k], v) if isinstance(v, torch.Tensor) else again[k] == v for k, v in packed.items())
+    back = unpack_batch(packed)
+    assert set(back) == set(padded)
+    for k, v in padded.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_collate_packed_feeds_a_packed_model_like_the_padded_batch():
+    import mmfast.models as mm
+    from mmfast.data import collate
+
+    torch.manual_seed(0)
+    model = mm.create_model("cross_attention_tiny", task="mlm", packed=True)
+    items = _items((5, 1, 9))
+    for it in items:
+        del it["mlm_labels"]
+        it["input_ids"][0] = model.cfg.cls_token_id
+        it["labels"] = torch.where(torch.arange(len(it["labels"])) % 2 == 1, it["input_ids"], -100)
+    with torch.no_grad():
+        a = model(**collate(items)).loss
+        b = model(**collate(items, packed=True)).loss
+    assert torch.isfinite(a) and torch.equal(a, b)
+
+
+def test_pack_batch_errors_name_the_argument():
+    from mmfast.data import collate, pack_batch, unpack_batch
+
+    with pytest.raises(ValueError, match="argument 'batch' must hold 'input_ids' and 'attention_mask'"):
+        pack_batch({"input_ids": torch.zeros(2, 3, dtype=torch.long)})
+    with pytest.raises(ValueError, match="argument 'attention_mask' must be bool or hold only 0 and 1"):
+        pack_batch({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.full((2, 3), 2)})
+    with pytest.raises(ValueError, match="int32 'cu_seqlens'"):
+        unpack_batch({"input_ids": torch.zeros(3, dtype=torch.long), "cu_seqlens": torch.tensor([0, 3])})
+    with pytest.raises(TypeError, match="argument 'packed' must be a bool"):
+        collate(_items(), packed="yes")
+    ones = collate([{"input_ids": torch.tensor([5]), "labels": torch.tensor(1)}] * 2, packed=True)
+    with pytest.raises(ValueError, match="argument 'token_keys'"):
+        unpack_batch(ones)
+    assert unpack_batch(ones, token_keys=["input_ids"])["labels"].tolist() == [1, 1]

@@ -30,6 +30,20 @@ def cu_seqlens_from_lengths(lengths: Tensor | Sequence[int]) -> Tensor:
     return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
+def positions_in_sequences(cu_seqlens: Tensor) -> Tensor:
+    """int64 ``(total,)``: each packed row's position in its own sequence (0 at every sequence start)."""
+    cu = cu_seqlens.long()
+    return torch.arange(int(cu[-1]), device=cu.device) - torch.repeat_interleave(cu[:-1], cu.diff())
+
+
+def right_padded_indices(cu_seqlens: Tensor, seqlen: int) -> Tensor:
+    """int64 ``(total,)``: where each packed row sits in a right-padded ``(batch, seqlen)`` batch,
+    flattened (the ``indices`` :func:`unpack` takes)."""
+    cu = cu_seqlens.long()
+    starts = torch.arange(cu.numel() - 1, device=cu.device) * seqlen
+    return positions_in_sequences(cu_seqlens) + torch.repeat_interleave(starts, cu.diff())
+
+
 def _check_mask(padded: Tensor, attention_mask: Tensor) -> Tensor:
     if not isinstance(padded, Tensor) or padded.dim() < 2:
         raise ValueError(f"mmfast.data.pack: argument 'padded' must be a (batch, seqlen, ...) tensor, got "
@@ -80,10 +94,8 @@ def pack_sequences(sequences: Sequence[Tensor]) -> Packed:
         raise ValueError("mmfast.data.pack: argument 'sequences' must not be empty")
     lengths = [int(s.shape[0]) for s in sequences]
     longest = max(lengths)
-    indices = torch.cat([torch.arange(n, dtype=torch.int64) + b * longest for b, n in enumerate(lengths)])
-    device = sequences[0].device
-    return Packed(torch.cat(list(sequences), 0), cu_seqlens_from_lengths(lengths).to(device), longest,
-                  indices.to(device))
+    cu_seqlens = cu_seqlens_from_lengths(lengths).to(sequences[0].device)
+    return Packed(torch.cat(list(sequences), 0), cu_seqlens, longest, right_padded_indices(cu_seqlens, longest))
 
 
 def concat_embed_packed(text: Tensor, text_cu_seqlens: Tensor, image: Tensor, **concat_embed_kwargs) -> Packed:

@@ -5,6 +5,8 @@
     twin.load_state_dict(model.state_dict())                                              # same names
     out = model(**model.example_inputs(batch_size=2)); out.loss.backward()
 
+``create_model(name, packed=True)`` runs the text unpadded (mmfast/models/packing.py).
+
 Architectures (one file each): single_stream (ViLT), cross_attention (ALBEF), co_attention (METER),
 dual_encoder (CLIP-style), captioner (BLIP's decoder, ``generate``). Sizes: tiny (CPU tests),
 small (MiniLM-L6-H384 + ViT-S/16), base (BERT-base + ViT-B/16 @ 224).

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from mmfast.models.common import FusionModel, FusionOutput, TextTower, ZooConfig, as_bool_mask, build_vit
+from mmfast.models.packing import flatten, is_packed, shifted_targets
 from mmfast.models.heads import MLMHead
 
 
@@ -31,8 +32,8 @@ class CaptionerModel(FusionModel):
     default_task = "caption"
 
     def __init__(self, cfg: ZooConfig, task: str = "caption", num_labels: Optional[int] = None, fused: bool = True,
-                 backend="auto", size: str = ""):
-        super().__init__(cfg, task, fused, backend, size)
+                 backend="auto", size: str = "", packed: bool = False):
+        super().__init__(cfg, task, fused, backend, size, packed)
         self.num_labels = None
         self.vision_encoder = build_vit(cfg, self.kernels)
         self.text_decoder = TextTower(cfg, self.kernels, cross_from=0, kv_width=cfg.vision_width, causal=True)
@@ -42,23 +43,35 @@ class CaptionerModel(FusionModel):
     def text_pretrained_target(self):
         return self.text_decoder
 
-    def decode(self, input_ids: Tensor, attention_mask: Optional[Tensor], image: Tensor, caches=None,
+    def decode(self, input_ids: Tensor, attention_mask, image: Tensor, caches=None,
                past_length: int = 0) -> Tensor:
+        """``attention_mask``: padding mask of (B, L) ids, or the Layout of packed ids (total,) (no cache)."""
         d = self.text_decoder
+        if is_packed(attention_mask):
+            image, image_mask = flatten(image)
+            return d.run(d.embed(input_ids, layout=attention_mask), attention_mask, 0, len(d.layers),
+                         encoder_hidden_states=image, encoder_mask=image_mask)
         hidden = d.embed(input_ids, past_length=past_length)
         return d.run(hidden, as_bool_mask(attention_mask), 0, len(d.layers), encoder_hidden_states=image,
                      caches=caches)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, pixel_values: Tensor = None,
-                labels: Optional[Tensor] = None) -> FusionOutput:
+                labels: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> FusionOutput:
         """``labels`` (B, L): the tokens to predict, aligned with ``input_ids`` (-100 = ignore); the
-        loss predicts position t+1 from positions <= t. Without labels, returns the logits."""
+        loss predicts position t+1 from positions <= t. Without labels, returns the logits.
+        Packed (``packed=True``): the same within each sample; logits and states are packed rows."""
         if pixel_values is None:
             raise ValueError("mmfast.models: captioner needs 'pixel_values'")
+        input_ids, mask, _, labels, _ = self._text_batch(input_ids, attention_mask, None, cu_seqlens, max_seqlen,
+                                                         pixel_values.shape[0], labels)
         image = self.vision_encoder.forward_features(pixel_values)
-        hidden = self.decode(input_ids, attention_mask, image)
+        hidden = self.decode(input_ids, mask, image)
         if labels is None:
             return FusionOutput(logits=self.lm_head.logits(hidden), last_hidden_state=hidden)
+        if is_packed(mask):
+            targets = shifted_targets(labels, mask)
+            return FusionOutput(loss=self.lm_head.loss(hidden, targets, self.cfg.label_smoothing), last_hidden_state=hidden)
         if labels.shape != input_ids.shape:
             raise ValueError(f"mmfast.models: captioner 'labels' must have the shape of 'input_ids' "
                              f"{tuple(input_ids.shape)}, got {tuple(labels.shape)}")

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from mmfast.models.common import (FusionModel, FusionOutput, Pooler, TextLayer, TextTower, ZooConfig, as_bool_mask,
-                                  build_vit)
+from mmfast.models.common import FusionModel, FusionOutput, Pooler, TextLayer, TextTower, ZooConfig, build_vit
+from mmfast.models.packing import first_tokens, flatten, is_packed, twice
 from mmfast.models.heads import (ContrastiveHead, MLMHead, check_labels, classifier_head, itm_labels,
                                  shifted_negatives)
 
@@ -30,8 +30,8 @@ class CoAttentionModel(FusionModel):
     default_task = "vqa"
 
     def __init__(self, cfg: ZooConfig, task: str = "vqa", num_labels: Optional[int] = None, fused: bool = True,
-                 backend="auto", size: str = ""):
-        super().__init__(cfg, task, fused, backend, size)
+                 backend="auto", size: str = "", packed: bool = False):
+        super().__init__(cfg, task, fused, backend, size, packed)
         self.num_labels = num_labels or cfg.num_labels
         H = cfg.hidden_size
         self.text_encoder = TextTower(cfg, self.kernels)
@@ -56,40 +56,47 @@ class CoAttentionModel(FusionModel):
             self.classifier = classifier_head(task, 2 * H, self.num_labels)
 
     def encode_text(self, input_ids, mask, token_type_ids=None) -> Tensor:
-        t = self.text_encoder
-        return t.run(t.embed(input_ids, token_type_ids), mask, 0, len(t.layers))
+        """``mask``: padding mask of (B, L) ids, or the Layout of packed ids (total,)."""
+        return self.text_encoder.encode(input_ids, mask, token_type_ids, len(self.text_encoder.layers))
 
     def encode_image(self, pixel_values) -> Tensor:
         return self.vision_encoder.forward_features(pixel_values)
 
-    def fuse(self, text: Tensor, mask: Optional[Tensor], image: Tensor):
+    def fuse(self, text: Tensor, mask, image: Tensor):
+        """-> (text stream, image stream, pooled). Packed text (``mask`` its Layout): the image stream
+        runs as packed rows too (uniform layout), so that each stream attends to the other's rows."""
         tt = self.token_type_embeddings.weight
+        image_mask = None
+        if is_packed(mask):
+            image, image_mask = flatten(image)
         t = self.cross_modal_text_transform(text) + tt[0]
         i = self.cross_modal_image_transform(image) + tt[1]
         for tl, il in zip(self.cross_modal_text_layers, self.cross_modal_image_layers):
             # both updates read the previous states of the other stream
-            t, i = tl(t, mask, encoder_hidden_states=i), il(i, None, encoder_hidden_states=t, encoder_mask=mask)
-        pooled = torch.cat([self.cross_modal_text_pooler(t), self.cross_modal_image_pooler(i)], dim=-1)
+            t, i = (tl(t, mask, encoder_hidden_states=i, encoder_mask=image_mask),
+                    il(i, image_mask, encoder_hidden_states=t, encoder_mask=mask))
+        pooled = torch.cat([self.cross_modal_text_pooler(t, mask), self.cross_modal_image_pooler(i, image_mask)], dim=-1)
         return t, i, pooled
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, pixel_values: Tensor = None,
                 labels: Optional[Tensor] = None, mlm_labels: Optional[Tensor] = None,
-                token_type_ids: Optional[Tensor] = None) -> FusionOutput:
+                token_type_ids: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> FusionOutput:
         if pixel_values is None:
             raise ValueError("mmfast.models: co_attention needs 'pixel_values'")
         k, task, c = self.kernels, self.task, self.cfg
-        B = input_ids.shape[0]
-        mask = as_bool_mask(attention_mask)
+        B = pixel_values.shape[0]
+        input_ids, mask, token_type_ids, labels, mlm_labels = self._text_batch(
+            input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, B, labels, mlm_labels)
         image = self.encode_image(pixel_values)
 
         if task == "pretrain":
             if mlm_labels is None:
                 raise ValueError("mmfast.models: task 'pretrain' needs 'mlm_labels' (-100 = not masked)")
             text = self.encode_text(input_ids, mask, token_type_ids)
-            t_emb, i_emb = self.contrastive.embed(text[:, 0], image[:, 0])
+            t_emb, i_emb = self.contrastive.embed(first_tokens(text, mask), image[:, 0])
             loss_itc = k.contrastive_loss(i_emb, t_emb, self.contrastive.scale(), label_smoothing=c.label_smoothing)
-            _, _, pooled = self.fuse(torch.cat([text, text]), None if mask is None else torch.cat([mask, mask]),
-                                     torch.cat([image, shifted_negatives(image)]))
+            _, _, pooled = self.fuse(*twice(text, mask), torch.cat([image, shifted_negatives(image)]))
             itm_logits = self.itm_head(pooled)
             loss_itm = k.cross_entropy(itm_logits, itm_labels(B, image.device))
             masked = self.encode_text(self._mask_for_mlm(input_ids, mlm_labels), mask, token_type_ids)
@@ -100,7 +107,7 @@ class CoAttentionModel(FusionModel):
 
         text = self.encode_text(input_ids, mask, token_type_ids)
         if task == "itc":
-            t_emb, i_emb = self.contrastive.embed(text[:, 0], image[:, 0])
+            t_emb, i_emb = self.contrastive.embed(first_tokens(text, mask), image[:, 0])
             scale = self.contrastive.scale()
             loss = k.contrastive_loss(i_emb, t_emb, scale, label_smoothing=c.label_smoothing)
             return FusionOutput(loss=loss, loss_itc=loss, text_embeds=t_emb, image_embeds=i_emb,

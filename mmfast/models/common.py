@@ -5,6 +5,8 @@ import them from: ``kernels`` (the fused / eager switch), ``config`` (:class:`Zo
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -12,35 +14,43 @@ from mmfast.models.checkpoints import (CheckpointError, _read_state_dict, _stric
                                        load_bert_checkpoint, load_text_tower, load_vision_tower)
 from mmfast.models.config import SIZES, FusionOutput, ModelOutput, ZooConfig  # noqa: F401
 from mmfast.models.kernels import OP_NAMES, Kernels, as_bool_mask, eager_attention  # noqa: F401
+from mmfast.models.packing import Layout, first_tokens, is_packed, pack_text  # noqa: F401
 from mmfast.models.text import (TextAttention, TextEncoderLayers, TextLayer, TextSelfAttention,  # noqa: F401
                                 TextTower)
 from mmfast.models.vision import FusedViTAttention, build_vit, vit_block  # noqa: F401
 
 class Pooler(nn.Module):
-    """``BertPooler``: tanh(dense(first token))."""
+    """``BertPooler``: tanh(dense(first token)); ``mask`` a packed Layout when ``hidden`` is packed rows."""
 
     def __init__(self, width: int):
         super().__init__()
         self.dense = nn.Linear(width, width)
         self.activation = nn.Tanh()
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.activation(self.dense(hidden[:, 0]))
+    def forward(self, hidden: Tensor, mask=None) -> Tensor:
+        return self.activation(self.dense(first_tokens(hidden, mask)))
 
 
 class FusionModel(nn.Module):
-    """Common behaviour of the zoo models: task bookkeeping, backend switching, example inputs."""
+    """Common behaviour of the zoo models: task bookkeeping, backend switching, example inputs.
+
+    ``packed=True``: the text runs unpadded (see mmfast/models/packing.py); token-level outputs
+    (``last_hidden_state``, MLM/caption logits) are then packed rows ``(total, ...)`` in the order of
+    the valid tokens (``padded[attention_mask.bool()]``); per-sample outputs keep their shape."""
 
     arch: str = ""
     tasks: tuple = ()
 
-    def __init__(self, cfg: ZooConfig, task: str, fused: bool, backend="auto", size: str = ""):
+    def __init__(self, cfg: ZooConfig, task: str, fused: bool, backend="auto", size: str = "", packed: bool = False):
         super().__init__()
         if task not in self.tasks:
             raise ValueError(f"mmfast.models: {self.arch} supports tasks {list(self.tasks)}, got task={task!r}")
+        if not isinstance(packed, bool):
+            raise TypeError(f"mmfast.models: argument 'packed' must be a bool, got {packed!r}")
         self.cfg = cfg
         self.task = task
         self.size = size
+        self.packed = packed
         self.kernels = Kernels(fused, backend)
 
     @property
@@ -53,7 +63,22 @@ class FusionModel(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"arch={self.arch}, size={self.size}, task={self.task}, fused={self.fused}"
+        return f"arch={self.arch}, size={self.size}, task={self.task}, fused={self.fused}, packed={self.packed}"
+
+    def _text_batch(self, input_ids: Tensor, attention_mask, token_type_ids, cu_seqlens, max_seqlen, batch: int,
+                    labels: Optional[Tensor] = None, mlm_labels: Optional[Tensor] = None) -> tuple:
+        """(input_ids, mask, token_type_ids, labels, mlm_labels): padded as given (mask: bool or
+        None), or packed (ids (total,), mask: their Layout, the per-token tensors packed alike:
+        token types, MLM labels, and ``labels`` where the task's labels are per token)."""
+        if not self.packed:
+            if cu_seqlens is not None or max_seqlen is not None:
+                raise ValueError(f"mmfast.models: 'cu_seqlens'/'max_seqlen' (packed input_ids) need a model built "
+                                 f"with packed=True; {self.arch}_{self.size} was built padded")
+            return input_ids, as_bool_mask(attention_mask), token_type_ids, labels, mlm_labels
+        p = pack_text(input_ids, attention_mask, cu_seqlens, max_seqlen, token_type_ids, batch)
+        if self.task in ("mlm", "caption"):
+            labels = p.labels(labels, "labels")
+        return p.input_ids, p.layout, p.token_type_ids, labels, p.labels(mlm_labels, "mlm_labels")
 
     # -- example inputs ---------------------------------------------------------------------------
     def _device(self):

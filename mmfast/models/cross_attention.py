@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmfast.models.common import FusionModel, FusionOutput, TextTower, ZooConfig, as_bool_mask, build_vit
+from mmfast.models.common import FusionModel, FusionOutput, TextTower, ZooConfig, build_vit
+from mmfast.models.packing import first_tokens, flatten, is_packed, twice
 from mmfast.models.heads import (ContrastiveHead, MLMHead, check_labels, classifier_head, itm_labels,
                                  shifted_negatives)
 
@@ -29,8 +30,8 @@ class CrossAttentionModel(FusionModel):
     default_task = "pretrain"
 
     def __init__(self, cfg: ZooConfig, task: str = "pretrain", num_labels: Optional[int] = None, fused: bool = True,
-                 backend="auto", size: str = ""):
-        super().__init__(cfg, task, fused, backend, size)
+                 backend="auto", size: str = "", packed: bool = False):
+        super().__init__(cfg, task, fused, backend, size, packed)
         self.num_labels = num_labels or cfg.num_labels
         self.vision_encoder = build_vit(cfg, self.kernels)
         self.text_encoder = TextTower(cfg, self.kernels, cross_from=cfg.fusion_layer, kv_width=cfg.vision_width)
@@ -48,34 +49,39 @@ class CrossAttentionModel(FusionModel):
     def encode_image(self, pixel_values: Tensor) -> Tensor:
         return self.vision_encoder.forward_features(pixel_values)
 
-    def encode_text(self, input_ids: Tensor, mask: Optional[Tensor], token_type_ids=None) -> Tensor:
-        t = self.text_encoder
-        return t.run(t.embed(input_ids, token_type_ids), mask, 0, t.cross_from)
+    def encode_text(self, input_ids: Tensor, mask, token_type_ids=None) -> Tensor:
+        """``mask``: padding mask of (B, L) ids, or the Layout of packed ids (total,)."""
+        return self.text_encoder.encode(input_ids, mask, token_type_ids)
 
-    def fuse(self, text: Tensor, mask: Optional[Tensor], image: Tensor) -> Tensor:
+    def fuse(self, text: Tensor, mask, image: Tensor) -> Tensor:
         t = self.text_encoder
-        return t.run(text, mask, t.cross_from, len(t.layers), encoder_hidden_states=image)
+        image_mask = None
+        if is_packed(mask):  # packed text queries attend to the image tokens as packed rows
+            image, image_mask = flatten(image)
+        return t.run(text, mask, t.cross_from, len(t.layers), encoder_hidden_states=image, encoder_mask=image_mask)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, pixel_values: Tensor = None,
                 labels: Optional[Tensor] = None, mlm_labels: Optional[Tensor] = None,
-                token_type_ids: Optional[Tensor] = None) -> FusionOutput:
+                token_type_ids: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None) -> FusionOutput:
         if pixel_values is None:
             raise ValueError("mmfast.models: cross_attention needs 'pixel_values'")
         k, task, c = self.kernels, self.task, self.cfg
-        B = input_ids.shape[0]
-        mask = as_bool_mask(attention_mask)
+        B = pixel_values.shape[0]
+        input_ids, mask, token_type_ids, labels, mlm_labels = self._text_batch(
+            input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, B, labels, mlm_labels)
         image = self.encode_image(pixel_values)
 
         if task == "pretrain":
             if mlm_labels is None:
                 raise ValueError("mmfast.models: task 'pretrain' needs 'mlm_labels' (-100 = not masked)")
             text = self.encode_text(input_ids, mask, token_type_ids)
-            t_emb, i_emb = self.contrastive.embed(text[:, 0], image[:, 0])
+            t_emb, i_emb = self.contrastive.embed(first_tokens(text, mask), image[:, 0])
             loss_itc = k.contrastive_loss(i_emb, t_emb, self.contrastive.scale(), label_smoothing=c.label_smoothing)
             # ITM over positives + shifted negatives, one fused pass of 2B
-            fused = self.fuse(torch.cat([text, text]), None if mask is None else torch.cat([mask, mask]),
-                              torch.cat([image, shifted_negatives(image)]))
-            itm_logits = self.itm_head(fused[:, 0])
+            text2, mask2 = twice(text, mask)
+            fused = self.fuse(text2, mask2, torch.cat([image, shifted_negatives(image)]))
+            itm_logits = self.itm_head(first_tokens(fused, mask2))
             loss_itm = k.cross_entropy(itm_logits, itm_labels(B, image.device))
             # MLM: masked text through both stages with its own image
             masked = self.encode_text(self._mask_for_mlm(input_ids, mlm_labels), mask, token_type_ids)
@@ -86,7 +92,7 @@ class CrossAttentionModel(FusionModel):
 
         text = self.encode_text(input_ids, mask, token_type_ids)
         if task == "itc":
-            t_emb, i_emb = self.contrastive.embed(text[:, 0], image[:, 0])
+            t_emb, i_emb = self.contrastive.embed(first_tokens(text, mask), image[:, 0])
             scale = self.contrastive.scale()
             loss = k.contrastive_loss(i_emb, t_emb, scale, label_smoothing=c.label_smoothing)
             return FusionOutput(loss=loss, loss_itc=loss, text_embeds=t_emb, image_embeds=i_emb,
@@ -98,7 +104,7 @@ class CrossAttentionModel(FusionModel):
             loss = self.mlm_head.loss(fused, labels, c.label_smoothing)
             return FusionOutput(loss=loss, loss_mlm=loss, last_hidden_state=fused)
         head = self.itm_head if task == "itm" else self.classifier
-        logits = head(fused[:, 0])
+        logits = head(first_tokens(fused, mask))
         check_labels(labels, task, B)
         loss = None if labels is None else k.cross_entropy(logits, labels, label_smoothing=c.label_smoothing)
         return FusionOutput(loss=loss, logits=logits, itm_logits=logits if task == "itm" else None,

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mmfast import dispatch, ops, reference  # reference: the eager formulas the eager twin runs
 from mmfast.ops.attention import cpu_attention
+from mmfast.reference.attention_varlen import attention_varlen as reference_attention_varlen
 
 OP_NAMES = ("attention", "concat_embed", "cross_entropy", "linear_cross_entropy", "contrastive_loss")
 
@@ -52,6 +53,18 @@ class Kernels:
             return ops.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
                                  dropout_p=dropout_p, backend=backend)
         return eager_attention(q, k, v, key_padding_mask, causal, scale, dropout_p)
+
+    # -- attention over packed rows: q (total_q, H, D), k and v (total_k, H, D); the layouts
+    # (mmfast.models.packing.Layout) say which rows belong to which sample. The "attention"
+    # backend choice applies to it too (one setting for the padded and the packed attention).
+    def attention_varlen(self, q: Tensor, k: Tensor, v: Tensor, q_layout, k_layout, causal: bool = False,
+                         scale: Optional[float] = None, dropout_p: float = 0.0) -> Tensor:
+        if self.fused:
+            return ops.attention_varlen(q, k, v, q_layout.cu_seqlens, k_layout.cu_seqlens, q_layout.max_seqlen,
+                                        k_layout.max_seqlen, causal=causal, scale=scale, dropout_p=dropout_p,
+                                        backend=self.backend["attention"])
+        return reference_attention_varlen(q, k, v, q_layout.cu_seqlens, k_layout.cu_seqlens, causal=causal,
+                                          scale=scale, dropout_p=dropout_p)
 
     def concat_embed(self, features, type_embeddings=None, pos_embeddings=None, ln_weight=None, ln_bias=None,
                      eps=1e-12, dropout_p=0.0, masks=None):

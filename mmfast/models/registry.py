@@ -63,10 +63,14 @@ def config_for(name: str, **overrides) -> ZooConfig:
 
 
 def create_model(name: str, *, task: Optional[str] = None, num_labels: Optional[int] = None, fused: bool = True,
-                 text_pretrained=None, vision_pretrained=None, **overrides) -> FusionModel:
+                 text_pretrained=None, vision_pretrained=None, packed: bool = False, **overrides) -> FusionModel:
     """Builds a zoo model (random init, nothing downloaded), then loads the given checkpoints.
 
     ``fused=False`` builds the eager twin: same modules and parameter names, plain PyTorch ops.
+    ``packed=True`` runs the text unpadded (packed rows + cu_seqlens through ``attention_varlen``;
+    single_stream: the fused text+image sequence): same parameters, same outputs on the valid
+    tokens; the forward also takes packed ``input_ids (total,)`` with ``cu_seqlens`` (and
+    ``max_seqlen``), and returns token-level outputs as packed rows (mmfast/models/packing.py).
     ``backend`` (an override) selects the mmfast backend for every op (str) or per op (dict).
     Other overrides replace :class:`ZooConfig` fields (e.g. ``fusion_layer=4``, ``img_size=384``)."""
     arch, size = _split(name)
@@ -78,7 +82,7 @@ def create_model(name: str, *, task: Optional[str] = None, num_labels: Optional[
         raise ValueError(f"mmfast.models.create_model: {arch} supports tasks {list(cls.tasks)}, got task={task!r}")
     if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
         raise ValueError(f"mmfast.models.create_model: argument 'num_labels' must be a positive int, got {num_labels!r}")
-    model = cls(cfg, task=task, num_labels=num_labels, fused=fused, backend=backend, size=size)
+    model = cls(cfg, task=task, num_labels=num_labels, fused=fused, backend=backend, size=size, packed=packed)
     model.load_pretrained(text_pretrained, vision_pretrained)
     return model
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from mmfast.models.config import ZooConfig
 from mmfast.models.kernels import Kernels, as_bool_mask
+from mmfast.models.packing import Layout, embed as embed_packed, is_packed
 
 class TextSelfAttention(nn.Module):
     """``BertSelfAttention``'s parameters (query, key, value), attention through :class:`Kernels`.
@@ -33,10 +34,16 @@ class TextSelfAttention(nn.Module):
         return x.view(B, L, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def forward(self, hidden: Tensor, key_padding_mask: Optional[Tensor] = None, context: Optional[Tensor] = None,
-                causal: bool = False, past_kv: Optional[tuple] = None, static_kv: Optional[tuple] = None):
+                causal: bool = False, past_kv: Optional[tuple] = None, static_kv: Optional[tuple] = None,
+                query_layout: Optional[Layout] = None):
         """``context``: encoder states for cross-attention (None: self-attention). ``past_kv``: cached
         (k, v) of earlier positions to extend (self-attention decoding); ``static_kv``: precomputed
-        (k, v) of the context (cross-attention decoding). Returns (out (B, L, H*D), (k, v))."""
+        (k, v) of the context (cross-attention decoding). Returns (out (B, L, H*D), (k, v)).
+
+        Packed rows (``key_padding_mask`` a :class:`Layout`, the keys' rows; ``query_layout`` the
+        queries' rows when they differ, i.e. cross-attention): out ``(total, H*D)`` and no (k, v)."""
+        if is_packed(key_padding_mask):
+            return self._forward_packed(hidden, key_padding_mask, context, causal, query_layout), None
         q = self.heads(self.query(hidden))
         if static_kv is not None:
             k, v = static_kv
@@ -50,6 +57,16 @@ class TextSelfAttention(nn.Module):
         B, H, L, D = out.shape
         return out.transpose(1, 2).reshape(B, L, H * D), (k, v)
 
+    def _forward_packed(self, hidden: Tensor, kv_layout: Layout, context: Optional[Tensor], causal: bool,
+                        query_layout: Optional[Layout]) -> Tensor:
+        H, D = self.num_attention_heads, self.attention_head_size
+        src = hidden if context is None else context
+        q = self.query(hidden).view(-1, H, D)
+        k, v = self.key(src).view(-1, H, D), self.value(src).view(-1, H, D)
+        out = self.kernels.attention_varlen(q, k, v, kv_layout if query_layout is None else query_layout, kv_layout,
+                                            causal=causal, dropout_p=self.dropout_p if self.training else 0.0)
+        return out.reshape(-1, H * D)
+
 
 class TextAttention(nn.Module):
     """``BertAttention``: ``self`` (attention) + ``output`` (dense, dropout, residual LayerNorm)."""
@@ -61,8 +78,9 @@ class TextAttention(nn.Module):
         self.self = TextSelfAttention(config, kernels, kv_width)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden, key_padding_mask=None, context=None, causal=False, past_kv=None, static_kv=None):
-        out, kv = self.self(hidden, key_padding_mask, context, causal, past_kv, static_kv)
+    def forward(self, hidden, key_padding_mask=None, context=None, causal=False, past_kv=None, static_kv=None,
+                query_layout=None):
+        out, kv = self.self(hidden, key_padding_mask, context, causal, past_kv, static_kv, query_layout)
         return self.output(out, hidden), kv
 
 
@@ -85,7 +103,13 @@ class TextLayer(nn.Module):
 
     def forward(self, hidden, key_padding_mask=None, encoder_hidden_states=None, encoder_mask=None,
                 cache: Optional[dict] = None):
-        """``cache`` (decoding): {"self": (k, v) or None, "cross": (k, v) or None}, updated in place."""
+        """``cache`` (decoding): {"self": (k, v) or None, "cross": (k, v) or None}, updated in place.
+        Packed rows ``hidden (total, W)``: ``key_padding_mask`` is their :class:`Layout` and
+        ``encoder_mask`` that of ``encoder_hidden_states`` (rows too); no cache."""
+        packed = is_packed(key_padding_mask)
+        if packed and (cache is not None or (encoder_hidden_states is not None and not is_packed(encoder_mask))):
+            raise ValueError("mmfast.models: a packed text layer takes no decoding cache, and its encoder states "
+                             "must be packed rows with their Layout as 'encoder_mask'")
         past = cache.get("self") if cache is not None else None
         hidden, self_kv = self.attention(hidden, key_padding_mask, causal=self.causal, past_kv=past)
         if cache is not None:
@@ -95,7 +119,7 @@ class TextLayer(nn.Module):
                 raise ValueError("mmfast.models: this text layer has cross-attention and needs encoder states")
             static = cache.get("cross") if cache is not None else None
             hidden, cross_kv = self.crossattention(hidden, encoder_mask, context=encoder_hidden_states,
-                                                   static_kv=static)
+                                                   static_kv=static, query_layout=key_padding_mask if packed else None)
             if cache is not None:
                 cache["cross"] = cross_kv
         return self.output(self.intermediate(hidden), hidden)
@@ -137,7 +161,11 @@ class TextTower(nn.Module):
     def layers(self):
         return self.encoder.layer
 
-    def embed(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, past_length: int = 0) -> Tensor:
+    def embed(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, past_length: int = 0,
+              layout: Optional[Layout] = None) -> Tensor:
+        """(B, L) ids -> (B, L, W); packed ids (total,) with their ``layout`` -> (total, W)."""
+        if layout is not None:
+            return embed_packed(self.embeddings, input_ids, layout, token_type_ids)
         position_ids = None
         if past_length:  # decoding with a cache: positions continue after the cached prefix
             L = input_ids.shape[1]
@@ -146,12 +174,23 @@ class TextTower(nn.Module):
 
     def run(self, hidden: Tensor, mask: Optional[Tensor], start: int, end: int, encoder_hidden_states=None,
             encoder_mask=None, caches=None, all_hidden: Optional[list] = None) -> Tensor:
+        """Layers [start, end). ``mask``: the key padding mask of ``hidden`` (B, L, W), or the
+        :class:`Layout` of packed rows ``hidden`` (total, W) (then ``encoder_mask`` is that of the
+        packed encoder rows)."""
         for i in range(start, end):
             hidden = self.layers[i](hidden, mask, encoder_hidden_states, encoder_mask,
                                     None if caches is None else caches[i])
             if all_hidden is not None:
                 all_hidden.append(hidden)
         return hidden
+
+    def encode(self, input_ids: Tensor, mask, token_type_ids: Optional[Tensor] = None,
+               end: Optional[int] = None) -> Tensor:
+        """Embeddings, then layers [0, ``end``) (default: the text-only stage). ``mask``: the bool
+        padding mask of (B, L) ids, or the :class:`Layout` of packed ids (total,)."""
+        layout = mask if is_packed(mask) else None
+        return self.run(self.embed(input_ids, token_type_ids, layout=layout), mask, 0,
+                        self.cross_from if end is None else end)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, output_hidden_states: bool = False, return_dict: bool = True):

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from mmfast.models.config import ZooConfig
 from mmfast.models.kernels import Kernels
+from mmfast.models.packing import is_packed
 
 def _timm_attention_base():
     from timm.layers import Attention
@@ -17,23 +18,31 @@ def _timm_attention_base():
 
 class FusedViTAttention(_timm_attention_base()):
     """timm ``Attention`` (fused ``qkv`` Linear, same parameters) running through :class:`Kernels`,
-    with a key padding mask for single-stream fusion. Installed by swapping an instance's class, so
-    the timm model's state_dict keys do not change."""
+    with a key padding mask for single-stream fusion, or packed rows ``x (total, C)`` whose
+    :class:`~mmfast.models.packing.Layout` comes as ``key_padding_mask`` (packed single-stream
+    fusion). Installed by swapping an instance's class, so the timm model's state_dict keys do not change."""
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
                 key_padding_mask: Optional[Tensor] = None) -> Tensor:
         if attn_mask is not None:  # timm's own arbitrary masks: keep timm's path
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        B, N, C = x.shape
         H = self.num_heads
         D = self.head_dim
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = self.kernels.attention(q, k, v, key_padding_mask=key_padding_mask, causal=is_causal, scale=self.scale,
-                                     dropout_p=self.attn_drop.p if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(B, N, H * D)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        if is_packed(key_padding_mask):
+            q, k, v = self.qkv(x).reshape(-1, 3, H, D).unbind(1)  # (total, H, D) each
+            q, k = self.q_norm(q), self.k_norm(k)
+            out = self.kernels.attention_varlen(q, k, v, key_padding_mask, key_padding_mask, causal=is_causal,
+                                                scale=self.scale, dropout_p=dropout_p).reshape(-1, H * D)
+        else:
+            B, N, C = x.shape
+            qkv = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            out = self.kernels.attention(q, k, v, key_padding_mask=key_padding_mask, causal=is_causal,
+                                         scale=self.scale, dropout_p=dropout_p)
+            out = out.transpose(1, 2).reshape(B, N, H * D)
         out = getattr(self, "norm", nn.Identity())(out)
         if gate is not None:
             out = out * gate
@@ -56,6 +65,6 @@ def build_vit(cfg: ZooConfig, kernels: Kernels):
 
 
 def vit_block(blk, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
-    """timm ``Block.forward`` with a key padding mask passed to the attention."""
+    """timm ``Block.forward`` with a key padding mask (or packed rows' Layout) passed to the attention."""
     x = x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x), key_padding_mask=key_padding_mask)))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
