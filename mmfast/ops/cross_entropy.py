@@ -53,6 +53,7 @@ from torch import Tensor
 
 from mmfast import _extension, _provenance, dispatch
 from mmfast import reference as _ref
+from mmfast.ops._eager_path import plain_eager
 
 _REDUCTIONS = ("none", "mean", "sum")
 # Dtypes each face of the cross-entropy kernels accepts (shared by every op built on them).
@@ -154,6 +155,11 @@ def _cross_entropy_op(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     """(loss reduced as asked, gradient of that loss w.r.t. logits for a unit upstream gradient, or
     (0,) when not compute_grad). compute_grad is the CPU face's mode (see _grad_in_forward); for
     the GPU faces it is False and the backward op writes the gradient."""
+    return _ce_forward(logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad, backend)
+
+
+def _ce_forward(logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad, backend):
+    """The custom op's body, also run by the eager path (_EagerCrossEntropy)."""
     _provenance.record("cross_entropy", backend, "forward+backward" if compute_grad else "forward")
     C = logits.shape[1]
     denom = _reduction_denominator(target, weight, ignore_index, C) if reduction == "mean" else None
@@ -184,6 +190,11 @@ def _cross_entropy_backward_op(grad_loss: Tensor, logits: Tensor, target: Tensor
                                ignore_index: int, label_smoothing: float, reduction: str, backend: str) -> Tensor:
     """d(loss)/d(logits) times the upstream gradient, written in one pass by the face kernel: the
     upstream factor (scalar or per row) goes in as the kernel's grad_scale, read on the device."""
+    return _ce_deferred_backward(grad_loss, logits, target, weight, ignore_index, label_smoothing, reduction, backend)
+
+
+def _ce_deferred_backward(grad_loss, logits, target, weight, ignore_index, label_smoothing, reduction, backend):
+    """The backward op's body, also run by the eager path."""
     _provenance.record("cross_entropy", backend, "backward")
     scale = _upstream_scale(grad_loss, reduction, target, weight, ignore_index, logits.shape[1])
     _, grad = _face_forward(backend)(logits, target, weight, ignore_index, label_smoothing, True, scale)
@@ -207,12 +218,14 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, target, weight, None if ctx.deferred else output[1])
 
 
-def _ce_backward(ctx, grad_loss, _grad_of_grad):
+def _ce_backward(ctx, grad_loss, _grad_of_grad, deferred_backward=None):
     if grad_loss is None:  # only the (non-differentiable) gradient output was used
         return None, None, None, None, None, None, None, None
     logits, target, weight, grad = ctx.saved_tensors
+    if ctx.deferred and deferred_backward is None:  # the custom backward op refuses double backward itself
+        return _cross_entropy_backward_op(grad_loss, logits, target, weight, *ctx.args), *(None,) * 7
     if ctx.deferred:
-        dlogits = _cross_entropy_backward_op(grad_loss, logits, target, weight, *ctx.args)
+        dlogits = deferred_backward(grad_loss, logits, target, weight, *ctx.args)
     else:
         if ctx.args[2] == "none":
             dlogits = _scaled(grad, grad_loss[:, None])
@@ -222,12 +235,30 @@ def _ce_backward(ctx, grad_loss, _grad_of_grad):
             dlogits = grad
         else:
             dlogits = _scaled(grad, grad_loss)
-        if torch.is_grad_enabled():  # create_graph=True: no silently missing second derivative
-            dlogits = _NoDoubleBackward.apply(dlogits, logits)
+    if torch.is_grad_enabled():  # create_graph=True: no silently missing second derivative
+        dlogits = _NoDoubleBackward.apply(dlogits, logits)
     return dlogits, None, None, None, None, None, None, None
 
 
 _cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+class _EagerCrossEntropy(torch.autograd.Function):
+    """The same forward and backward without the custom-op dispatch (see mmfast/ops/_eager_path.py)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad, backend):
+        inputs = (logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad, backend)
+        loss, grad = _ce_forward(*inputs)
+        ctx.mark_non_differentiable(grad)
+        _ce_setup_context(ctx, inputs, (loss, grad))
+        return loss, grad
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_of_grad):
+        # a mode watching the backward (dispatch, functorch) sees the custom backward op, as without the fast path
+        body = _ce_deferred_backward if plain_eager(grad_loss) else None
+        return _ce_backward(ctx, grad_loss, grad_of_grad, deferred_backward=body)
 
 
 def _refuse_double_backward(ctx, *grads):
@@ -366,8 +397,9 @@ def cross_entropy(logits: Tensor, target: Tensor, *, weight: Optional[Tensor] = 
         loss, _ = _CrossEntropyInplace.apply(logits2d, target1d.to(torch.int64), w, int(ignore_index),
                                              float(label_smoothing), reduction, be)
     else:
-        loss, _ = _cross_entropy_op(logits2d, target1d.to(torch.int64), w, int(ignore_index), float(label_smoothing),
-                                    reduction, compute_grad and _grad_in_forward(be), be)
+        args = (logits2d, target1d.to(torch.int64), w, int(ignore_index), float(label_smoothing), reduction,
+                compute_grad and _grad_in_forward(be), be)
+        loss, _ = _EagerCrossEntropy.apply(*args) if plain_eager(logits2d, w) else _cross_entropy_op(*args)
     if reduction == "none":
         loss = loss.reshape(out_shape)
     return loss.to(logits.dtype)
@@ -452,6 +484,11 @@ def _linear_cross_entropy_op(hidden: Tensor, weight: Tensor, target: Tensor, bia
                              backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss reduced as asked, dh, dW, db) for a unit upstream gradient. With reduction='none' the
     gradients are not computed here (they depend on the upstream gradient): see the backward op."""
+    return _lce_forward(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, compute_grad, backend)
+
+
+def _lce_forward(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, compute_grad, backend):
+    """The custom op's body, also run by the eager path (_EagerLinearCrossEntropy)."""
     _provenance.record("linear_cross_entropy", backend,
                        "forward+backward" if compute_grad and reduction != "none" else "forward")
     denom = (target != ignore_index).sum().to(torch.float32) if reduction == "mean" else None
@@ -478,6 +515,11 @@ def _linear_cross_entropy_backward_op(hidden: Tensor, weight: Tensor, target: Te
                                       grad_rows: Tensor, ignore_index: int, label_smoothing: float,
                                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum_i grad_rows[i] * loss_i (reduction='none'): recomputes the chunks."""
+    return _lce_rows_backward(hidden, weight, target, bias, grad_rows, ignore_index, label_smoothing, backend)
+
+
+def _lce_rows_backward(hidden, weight, target, bias, grad_rows, ignore_index, label_smoothing, backend):
+    """The backward op's body, also run by the eager path."""
     _provenance.record("linear_cross_entropy", backend, "backward")
     _, dh, dW, db = _lce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
                                 grad_rows.to(torch.float32).contiguous(), True, backend)
@@ -503,12 +545,13 @@ def _lce_setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[1:])
 
 
-def _lce_backward(ctx, grad_loss, _g1, _g2, _g3):
+def _lce_backward(ctx, grad_loss, _g1, _g2, _g3, rows_backward=None):
     if grad_loss is None:
         return None, None, None, None, None, None, None, None, None
     if ctx.reduction == "none":
         hidden, weight, target, bias = ctx.saved_tensors
-        dh, dW, db = _linear_cross_entropy_backward_op(hidden, weight, target, bias, grad_loss, *ctx.args)
+        dh, dW, db = (rows_backward or _linear_cross_entropy_backward_op)(hidden, weight, target, bias, grad_loss,
+                                                                          *ctx.args)
     else:
         dh, dW, db = ctx.saved_tensors
         if not _unit_upstream(grad_loss):
@@ -517,6 +560,23 @@ def _lce_backward(ctx, grad_loss, _g1, _g2, _g3):
 
 
 _linear_cross_entropy_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+
+class _EagerLinearCrossEntropy(torch.autograd.Function):
+    """The same forward and backward without the custom-op dispatch (see mmfast/ops/_eager_path.py)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, compute_grad, backend):
+        inputs = (hidden, weight, target, bias, ignore_index, label_smoothing, reduction, compute_grad, backend)
+        out = _lce_forward(*inputs)
+        ctx.mark_non_differentiable(*out[1:])
+        _lce_setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_loss, g1, g2, g3):
+        body = _lce_rows_backward if plain_eager(grad_loss) else None  # as in _EagerCrossEntropy.backward
+        return _lce_backward(ctx, grad_loss, g1, g2, g3, rows_backward=body)
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
@@ -561,8 +621,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: O
     t1 = target.reshape(-1).to(torch.int64)
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
                                                 or (bias is not None and bias.requires_grad))
-    loss = _linear_cross_entropy_op(h2, weight, t1, bias, int(ignore_index), float(label_smoothing), reduction,
-                                    compute_grad, be)[0]
+    args = (h2, weight, t1, bias, int(ignore_index), float(label_smoothing), reduction, compute_grad, be)
+    op = _EagerLinearCrossEntropy.apply if plain_eager(h2, weight, bias) else _linear_cross_entropy_op
+    loss = op(*args)[0]
     if reduction == "none":
         loss = loss.reshape(target.shape)
     return loss.to(hidden.dtype)
