@@ -44,6 +44,10 @@ class OpSpec:
     triton_module: str | None = None  # module holding the Triton face
     cpu_python: bool = False  # the "cpu" face is Python (e.g. SDPA), not C++
     dtypes: dict = field(default_factory=dict)
+    # Size buckets in which ``auto`` on the CPU takes the cpu face; None = all. For a face measured
+    # slower than the reference at some sizes (the reason, with the measurement, in cpu_auto_why).
+    cpu_auto_buckets: tuple | None = None
+    cpu_auto_why: str = ""
 
 
 _OPS: dict[str, OpSpec] = {}
@@ -296,6 +300,9 @@ def _explain(op: str, backend: str, device_type: str, dtype: torch.dtype, unsupp
                 (f" for {bucket} inputs" if bucket else " in every size measured")
         return "torch", "torch reference: " + "; ".join(reasons)
     if device_type == "cpu" and why_not("cpu") is None:
+        wanted = _OPS[op].cpu_auto_buckets
+        if wanted is not None and bucket not in wanted:
+            return "torch", f"torch reference for {bucket or 'unsized'} inputs: {_OPS[op].cpu_auto_why}"
         return "cpu", "the C++/PyTorch CPU face, tested in CI"
     return "torch", "torch reference: " + (why_not("cpu") or f"no face for {device_type}")
 

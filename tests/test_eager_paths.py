@@ -1,4 +1,4 @@
-"""The eager fast paths of concat_embed, cross_entropy and linear_cross_entropy (as
+"""The eager fast paths of concat_embed and the cross-entropy family (as
 tests/test_attention_hot_path.py for attention): a plain eager call runs the face through an
 autograd.Function, without the torch.library custom op whose Python cost exceeded the kernels at
 the zoo's tiny sizes; under a dispatch mode (as under torch.compile or a tensor subclass) the
@@ -45,11 +45,18 @@ def _linear_cross_entropy(backend):
     return [h, w], lambda: mmfast.ops.linear_cross_entropy(h, w, t, reduction="none", backend=backend)
 
 
+def _contrastive_loss(backend):
+    img, txt = testing.randn(9, 16, seed=1), testing.randn(9, 16, seed=2)
+    return [img, txt], lambda: mmfast.ops.contrastive_loss(img, txt, torch.tensor(3.0), label_smoothing=0.1,
+                                                          backend=backend)
+
+
 CASES = {  # op: (module, custom op attribute, its torch.ops name, builder)
     "concat_embed": (CAT, "_concat_embed_op", "mmfast.concat_embed.default", _concat_embed),
     "cross_entropy": (CE, "_cross_entropy_op", "mmfast.cross_entropy.default", _cross_entropy),
     "linear_cross_entropy": (CE, "_linear_cross_entropy_op", "mmfast.linear_cross_entropy.default",
                              _linear_cross_entropy),
+    "contrastive_loss": (CE, "_contrastive_op", "mmfast.contrastive_loss.default", _contrastive_loss),
 }
 
 

@@ -186,3 +186,24 @@ def test_torch_backend_on_gpu_runs_sdpa():
     mask = torch.arange(197, device="cuda")[None] < torch.tensor([[197], [50]], device="cuda")
     assert torch.equal(mmfast.ops.attention(q, k, v, key_padding_mask=mask, backend="torch"),
                        sdpa_attention(q, k, v, key_padding_mask=mask))
+
+
+def test_cpu_auto_takes_a_face_only_in_the_buckets_it_was_measured_faster():
+    """contrastive_loss's cpu face measured slower than the reference below N = 8192 on the CPU:
+    auto takes the reference there (and says why), the cpu face for tiled sizes, and an explicit
+    backend="cpu" still runs the face."""
+    import mmfast
+    from mmfast import testing
+
+    for bucket in ("small", "medium", None):
+        be, why = dispatch.explain("contrastive_loss", "cpu", torch.float32, bucket=bucket)
+        assert be == "torch" and "measured" in why, (bucket, be, why)
+    assert dispatch.resolve("contrastive_loss", "auto", "cpu", torch.float32, bucket="large") == "cpu"
+    img, txt = testing.randn(6, 8, seed=1), testing.randn(6, 8, seed=2)
+    with testing.faces_run() as ran:
+        mmfast.ops.contrastive_loss(img, txt, torch.tensor(2.0))
+        mmfast.ops.contrastive_loss(img, txt, torch.tensor(2.0), backend="cpu")
+    assert ran[("contrastive_loss", "torch", "forward")] == 1 and ran[("contrastive_loss", "cpu", "forward")] == 1
+    # every other op keeps its cpu face in every bucket
+    assert all(dispatch.resolve(op, "auto", "cpu", torch.float32, bucket="small") == "cpu"
+               for op in ("cross_entropy", "concat_embed", "attention"))

@@ -15,10 +15,13 @@ import torch
 from torch import Tensor
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)  # exact types: a subclass may carry its own __torch_function__
+
+
 def plain_eager(*tensors) -> bool:
     """True when nothing but eager autograd will see a call with these tensors (None allowed)."""
     return (not torch.compiler.is_compiling()
-            and all(t is None or type(t) is Tensor for t in tensors)
+            and all(t is None or type(t) in _PLAIN for t in tensors)
             and not torch._C._is_torch_function_mode_enabled()
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._are_functorch_transforms_active())
