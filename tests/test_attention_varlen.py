@@ -225,3 +225,131 @@ def test_per_sequence_loop_carries_the_lse_of_a_face_that_keeps_one():
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     for got, want in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout: the shared Philox contract with bh = b * H + h, rows and columns counted within each
+# sequence (mmfast/reference/attention_varlen.py)
+
+DROP_LENS_Q = [37, 1, 0, 20, 3]  # several 16-row interpreter blocks, a 0-query sequence
+DROP_LENS_K = [21, 40, 5, 0, 19]  # several key blocks, column groups cut by a length, a 0-key sequence
+DROP_D = 40  # >= every length: v (or dO) can be the identity of a sequence
+
+
+def _eye_rows(lens, D=DROP_D, dtype=torch.float32):
+    """(sum(lens), H, D): per sequence, row r is e_r (v = I: the forward returns its probabilities)."""
+    return torch.cat([torch.eye(n, D, dtype=dtype)[:, None, :].expand(n, H, D) for n in lens], 0)
+
+
+def _drop_inputs(dtype, seed=11):
+    q = randn(sum(DROP_LENS_Q), H, DROP_D, dtype=dtype, seed=seed, scale=0.3)  # every probability well above 0
+    k = randn(sum(DROP_LENS_K), H, DROP_D, dtype=dtype, seed=seed + 1, scale=0.3)
+    return q, k, _cu(DROP_LENS_Q), _cu(DROP_LENS_K)
+
+
+def _expected_keep(seed, p, causal):
+    """The reference keep mask of every sequence (visible elements only), as (Lq_b, H, Lk_b) blocks."""
+    blocks = []
+    for b, (lq, lk) in enumerate(zip(DROP_LENS_Q, DROP_LENS_K)):
+        keep = varlen_mod.sequence_keep_mask(seed, b, H, lq, lk, p)[0]
+        if causal:
+            i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
+            keep = keep & (j <= i + lk - lq)
+        blocks.append(keep.transpose(0, 1))
+    return blocks
+
+
+def _kept_per_sequence(A, lens_rows, lens_cols):
+    """Per sequence, the (rows, H, cols) block of A (packed over rows, identity-indexed columns) != 0."""
+    starts = _cu(lens_rows).tolist()
+    return [A[r0:r0 + n, :, :c] != 0 for r0, n, c in zip(starts, lens_rows, lens_cols)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.float16),
+                                           ("cpu", torch.float32), ("torch", torch.float32)])
+@pytest.mark.parametrize("p", [0.2, 0.5])  # 0.5: threshold 2**31, the unsigned compare's edge
+def test_dropout_forward_mask_equals_reference_bit_for_bit(backend, dtype, causal, p, faces_called):
+    """The mask every face applies, read through v = I (out = dropped probabilities), is the reference
+    mask of each sequence, decision for decision."""
+    q, k, cq, ck = _drop_inputs(dtype)
+    torch.manual_seed(3)
+    seed = int(varlen_mod._draw_seed("cpu"))
+    torch.manual_seed(3)
+    with poisoned_outputs():
+        A = mmfast.ops.attention_varlen(q, k, _eye_rows(DROP_LENS_K, dtype=dtype), cq, ck, 37, 40, causal=causal,
+                                        dropout_p=p, backend=backend)
+    assert torch.isfinite(A).all()
+    for b, (got, want) in enumerate(zip(_kept_per_sequence(A, DROP_LENS_Q, DROP_LENS_K),
+                                        _expected_keep(seed, p, causal))):
+        assert torch.equal(got, want), f"sequence {b}: {(got != want).sum().item()} of {want.numel()} decisions differ"
+    assert faces_called == {"torch": [], "cpu": [], "triton": ["triton varlen kernel"]}[backend]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_dkdv_kernel_regenerates_the_forward_mask(dtype):
+    """With v = I and dO = I the dK/dV kernel returns dV = (dropped probabilities)^T: its mask, read
+    back, is the reference's (the dQ kernel's is checked by the gradients below)."""
+    q, k, cq, ck = _drop_inputs(dtype)
+    seed, p = torch.tensor([(7 << 32) | 0x9E3779B9]), 0.3
+    v, dO = _eye_rows(DROP_LENS_K, dtype=dtype), _eye_rows(DROP_LENS_Q, dtype=dtype)
+    out, lse = varlen_mod._varlen_fwd_op(q, k, v, cq, ck, 37, 40, seed, False, 0.2, p, "triton")
+    with poisoned_outputs():
+        _, _, dv = varlen_mod._varlen_bwd_op(dO, q, k, v, out, lse, cq, ck, 37, 40, seed, False, 0.2, p, "triton")
+    kept_t = _kept_per_sequence(dv, DROP_LENS_K, DROP_LENS_Q)  # (Lk_b, H, Lq_b): the transposed mask
+    for b, (got, want) in enumerate(zip(kept_t, _expected_keep(int(seed), p, False))):
+        assert torch.equal(got.permute(2, 1, 0), want), f"sequence {b}"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_dropout_equal_lengths_give_the_padded_ops_mask(backend):
+    """A batch without padding (every sequence of length L): after the same torch.manual_seed, the
+    varlen face applies exactly the mask of mmfast.ops.attention's same face on the (B, H, L, D) batch."""
+    B, L, p = 3, 19, 0.4
+    q, k = (randn(B * L, H, 24, seed=s, scale=0.3) for s in (1, 2))
+    eye = _eye_rows([L] * B, D=24)
+    cu = _cu([L] * B)
+    torch.manual_seed(5)
+    packed = mmfast.ops.attention_varlen(q, k, eye, cu, cu, L, L, dropout_p=p, backend=backend)
+    heads = lambda x: x.reshape(B, L, H, 24).transpose(1, 2)
+    torch.manual_seed(5)
+    padded = mmfast.ops.attention(heads(q), heads(k), heads(eye), dropout_p=p, backend=backend)
+    assert torch.equal(heads(packed) != 0, padded != 0)
+    assert 0.4 < (padded[..., :L] == 0).double().mean() < 0.8  # the mask is not trivial
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.float16),
+                                           ("cpu", torch.float32), ("cpu", torch.float16)])
+def test_dropout_matches_float64_reference_given_the_same_mask(backend, dtype, causal):
+    """Outputs and gradients under the rule against the float64 reference face run with the seed the
+    op draws (so the same mask)."""
+    lens_q, lens_k = [33, 1, 0, 20, 2], [17, 40, 5, 0, 35]
+    q = randn(sum(lens_q), H, 24, dtype=dtype, seed=5)
+    k = randn(sum(lens_k), H, 24, dtype=dtype, seed=6)
+    v = randn(sum(lens_k), H, 24, dtype=dtype, seed=7)
+    p = 0.25
+    torch.manual_seed(9)
+    seed = varlen_mod._draw_seed("cpu")
+
+    def fn(q, k, v, cq, ck):
+        torch.manual_seed(9)
+        return mmfast.ops.attention_varlen(q, k, v, cq, ck, 33, 40, causal=causal, scale=0.3, dropout_p=p,
+                                           backend=backend)
+
+    ref = lambda q, k, v, cq, ck: ref_varlen(q, k, v, cq, ck, causal=causal, scale=0.3, dropout_p=p, seed=seed)
+    check_op(fn, ref, [q, k, v, _cu(lens_q), _cu(lens_k)], grad_inputs=(0, 1, 2),
+             name=f"attention_varlen[{backend}] dropout", face=("attention_varlen", backend),
+             reduction=_reduction(q, max(lens_q + lens_k)))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck_with_dropout(backend):
+    q, k, v, cq, ck = _inputs()
+    seed = torch.tensor([12345], dtype=torch.int64)
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    torch.library.opcheck(varlen_mod._varlen_fwd_op, (q, k, v, cq, ck, 7, 7, seed, True, 0.3, 0.2, backend))
+    out, lse = varlen_mod._varlen_fwd_op(q, k, v, cq, ck, 7, 7, seed, True, 0.3, 0.2, backend)
+    torch.library.opcheck(varlen_mod._varlen_bwd_op,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, cq, ck,
+                           7, 7, seed, True, 0.3, 0.2, backend))
