@@ -12,8 +12,10 @@ the batch); "cpu": *not* a varlen kernel: the CPU attention face
 (``torch.ops.mmfast.attention_forward/backward``, the contract of mmfast/ops/attention.py) run once
 per sequence on views of the packed tensors (no padding computed, one call per sequence); with
 dropout, the reference's eager formula per sequence instead (that face numbers its batch-heads
-from 0 in every call, so it cannot give sequence b the mask of bh = b * H + h). No CUDA face (nothing
-here was run on a GPU): ``backend="cuda"`` is refused.
+from 0 in every call, so it cannot give sequence b the mask of bh = b * H + h). "cuda":
+``csrc/cuda/attention_varlen.cu`` (schema ``csrc/attention.cpp``), the FlashAttention-2 kernels of the
+attention CUDA face over cu_seqlens, float16/bfloat16. It was compiled for sm_90 but never run here
+(no GPU): ``backend="cuda"`` runs it, ``auto`` never picks it.
 
 Dropout, in every face: the shared Philox contract (mmfast/reference/dropout.py) with bh = b * H + h
 for sequence b, query row and key column counted within the sequence
@@ -27,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmfast import _provenance, dispatch
+from mmfast import _extension, _provenance, dispatch
 from mmfast.ops.attention import MAX_HEAD_DIM, _compute_dtype, _cpu_probs
 from mmfast.reference.attention import attention_mask as _dense_mask
 from mmfast.reference.attention_varlen import attention_varlen as _reference, sequence_keep_mask, to_heads_first
@@ -38,15 +40,21 @@ _attention_backward = torch.ops.mmfast.attention_backward
 
 dispatch.register_op(dispatch.OpSpec(
     name="attention_varlen",
+    cpp_kernel="attention_varlen_forward",
     triton_module="mmfast.triton.attention_varlen",
     cpu_python=True,
     dtypes={
         "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
         "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
         "triton": (torch.float32, torch.float16, torch.bfloat16),
-        "cuda": (),  # no CUDA face yet
+        "cuda": (torch.float16, torch.bfloat16),
     },
 ))
+
+# Compiled, never run on a GPU: only an explicit backend="cuda" runs it (the GPU check's tests). Safe
+# auto already skips a face kernel_table.json does not list as verified; this also keeps it out of
+# auto under MMFAST_TRUST_UNVERIFIED=1. Drop it once the GPU check has verified the face.
+_CUDA_UNVERIFIED = (("cuda", "compiled for sm_90 but never verified on a GPU: only backend='cuda' runs it"),)
 
 
 def _sequences(cu_q: Tensor, cu_k: Tensor):
@@ -136,6 +144,9 @@ def _varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seq
                    backend: str) -> tuple[Tensor, Tensor]:
     """(out (total_q, H, D), lse (H, total_q) float32; (0,) where the cpu attention face keeps none)."""
     _provenance.record("attention_varlen", backend, "forward")
+    if backend == "cuda":
+        return _extension.op("attention_varlen_forward")(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                         max_seqlen_k, seed, causal, scale, dropout_p)
     if backend == "cpu":
         return _loop_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend)
     return dispatch.triton_face("attention_varlen").attention_varlen_forward(
@@ -155,6 +166,9 @@ def _varlen_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str
                    ) -> tuple[Tensor, Tensor, Tensor]:
     _provenance.record("attention_varlen", backend, "backward")
+    if backend == "cuda":
+        return _extension.op("attention_varlen_backward")(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                          max_seqlen_q, max_seqlen_k, seed, causal, scale, dropout_p)
     if backend == "cpu":
         return _loop_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, causal, scale,
                               dropout_p, backend)
@@ -257,7 +271,7 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     a GPU), not under torch.compile. ``max_seqlen_*`` must be at least the longest sequence.
     """
     _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, backend)
-    unsupported = ()
+    unsupported = _CUDA_UNVERIFIED if backend == "auto" and dispatch.get_default_backend() == "auto" else ()
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # triton #11584: garbage, not an error
         unsupported += (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),)
     be = dispatch.resolve("attention_varlen", backend, q.device.type, q.dtype, unsupported)

@@ -43,10 +43,18 @@ def _bwd_warps(D: int) -> int:
     return 4 if D <= 32 else 8
 
 
-def _dkdv_blocks(D: int, block_m: int, block_n: int) -> tuple[int, int]:
+def _fwd_warps(D: int, dropout: bool) -> int:
+    """The forward with dropout's mask tile spills at D = 128 with 4 warps on sm_90 (kernels-report)."""
+    return 8 if dropout and D > 64 else 4
+
+
+def _dkdv_blocks(D: int, block_m: int, block_n: int, dropout: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the dK/dV kernel: past D = 64 its fp32 accumulators and (BLOCK_M, D) query
-    tiles spill with 64-row blocks even at 8 warps."""
-    return (block_m, block_n) if D <= 64 else (min(block_m, 32), min(block_n, 32))
+    tiles spill with 64-row blocks even at 8 warps; with dropout's mask tile from D = 64 (sm_90,
+    kernels-report), so 32 query rows there."""
+    if D > 64:
+        return min(block_m, 32), min(block_n, 32)
+    return (min(block_m, 32), block_n) if dropout and D > 32 else (block_m, block_n)
 
 
 @triton.jit
@@ -239,7 +247,8 @@ def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, seed, 
     if total_q and batch and H and max_q:
         _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, _seed_arg(seed, dropout_p, q), total_q,
                           *_strides(q, k, v, out), D, scale * LOG2E, *_dropout_args(dropout_p), CAUSAL=causal,
-                          DROPOUT=dropout_p > 0, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+                          DROPOUT=dropout_p > 0, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+                          num_warps=_fwd_warps(D, dropout_p > 0))
     return out, lse
 
 
@@ -262,7 +271,7 @@ def attention_varlen_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q: in
                                                      DROPOUT=dropout, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
                                                      num_warps=_bwd_warps(D))
     if k.shape[0] and batch and H and max_k:
-        BM, BN = _dkdv_blocks(D, BM, BN)
+        BM, BN = _dkdv_blocks(D, BM, BN, dropout)
         args = (cu_q, cu_k, seed_arg, total_q, *_strides(q, k, v, grad_out), *[s for s in dk.stride()], *scales)
         _dkdv_kernel[(triton.cdiv(max_k, BN), batch, H)](q, k, v, grad_out, lse, delta, dk, dv, *args,
                                                        CAUSAL=causal, DROPOUT=dropout, BLOCK_M=BM, BLOCK_N=BN,
@@ -293,15 +302,15 @@ def launches(arch: str = "sm_90"):
                     config = f"BM{BM} BN{BN} D{BD}" + " causal" * causal + " dropout" * dropout
                     constexprs = dict(CAUSAL=causal, DROPOUT=dropout, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
                     drop = _dropout_args(dropout_p)
-                    yield Launch("attention_varlen", _fwd_kernel, dname, config + " w4",
+                    yield Launch("attention_varlen", _fwd_kernel, dname, config + f" w{_fwd_warps(D, dropout)}",
                                  (x, x, x, x, lse, cu, cu, seed, total, *strides, D, 0.125 * LOG2E, *drop),
-                                 constexprs)
+                                 dict(constexprs, num_warps=_fwd_warps(D, dropout)))
                     bwd = (cu, cu, seed, total, *strides, *strides[:3], D, 0.125, 0.125 * LOG2E, *drop)
                     bwd_constexprs = dict(constexprs, num_warps=_bwd_warps(D))
                     bwd_config = config + f" w{_bwd_warps(D)}"
                     yield Launch("attention_varlen", _dq_kernel, dname, bwd_config, (x, x, x, x, lse, lse, x, *bwd),
                                  bwd_constexprs)
-                    BMkv, BNkv = _dkdv_blocks(D, BM, BN)
+                    BMkv, BNkv = _dkdv_blocks(D, BM, BN, dropout)
                     yield Launch("attention_varlen", _dkdv_kernel, dname,
                                  bwd_config.replace(f"BM{BM} BN{BN}", f"BM{BMkv} BN{BNkv}"),
                                  (x, x, x, x, lse, lse, x, x, *bwd), dict(bwd_constexprs, BLOCK_M=BMkv, BLOCK_N=BNkv))

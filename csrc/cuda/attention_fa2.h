@@ -1,0 +1,321 @@
+#pragma once
+// The FlashAttention-2 machinery shared by the CUDA attention kernels (csrc/cuda/attention.cu: padded
+// (B, H, L, D) with a key padding mask; csrc/cuda/attention_varlen.cu: packed sequences with cu_seqlens):
+// tile geometry and shared-memory layout, PTX wrappers (cp.async, ldmatrix, mma.sync m16n8k16), the
+// warp-level matmuls on register fragments, tile loads and stores, the dQ conversion kernel, and the
+// host-side launch helpers. Moved here from attention.cu as they were (store_warp_rows gained an
+// overload with a row pitch, launch a Params type parameter). Everything is in an anonymous namespace:
+// each .cu file that includes it gets its own copy (kernels are templates instantiated per file).
+
+// The AOTI shim declares aoti_torch_get_current_cuda_stream only under USE_CUDA.
+#ifndef USE_CUDA
+#define USE_CUDA
+#endif
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "attention_fragments.h"
+
+namespace mmfast {
+namespace {
+
+constexpr int kTileRows = 64;  // query rows of a forward block, keys of a backward block, rows of every tile
+constexpr int kWarps = 4;      // 16 rows of the block's tile each
+constexpr int kThreads = 32 * kWarps;
+constexpr int kSmemPerSm = 233472;     // sm_90: 228 KB of shared memory per SM
+constexpr int kSmemReserved = 1024;    // reserved by the driver per block
+
+template <int DP>
+struct Layout {
+  // 16-bit elements per shared row: +8 (16 bytes) makes the 8 row addresses of an ldmatrix land in 8
+  // distinct 16-byte bank groups (row pitch = 16 mod 128 bytes), so operand loads are conflict-free.
+  static constexpr int kLd = DP + 8;
+  static constexpr int kTile = kTileRows * kLd;  // elements of one 64-row tile
+  // forward: Q, two stages of (K, V), two stages of the 64-bit key mask
+  static constexpr int kFwdBytes = 5 * kTile * 2 + 2 * 8;
+  static_assert(2 * (kFwdBytes + kSmemReserved) <= kSmemPerSm, "forward: 2 blocks per SM");
+
+  // backward: query tiles of kBM rows. 32 for D > 64: with 64, the 16 x 64 fp32 tiles S^T and dP^T
+  // beside the dK, dV accumulators (2 x DP / 2 registers) made ptxas spill at 255 registers.
+  static constexpr int kBM = DP > 64 ? 32 : 64;
+  static constexpr int kQTile = kBM * kLd;
+  static constexpr int kLdDS = kBM + 8;  // dS^T tile (64 keys x kBM queries), conflict-free like kLd
+  // K, V, two stages of (Q, dO), dS^T, two stages of (lse, delta)
+  static constexpr int kBwdBytes = 2 * kTile * 2 + 4 * kQTile * 2 + kTileRows * kLdDS * 2 + 2 * 2 * kBM * 4;
+  static_assert(2 * (kBwdBytes + kSmemReserved) <= kSmemPerSm, "backward: 2 blocks per SM");
+};
+
+// ------------------------------------------------------------------------------------------
+// PTX wrappers. "memory" clobbers keep the compiler from moving ordinary shared-memory accesses
+// across them.
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronous; zero-filled when !valid (src is then not read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// c (16x8 fp32) += a (16x16, row) * b (16x8, col); TY: the PTX type of a and b ("f16" or "bf16")
+#define MMFAST_MMA_M16N8K16(TY, c, a, b0, b1)                                                           \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY                                      \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                  \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+
+// The tensor-core step and the float -> 16-bit packing of the element type T (__half or __nv_bfloat16).
+template <typename T>
+struct Mma {
+  static constexpr bool kHalf = std::is_same_v<T, __half>;
+
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (kHalf)
+      MMFAST_MMA_M16N8K16("f16", c, a, b0, b1);
+    else
+      MMFAST_MMA_M16N8K16("bf16", c, a, b0, b1);
+  }
+  // two floats -> one register of two 16-bit values, lo in the low half (the lower column)
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    if constexpr (kHalf) {
+      const __half2 h = __floats2half2_rn(lo, hi);
+      return *reinterpret_cast<const uint32_t*>(&h);
+    } else {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+      return *reinterpret_cast<const uint32_t*>(&h);
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// Fragment addressing. An mma.sync m16n8k16 accumulator tile gives lane (g = lane / 4, t = lane % 4)
+// the elements (row g, cols 2t, 2t+1) in c[0..1] and (row g+8, same cols) in c[2..3]. The lane
+// addresses for ldmatrix (which 16-byte row each lane points at) are in attention_fragments.h.
+using namespace fragment;
+
+// A 16 x 8NT accumulator (NT n-tiles) rounded to 16 bits as the A fragments of NT / 2 k-chunks: tiles
+// 2kk and 2kk+1 hold (rows g, g+8) x (cols 2t, 2t+1) of chunk kk's columns 0-7 and 8-15, which is
+// exactly the A layout (a[0]: row g, k 2t; a[1]: row g+8; a[2]: row g, k 2t+8; a[3]: row g+8, k 2t+8).
+template <typename T, int NT>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[NT / 2][4], const float (&c)[NT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    a[kk][0] = Mma<T>::pack(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = Mma<T>::pack(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = Mma<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = Mma<T>::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+// C[16 x 8*NT] += A[16 x 16*KC] * B, A at a_addr (this warp's rows, row-major) and B at b_addr, a
+// shared [N][K] array (keys or queries by rows, D along K), both with row pitch ld (elements).
+// UNROLL: 1 in the backward, whose dK, dV accumulators need the registers ptxas spends on hoisting
+// operand loads of later chunks when the loop is unrolled (only addresses depend on kk; the
+// accumulation order is the same either way).
+template <typename T, int NT, int KC, int UNROLL = KC>
+__device__ __forceinline__ void mma_abt(float (&c)[NT][4], const T* a_tile, const T* b_tile, int ld) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t a_addr = smem_u32(a_tile + a_row(lane) * ld + a_col(lane));
+  const uint32_t b_addr = smem_u32(b_tile + bn_row(lane) * ld + bn_col(lane));
+#pragma unroll UNROLL
+  for (int kk = 0; kk < KC; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, a_addr + kk * 32);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      ldsm_x4(b, b_addr + (np * 16 * ld + kk * 16) * 2);
+      Mma<T>::run(c[2 * np], a, b[0], b[1]);
+      Mma<T>::run(c[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// C[16 x DP] += A[16 x 16KC] * B[16KC x DP]: A in registers (acc_to_a), B a shared [K][N] array
+// (rows of V, dO or Q, D along N) with row pitch ld.
+template <typename T, int DP, int KC>
+__device__ __forceinline__ void mma_ab(float (&c)[DP / 8][4], const uint32_t (&a)[KC][4], const T* b_tile, int ld) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t b_addr = smem_u32(b_tile + bt_row(lane) * ld + bt_col(lane));
+#pragma unroll
+  for (int kk = 0; kk < KC; ++kk) {
+#pragma unroll
+    for (int dp = 0; dp < DP / 16; ++dp) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, b_addr + (kk * 16 * ld + dp * 16) * 2);
+      Mma<T>::run(c[2 * dp], a[kk], b[0], b[1]);
+      Mma<T>::run(c[2 * dp + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// dst[0] += a, dst[1] += b (dst 8-byte aligned): one vector atomic on sm_90.
+__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
+#else
+  atomicAdd(dst, a);
+  atomicAdd(dst + 1, b);
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// Parameters and tile loads
+
+// A (batch, head) slice of a (B, H, L, D) tensor whose rows cp.async can copy: unit stride along D,
+// row/head/batch strides multiples of 8 elements, 16-byte aligned base (the host guarantees it).
+struct Slice {
+  const void* ptr;
+  int64_t sb, sh, sl;
+};
+
+// Rows [row0, row0 + ROWS) of a slice -> a ROWS x DP shared tile (pitch kLd), asynchronously; rows past L
+// and columns past D are zero-filled (so padded keys/queries contribute exact zeros to every product).
+template <typename T, int DP, int ROWS = kTileRows>
+__device__ __forceinline__ void load_tile(T* dst, const Slice& s, int64_t base, int64_t row0, int64_t L,
+                                          int64_t D) {
+  constexpr int kChunks = DP / 8;  // 16-byte chunks per row
+  constexpr int kLd = Layout<DP>::kLd;
+  static_assert(ROWS * kChunks % kThreads == 0, "whole chunks per thread");
+  const T* src = static_cast<const T*>(s.ptr) + base;
+#pragma unroll
+  for (int it = 0; it < ROWS * kChunks / kThreads; ++it) {
+    const int idx = it * kThreads + threadIdx.x;
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    const bool ok = row0 + r < L && c < D;
+    cp_async16(dst + r * kLd + c, ok ? src + (row0 + r) * s.sl + c : src, ok);
+  }
+}
+
+// Stores a warp's 16 x DP accumulator (rows g: times mul_lo, rows g + 8: times mul_hi) as rows
+// [row0, row0 + 16) of dst (row pitch `pitch`, rows past L skipped): staged in 16 rows of shared memory that
+// only this warp uses (pitch kLd), then copied out in 16-byte chunks.
+template <typename T, int DP>
+__device__ __forceinline__ void store_warp_rows(const float (&acc)[DP / 8][4], float mul_lo, float mul_hi,
+                                                T* stage, T* dst, int64_t row0, int64_t L, int64_t D,
+                                                int64_t pitch) {
+  constexpr int kLd = Layout<DP>::kLd;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < DP / 8; ++i) {
+    *reinterpret_cast<uint32_t*>(stage + g * kLd + i * 8 + 2 * t) = Mma<T>::pack(acc[i][0] * mul_lo, acc[i][1] * mul_lo);
+    *reinterpret_cast<uint32_t*>(stage + (g + 8) * kLd + i * 8 + 2 * t) =
+        Mma<T>::pack(acc[i][2] * mul_hi, acc[i][3] * mul_hi);
+  }
+  __syncwarp();
+  constexpr int kChunks = DP / 8;
+#pragma unroll
+  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
+    const int r = idx / kChunks, c = (idx % kChunks) * 8;
+    if (row0 + r < L && c < D)
+      *reinterpret_cast<uint4*>(dst + (row0 + r) * pitch + c) = *reinterpret_cast<const uint4*>(stage + r * kLd + c);
+  }
+}
+// The same with row pitch D (dst rows contiguous).
+template <typename T, int DP>
+__device__ __forceinline__ void store_warp_rows(const float (&acc)[DP / 8][4], float mul_lo, float mul_hi,
+                                                T* stage, T* dst, int64_t row0, int64_t L, int64_t D) {
+  store_warp_rows<T, DP>(acc, mul_lo, mul_hi, stage, dst, row0, L, D, D);
+}
+
+// Backward, kernel 3: dq = dq_acc * scale in the input dtype (n = B * H * Lq * D elements, contiguous).
+template <typename T>
+__global__ void __launch_bounds__(256) attn_bwd_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if constexpr (Mma<T>::kHalf)
+      dq[i] = __float2half_rn(acc[i] * scale);
+    else
+      dq[i] = __float2bfloat16_rn(acc[i] * scale);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Host side (LibTorch stable ABI: torch/csrc/stable + the AOTI shim, nothing newer than torch 2.11)
+
+using torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+
+#define MMFAST_ATTN_CHECK(cond, name, ...) STD_TORCH_CHECK(cond, "mmfast: argument '", name, "': ", __VA_ARGS__)
+
+void check_cuda(cudaError_t err, const char* what) {
+  STD_TORCH_CHECK(err == cudaSuccess, "mmfast: CUDA attention: ", what, ": ", cudaGetErrorString(err));
+}
+
+cudaStream_t current_stream(const Tensor& t) {
+  void* stream = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
+                  "mmfast: CUDA attention: cannot get the current CUDA stream");
+  return static_cast<cudaStream_t>(stream);
+}
+
+int padded_dim(int64_t D) { return D <= 32 ? 32 : D <= 64 ? 64 : D <= 96 ? 96 : 128; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename Kernel, typename Params>
+void launch(Kernel kernel, int64_t blocks, int smem_bytes, const Params& p, cudaStream_t stream) {
+  if (blocks == 0) return;
+  MMFAST_ATTN_CHECK(blocks <= 2147483647LL, "q", "too many (batch, head, tile) blocks: ", blocks);
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  // the largest shared-memory carveout, so that two blocks of the backward fit on an SM
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                  static_cast<int>(cudaSharedmemCarveoutMaxShared)),
+             "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(p);
+  check_cuda(cudaGetLastError(), "kernel launch");
+}
+
+// One switch over (dtype, padded head dim): 2 x 4 instantiations of each kernel.
+#define MMFAST_ATTN_DISPATCH(DTYPE, D, FN, ...)                                                     \
+  do {                                                                                             \
+    const bool is_half = (DTYPE) == ScalarType::Half;                                              \
+    switch (padded_dim(D)) {                                                                       \
+      case 32: is_half ? FN<__half, 32>(__VA_ARGS__) : FN<__nv_bfloat16, 32>(__VA_ARGS__); break;   \
+      case 64: is_half ? FN<__half, 64>(__VA_ARGS__) : FN<__nv_bfloat16, 64>(__VA_ARGS__); break;   \
+      case 96: is_half ? FN<__half, 96>(__VA_ARGS__) : FN<__nv_bfloat16, 96>(__VA_ARGS__); break;   \
+      default: is_half ? FN<__half, 128>(__VA_ARGS__) : FN<__nv_bfloat16, 128>(__VA_ARGS__); break; \
+    }                                                                                              \
+  } while (0)
+
+}  // namespace
+}  // namespace mmfast
