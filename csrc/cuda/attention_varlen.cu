@@ -31,6 +31,7 @@
 
 #include "attention_dropout.h"
 #include "attention_fa2.h"
+#include "attention_varlen_index.h"
 
 namespace mmfast {
 namespace {
@@ -56,37 +57,23 @@ struct VarlenParams {
   bool causal;
 };
 
-// The (sequence, head) of a block: bh = b * H + h, and its rows in the packed tensors.
-struct Seq {
-  int64_t b, h, bh;
-  int64_t q0, Lq, k0, Lk;
-};
+using varlen::block_seq;
+using varlen::block_tile;
+using varlen::lse_off;
+using varlen::packed_off;
+using varlen::Seq;
+using varlen::tiles_of;
+static_assert(varlen::kTileRows == kTileRows, "attention_varlen_index.h tiles as attention_fa2.h does");
 
-__device__ __forceinline__ Seq locate(const VarlenParams& p, int64_t bh) {
-  Seq s;
-  s.bh = bh;
-  s.b = bh / p.H;
-  s.h = bh % p.H;
-  s.q0 = p.cu_q[s.b];
-  s.Lq = p.cu_q[s.b + 1] - s.q0;
-  s.k0 = p.cu_k[s.b];
-  s.Lk = p.cu_k[s.b + 1] - s.k0;
-  return s;
-}
-
-// Element offset of packed row `row`, head h, in a slice (load_tile adds the row within the sequence).
+// Element offset of packed row `row`, head h, in an input slice (any strides; load_tile adds the row
+// within the sequence).
 __device__ __forceinline__ int64_t row_off(const Slice& s, int64_t row, int64_t h) { return row * s.sl + h * s.sh; }
-
-// Element offset of row `row`, head h, in a contiguous (total, H, D) output; its rows are H * D apart.
-__device__ __forceinline__ int64_t out_off(const VarlenParams& p, int64_t row, int64_t h) {
-  return (row * p.H + h) * p.D;
-}
 
 // ------------------------------------------------------------------------------------------
 // Forward: a block = 4 warps owns 64 query rows of one (sequence, head) and streams 64-key tiles.
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads, 2) varlen_fwd_kernel(const VarlenParams p) {
+__global__ void __launch_bounds__(kThreads, 2) attn_varlen_fwd_kernel(const VarlenParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Ly = Layout<DP>;
   constexpr int kLd = Ly::kLd;
@@ -97,8 +84,8 @@ __global__ void __launch_bounds__(kThreads, 2) varlen_fwd_kernel(const VarlenPar
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   // long tiles (causal: more keys) first, as in attention.cu
-  const int64_t tile = p.num_tiles - 1 - static_cast<int64_t>(blockIdx.x) % p.num_tiles;
-  const Seq sq = locate(p, static_cast<int64_t>(blockIdx.x) / p.num_tiles);
+  const int64_t tile = block_tile(blockIdx.x, p.num_tiles, true);
+  const Seq sq = block_seq(p.cu_q, p.cu_k, p.H, blockIdx.x, p.num_tiles);
   const int64_t m0 = tile * kTileRows;
   if (m0 >= sq.Lq) return;  // past this sequence's queries (the whole block: no barrier is skipped)
 
@@ -211,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 2) varlen_fwd_kernel(const VarlenPar
   __syncthreads();
 
   float inv[2];
-  float* lse_rows = p.lse + sq.h * p.total_q + sq.q0;
+  float* lse_rows = p.lse + lse_off(sq.q0, sq.h, p.total_q);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_run[r];
@@ -221,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 2) varlen_fwd_kernel(const VarlenPar
     const int64_t i = row0 + 8 * r;
     if (t == 0 && i < sq.Lq) lse_rows[i] = l == 0.f ? 0.f : m_run[r] + log2f(l);
   }
-  store_warp_rows<T, DP>(o, inv[0], inv[1], sQ + warp * 16 * kLd, static_cast<T*>(p.out) + out_off(p, sq.q0, sq.h),
+  store_warp_rows<T, DP>(o, inv[0], inv[1], sQ + warp * 16 * kLd, static_cast<T*>(p.out) + packed_off(sq.q0, sq.h, p.H, p.D),
                          m0 + warp * 16, sq.Lq, p.D, p.H * p.D);
 #endif
 }
@@ -231,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2) varlen_fwd_kernel(const VarlenPar
 // kernel 2: a row with one visible key gets dP - delta = 0 exactly, see attention.cu).
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) varlen_bwd_delta_kernel(const VarlenParams p) {
+__global__ void __launch_bounds__(kThreads) attn_varlen_bwd_delta_kernel(const VarlenParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Ly = Layout<DP>;
   constexpr int kLd = Ly::kLd;
@@ -240,8 +227,8 @@ __global__ void __launch_bounds__(kThreads) varlen_bwd_delta_kernel(const Varlen
   T* sdO = sO + Ly::kTile;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t tile = static_cast<int64_t>(blockIdx.x) % p.num_tiles;
-  const Seq sq = locate(p, static_cast<int64_t>(blockIdx.x) / p.num_tiles);
+  const int64_t tile = block_tile(blockIdx.x, p.num_tiles, false);
+  const Seq sq = block_seq(p.cu_q, p.cu_k, p.H, blockIdx.x, p.num_tiles);
   const int64_t m0 = tile * kTileRows;
   if (m0 >= sq.Lq) return;
   load_tile<T, DP>(sO, p.o, row_off(p.o, sq.q0, sq.h), m0, sq.Lq, p.D);
@@ -254,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) varlen_bwd_delta_kernel(const Varlen
   if (t == (g >> 1)) {
     const int64_t i = m0 + warp * 16 + g;
     const bool odd = g & 1;
-    float* delta_rows = p.delta + sq.h * p.total_q + sq.q0;
+    float* delta_rows = p.delta + lse_off(sq.q0, sq.h, p.total_q);
     if (i < sq.Lq) delta_rows[i] = odd ? c[0][1] : c[0][0];
     if (i + 8 < sq.Lq) delta_rows[i + 8] = odd ? c[1][3] : c[1][2];
   }
@@ -265,7 +252,7 @@ __global__ void __launch_bounds__(kThreads) varlen_bwd_delta_kernel(const Varlen
 // them, accumulates dK, dV in registers and adds dQ into the fp32 buffer with atomics.
 
 template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads, 2) varlen_bwd_kernel(const VarlenParams p) {
+__global__ void __launch_bounds__(kThreads, 2) attn_varlen_bwd_kernel(const VarlenParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Ly = Layout<DP>;
   constexpr int kLd = Ly::kLd;
@@ -282,8 +269,8 @@ __global__ void __launch_bounds__(kThreads, 2) varlen_bwd_kernel(const VarlenPar
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t tile = static_cast<int64_t>(blockIdx.x) % p.num_tiles;
-  const Seq sq = locate(p, static_cast<int64_t>(blockIdx.x) / p.num_tiles);
+  const int64_t tile = block_tile(blockIdx.x, p.num_tiles, false);
+  const Seq sq = block_seq(p.cu_q, p.cu_k, p.H, blockIdx.x, p.num_tiles);
   const int64_t n0 = tile * kTileRows;
   if (n0 >= sq.Lk) return;  // past this sequence's keys
 
@@ -295,8 +282,8 @@ __global__ void __launch_bounds__(kThreads, 2) varlen_bwd_kernel(const VarlenPar
   // 0 for a sequence without queries: its keys get dk = dv = 0
   const int m_tiles = static_cast<int>((sq.Lq - m_begin + kBM - 1) / kBM);
   const int64_t q_base = row_off(p.q, sq.q0, sq.h), do_base = row_off(p.dout, sq.q0, sq.h);
-  const float* lse_rows = p.lse + sq.h * p.total_q + sq.q0;
-  const float* delta_rows = p.delta + sq.h * p.total_q + sq.q0;
+  const float* lse_rows = p.lse + lse_off(sq.q0, sq.h, p.total_q);
+  const float* delta_rows = p.delta + lse_off(sq.q0, sq.h, p.total_q);
   auto load_q = [&](int stage, int64_t m) {
     load_tile<T, DP, kBM>(sQdO + 2 * stage * Ly::kQTile, p.q, q_base, m, sq.Lq, p.D);
     load_tile<T, DP, kBM>(sQdO + (2 * stage + 1) * Ly::kQTile, p.dout, do_base, m, sq.Lq, p.D);
@@ -410,7 +397,7 @@ __global__ void __launch_bounds__(kThreads, 2) varlen_bwd_kernel(const VarlenPar
       const uint32_t a_addr = smem_u32(sdS + at_row(lane) * kLdDS + mq + at_col(lane));
       const uint32_t b_addr = smem_u32(sK + bt_row(lane) * kLd + c0 + bt_col(lane));
       const int64_t qrow = m0 + mq + g;  // within the sequence
-      float* acc_rows = p.dq_acc + (sq.q0 + qrow) * acc_pitch + sq.h * p.D + c0;
+      float* acc_rows = p.dq_acc + packed_off(sq.q0 + qrow, sq.h, p.H, p.D) + c0;
 #pragma unroll 1
       for (int d0 = 0; d0 < kCols; d0 += 16) {
         float dq[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -437,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, 2) varlen_bwd_kernel(const VarlenPar
   cp_async_wait<0>();
   __syncthreads();
 
-  const int64_t kv_off = out_off(p, sq.k0, sq.h);
+  const int64_t kv_off = packed_off(sq.k0, sq.h, p.H, p.D);
   store_warp_rows<T, DP>(dk, p.scale, p.scale, sK + warp * 16 * kLd, static_cast<T*>(p.out2) + kv_off, n0 + warp * 16,
                          sq.Lk, p.D, p.H * p.D);
   store_warp_rows<T, DP>(dv, p.drop_scale, p.drop_scale, sV + warp * 16 * kLd, static_cast<T*>(p.out3) + kv_off,
@@ -464,13 +451,9 @@ Tensor streamable_rows(const Tensor& t) {
 
 Slice packed_slice(const Tensor& t) { return Slice{t.const_data_ptr(), 0, t.stride(1), t.stride(0)}; }
 
-// Tiles, blocks of the (sequence, head, tile) grid for `max_len` rows at most; the int64 division of
-// the kernels' blockIdx needs a non-zero tile count.
-int64_t tiles_of(int64_t max_len) { return ceil_div(max_len, kTileRows) > 0 ? ceil_div(max_len, kTileRows) : 1; }
-
 template <typename T, int DP>
 void run_varlen_forward(const VarlenParams& p, int64_t BH, cudaStream_t stream) {
-  launch(varlen_fwd_kernel<T, DP>, p.num_tiles * BH, Layout<DP>::kFwdBytes, p, stream);
+  launch(attn_varlen_fwd_kernel<T, DP>, p.num_tiles * BH, Layout<DP>::kFwdBytes, p, stream);
 }
 
 template <typename T, int DP>
@@ -478,10 +461,10 @@ void run_varlen_backward(const VarlenParams& p, int64_t BH, int64_t max_q, int64
                          cudaStream_t stream) {
   VarlenParams pq = p;
   pq.num_tiles = tiles_of(max_q);
-  launch(varlen_bwd_delta_kernel<T, DP>, pq.num_tiles * BH, 2 * Layout<DP>::kTile * 2, pq, stream);
+  launch(attn_varlen_bwd_delta_kernel<T, DP>, pq.num_tiles * BH, 2 * Layout<DP>::kTile * 2, pq, stream);
   VarlenParams pk = p;
   pk.num_tiles = tiles_of(max_k);
-  launch(varlen_bwd_kernel<T, DP>, pk.num_tiles * BH, Layout<DP>::kBwdBytes, pk, stream);
+  launch(attn_varlen_bwd_kernel<T, DP>, pk.num_tiles * BH, Layout<DP>::kBwdBytes, pk, stream);
   const int64_t n = p.total_q * p.H * p.D;
   if (n == 0) return;
   const int64_t blocks = ceil_div(n, 256) < 65536 ? ceil_div(n, 256) : 65536;
