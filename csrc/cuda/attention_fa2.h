@@ -2,9 +2,10 @@
 // The FlashAttention-2 machinery shared by the CUDA attention kernels (csrc/cuda/attention.cu: padded
 // (B, H, L, D) with a key padding mask; csrc/cuda/attention_varlen.cu: packed sequences with cu_seqlens):
 // tile geometry and shared-memory layout, PTX wrappers (cp.async, ldmatrix, mma.sync m16n8k16), the
-// warp-level matmuls on register fragments, tile loads and stores, the dQ conversion kernel, and the
+// warp-level matmuls on register fragments, tile loads and stores, the steps of the kernels' inner
+// loops (online softmax, dropout, P^T and dS^T of the backward), the dQ conversion kernel, and the
 // host-side launch helpers. Moved here from attention.cu as they were (store_warp_rows gained an
-// overload with a row pitch, launch a Params type parameter). Everything is in an anonymous namespace:
+// overload with a row pitch, launch a Params type parameter, the loop steps became functions). Everything is in an anonymous namespace:
 // each .cu file that includes it gets its own copy (kernels are templates instantiated per file).
 
 // The AOTI shim declares aoti_torch_get_current_cuda_stream only under USE_CUDA.
@@ -23,6 +24,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attention_dropout.h"
 #include "attention_fragments.h"
 
 namespace mmfast {
@@ -254,6 +256,140 @@ template <typename T, int DP>
 __device__ __forceinline__ void store_warp_rows(const float (&acc)[DP / 8][4], float mul_lo, float mul_hi,
                                                 T* stage, T* dst, int64_t row0, int64_t L, int64_t D) {
   store_warp_rows<T, DP>(acc, mul_lo, mul_hi, stage, dst, row0, L, D, D);
+}
+
+// ------------------------------------------------------------------------------------------
+// Steps of the kernels' inner loops, on a warp's register tiles (lane = 4g + t holds rows g, g + 8
+// and columns 2t, 2t + 1 of each 8-column n-tile), shared by attention.cu and attention_varlen.cu
+
+// Forward, one 64-key tile of scores s (16 x 64): keys whose bit of kbits is clear, or past row r's
+// causal limit lim[r] (tile-relative), get -inf, the others s * qk_scale; then the online softmax:
+// the running max m_run and (lane-partial) sum l_run are updated, o is rescaled, s becomes exp2(s - m).
+template <int DP>
+__device__ __forceinline__ void fwd_softmax_step(float (&s)[8][4], uint64_t kbits, const int64_t (&lim)[2],
+                                                 float qk_scale, int t, float (&m_run)[2], float (&l_run)[2],
+                                                 float (&o)[DP / 8][4]) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = nt * 8 + 2 * t + (e & 1);
+      const bool ok = ((kbits >> col) & 1) && col <= lim[e >> 1];
+      s[nt][e] = ok ? s[nt][e] * qk_scale : -INFINITY;
+      mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
+    }
+  }
+  float alpha[2], m_safe[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share the row
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(m_run[r], mx[r]);
+    m_safe[r] = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: exp2(-inf - 0) = 0
+    alpha[r] = exp2f(m_run[r] - m_safe[r]);
+    m_run[r] = m_new;
+  }
+  float rowsum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] = exp2f(s[nt][e] - m_safe[e >> 1]);
+      rowsum[e >> 1] += s[nt][e];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rowsum[r];  // quad-reduced at the end
+#pragma unroll
+  for (int i = 0; i < DP / 8; ++i) {
+    o[i][0] *= alpha[0];
+    o[i][1] *= alpha[0];
+    o[i][2] *= alpha[1];
+    o[i][3] *= alpha[1];
+  }
+}
+
+// Forward dropout of one tile's probabilities s: rows row0, row0 + 8 and key columns n0 + ... of
+// batch-head bh (the Philox contract's counters), dropped ones set to 0 (l keeps the undropped sum:
+// dropout scales the normalised probabilities).
+__device__ __forceinline__ void fwd_dropout(float (&s)[8][4], uint64_t seed, int64_t bh, int64_t row0, int64_t n0,
+                                            int t, uint32_t threshold) {
+  // bits 2 (2 nt + r) + {0, 1}: columns 2t, 2t+1 of n-tile nt, row r kept. A rolled loop: one
+  // Philox call live at a time
+  uint32_t keep = 0;
+#pragma unroll 1
+  for (int idx = 0; idx < 16; ++idx) {
+    const int64_t j = n0 + (idx >> 1) * 8 + 2 * t;
+    keep |= dropout_keep_pair(seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(row0 + 8 * (idx & 1)),
+                              static_cast<uint32_t>(j), threshold)
+            << (2 * idx);
+  }
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {  // element e: row e >> 1, column 2t + (e & 1)
+      if (!((keep >> (2 * (2 * nt + (e >> 1)) + (e & 1))) & 1u)) s[nt][e] = 0.f;
+    }
+  }
+}
+
+// Backward, P^T of one tile (16 keys x kBM queries from m0): exp2(S^T * qk_scale - lse) where visible
+// (a query of the sequence; key_ok; causal: query >= key - (Lk - Lq)), else 0.
+template <int kBM>
+__device__ __forceinline__ void bwd_probs(float (&pt)[kBM / 8][4], const float* sLse, float qk_scale, bool causal,
+                                          const int64_t (&key)[2], const bool (&key_ok)[2], int64_t Lq, int64_t Lk,
+                                          int64_t m0, int t) {
+  // visible iff col < q_end and col >= col_min[r] (32-bit tile-relative bounds: fewer registers)
+  const int q_end = static_cast<int>(Lq - m0 < kBM ? Lq - m0 : kBM);
+  int col_min[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {  // causal: i >= key - (Lk - Lq); a masked key: never
+    const int64_t first = causal ? key[r] - (Lk - Lq) - m0 : 0;
+    col_min[r] = !key_ok[r] ? kBM : first < 0 ? 0 : first > kBM ? kBM : static_cast<int>(first);
+  }
+#pragma unroll
+  for (int nt = 0; nt < kBM / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = nt * 8 + 2 * t + (e & 1);
+      const bool ok = col < q_end && col >= col_min[e >> 1];
+      pt[nt][e] = ok ? exp2f(pt[nt][e] * qk_scale - sLse[col]) : 0.f;
+    }
+  }
+}
+
+// Backward dropout: bit 4 nt + e set = element (nt, e) of P^T kept (queries m0 + col, keys key[r] of
+// batch-head bh). A rolled loop: one Philox call in registers at a time.
+template <int kNT>
+__device__ __forceinline__ uint32_t bwd_keep_bits(uint64_t seed, int64_t bh, int64_t m0, const int64_t (&key)[2], int t,
+                                                  uint32_t threshold) {
+  uint32_t keep = 0;
+#pragma unroll 1
+  for (int idx = 0; idx < 4 * kNT; ++idx) {
+    const int col = (idx >> 2) * 8 + 2 * t + (idx & 1);
+    const int64_t j = (idx & 2) ? key[1] : key[0];
+    keep |= static_cast<uint32_t>(dropout_keep(seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(m0 + col),
+                                               static_cast<uint32_t>(j), threshold))
+            << idx;
+  }
+  return keep;
+}
+
+// dS^T = P^T o (dP^T o Z - delta) in ds (which holds dP^T), Z = keep / (1 - p) (1 without dropout);
+// then pt = P^T o keep (1 / (1 - p) goes into dV at the end).
+template <int kNT>
+__device__ __forceinline__ void bwd_ds(float (&ds)[kNT][4], float (&pt)[kNT][4], uint32_t keep, float drop_scale,
+                                       const float* sDelta, int t) {
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const bool kept = (keep >> (4 * nt + e)) & 1u;
+      ds[nt][e] = pt[nt][e] * ((kept ? ds[nt][e] * drop_scale : 0.f) - sDelta[nt * 8 + 2 * t + (e & 1)]);
+      if (!kept) pt[nt][e] = 0.f;
+    }
+  }
 }
 
 // Backward, kernel 3: dq = dq_acc * scale in the input dtype (n = B * H * Lq * D elements, contiguous).

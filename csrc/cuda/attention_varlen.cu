@@ -130,65 +130,12 @@ __global__ void __launch_bounds__(kThreads, 2) attn_varlen_fwd_kernel(const Varl
     for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
     mma_abt<T, 8, DP / 16>(s, sQ + warp * 16 * kLd, sK, kLd);
 
-    // visible: a key of the sequence (col < Lk - n0) and, causal, col <= the row's diagonal
+    // visible: a key of the sequence (its bit in kbits: n0 < Lk here) and, causal, col <= the row's diagonal
     const int64_t keys_left = sq.Lk - n0;
+    const uint64_t kbits = keys_left >= 64 ? ~0ull : (1ull << keys_left) - 1;
     const int64_t lim[2] = {p.causal ? diag0 - n0 : 64, p.causal ? diag0 + 8 - n0 : 64};
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t + (e & 1);
-        const bool ok = col < keys_left && col <= lim[e >> 1];
-        s[nt][e] = ok ? s[nt][e] * p.qk_scale : -INFINITY;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-      }
-    }
-    float alpha[2], m_safe[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m_run[r], mx[r]);
-      m_safe[r] = m_new == -INFINITY ? 0.f : m_new;
-      alpha[r] = exp2f(m_run[r] - m_safe[r]);
-      m_run[r] = m_new;
-    }
-    float rowsum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - m_safe[e >> 1]);
-        rowsum[e >> 1] += s[nt][e];
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rowsum[r];
-#pragma unroll
-    for (int i = 0; i < DP / 8; ++i) {
-      o[i][0] *= alpha[0];
-      o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1];
-      o[i][3] *= alpha[1];
-    }
-    if (p.dropout) {  // l keeps the undropped sum; one Philox call live at a time (rolled loop)
-      uint32_t keep = 0;
-#pragma unroll 1
-      for (int idx = 0; idx < 16; ++idx) {
-        const int64_t j = n0 + (idx >> 1) * 8 + 2 * t;
-        keep |= dropout_keep_pair(seed, static_cast<uint32_t>(sq.bh), static_cast<uint32_t>(row0 + 8 * (idx & 1)),
-                                  static_cast<uint32_t>(j), p.drop_threshold)
-                << (2 * idx);
-      }
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (!((keep >> (2 * (2 * nt + (e >> 1)) + (e & 1))) & 1u)) s[nt][e] = 0.f;
-        }
-      }
-    }
+    fwd_softmax_step<DP>(s, kbits, lim, p.qk_scale, t, m_run, l_run, o);
+    if (p.dropout) fwd_dropout(s, seed, sq.bh, row0, n0, t, p.drop_threshold);
     uint32_t pa[4][4];
     acc_to_a<T, 8>(pa, s);
     mma_ab<T, DP, 4>(o, pa, sV, kLd);
@@ -334,48 +281,14 @@ __global__ void __launch_bounds__(kThreads, 2) attn_varlen_bwd_kernel(const Varl
 #pragma unroll
     for (int i = 0; i < kNT; ++i) pt[i][0] = pt[i][1] = pt[i][2] = pt[i][3] = 0.f;
     mma_abt<T, kNT, DP / 16, 1>(pt, sK + warp * 16 * kLd, sQ, kLd);
-    const int q_end = static_cast<int>(sq.Lq - m0 < kBM ? sq.Lq - m0 : kBM);
-    int col_min[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t first = p.causal ? key[r] - (sq.Lk - sq.Lq) - m0 : 0;
-      col_min[r] = !key_ok[r] ? kBM : first < 0 ? 0 : first > kBM ? kBM : static_cast<int>(first);
-    }
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t + (e & 1);
-        const bool ok = col < q_end && col >= col_min[e >> 1];
-        pt[nt][e] = ok ? exp2f(pt[nt][e] * p.qk_scale - sLse[col]) : 0.f;
-      }
-    }
-    uint32_t keep = 0xffffffffu;  // bit 4 nt + e: element (nt, e) kept
-    if (p.dropout) {
-      keep = 0;
-#pragma unroll 1
-      for (int idx = 0; idx < 4 * kNT; ++idx) {
-        const int col = (idx >> 2) * 8 + 2 * t + (idx & 1);
-        const int64_t j = (idx & 2) ? key[1] : key[0];
-        keep |= static_cast<uint32_t>(dropout_keep(seed, static_cast<uint32_t>(sq.bh), static_cast<uint32_t>(m0 + col),
-                                                   static_cast<uint32_t>(j), p.drop_threshold))
-                << idx;
-      }
-    }
+    bwd_probs<kBM>(pt, sLse, p.qk_scale, p.causal, key, key_ok, sq.Lq, sq.Lk, m0, t);
+    const uint32_t keep = p.dropout ? bwd_keep_bits<kNT>(seed, sq.bh, m0, key, t, p.drop_threshold) : 0xffffffffu;
     // dS^T = P^T o (dP^T o Z - delta), dP^T = V_w dO^T, Z = keep / (1 - p)
     float ds[kNT][4];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.f;
     mma_abt<T, kNT, DP / 16, 1>(ds, sV + warp * 16 * kLd, sdO, kLd);
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool kept = (keep >> (4 * nt + e)) & 1u;
-        ds[nt][e] = pt[nt][e] * ((kept ? ds[nt][e] * p.drop_scale : 0.f) - sDelta[nt * 8 + 2 * t + (e & 1)]);
-        if (!kept) pt[nt][e] = 0.f;
-      }
-    }
+    bwd_ds<kNT>(ds, pt, keep, p.drop_scale, sDelta, t);
     uint32_t pa[kKC][4], da[kKC][4];
     acc_to_a<T, kNT>(pa, pt);
     acc_to_a<T, kNT>(da, ds);
