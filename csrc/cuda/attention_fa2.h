@@ -5,8 +5,9 @@
 // warp-level matmuls on register fragments, tile loads and stores, the steps of the kernels' inner
 // loops (online softmax, dropout, P^T and dS^T of the backward), the dQ conversion kernel, and the
 // host-side launch helpers. Moved here from attention.cu as they were (store_warp_rows gained an
-// overload with a row pitch, launch a Params type parameter, the loop steps became functions). Everything is in an anonymous namespace:
-// each .cu file that includes it gets its own copy (kernels are templates instantiated per file).
+// overload with a row pitch, launch a Params type parameter, the loop steps became functions).
+// Everything is in an anonymous namespace: each .cu file that includes it gets its own copy (kernels
+// are templates instantiated per file).
 
 // The AOTI shim declares aoti_torch_get_current_cuda_stream only under USE_CUDA.
 #ifndef USE_CUDA

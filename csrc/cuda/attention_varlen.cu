@@ -155,8 +155,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_varlen_fwd_kernel(const Varl
     const int64_t i = row0 + 8 * r;
     if (t == 0 && i < sq.Lq) lse_rows[i] = l == 0.f ? 0.f : m_run[r] + log2f(l);
   }
-  store_warp_rows<T, DP>(o, inv[0], inv[1], sQ + warp * 16 * kLd, static_cast<T*>(p.out) + packed_off(sq.q0, sq.h, p.H, p.D),
-                         m0 + warp * 16, sq.Lq, p.D, p.H * p.D);
+  T* out_rows = static_cast<T*>(p.out) + packed_off(sq.q0, sq.h, p.H, p.D);
+  store_warp_rows<T, DP>(o, inv[0], inv[1], sQ + warp * 16 * kLd, out_rows, m0 + warp * 16, sq.Lq, p.D, p.H * p.D);
 #endif
 }
 
