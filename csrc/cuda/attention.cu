@@ -165,15 +165,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_fwd_kernel(const Params p) {
 
   // epilogue: normalise; this warp's own 16 rows of sQ stage the output
   float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l == 0.f ? 0.f : p.drop_scale / l;
-    const int64_t i = row0 + 8 * r;
-    if (t == 0 && i < p.Lq) p.lse[bh * p.Lq + i] = l == 0.f ? 0.f : m_run[r] + log2f(l);
-  }
+  fwd_finish(l_run, m_run, p.drop_scale, row0, p.Lq, t, p.lse + bh * p.Lq, inv);
   store_warp_rows<T, DP>(o, inv[0], inv[1], sQ + warp * 16 * kLd, static_cast<T*>(p.out) + bh * p.Lq * p.D,
                          m0 + warp * 16, p.Lq, p.D);
 #endif
@@ -188,7 +180,6 @@ template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Ly = Layout<DP>;
-  constexpr int kLd = Ly::kLd;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sO = reinterpret_cast<T*>(smem);
   T* sdO = sO + Ly::kTile;
@@ -202,15 +193,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Params p
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  mma_abt<T, 2, DP / 16, 1>(c, sO + warp * 16 * kLd, sdO + warp * 16 * kLd, kLd);
-  // (g, g) sits in n-tile 0 at column g = 2t + (g & 1); (g + 8, g + 8) in n-tile 1, same column
-  if (t == (g >> 1)) {
-    const int64_t i = m0 + warp * 16 + g;
-    const bool odd = g & 1;  // selects, not c[0][g & 1]: a run-time index would move c to local memory
-    if (i < p.Lq) p.delta[bh * p.Lq + i] = odd ? c[0][1] : c[0][0];
-    if (i + 8 < p.Lq) p.delta[bh * p.Lq + i + 8] = odd ? c[1][3] : c[1][2];
-  }
+  bwd_delta_tile<T, DP>(sO, sdO, p.delta + bh * p.Lq, m0, p.Lq, warp, g, t);
 #endif
 }
 

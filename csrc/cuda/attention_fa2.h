@@ -393,6 +393,41 @@ __device__ __forceinline__ void bwd_ds(float (&ds)[kNT][4], float (&pt)[kNT][4],
   }
 }
 
+// Forward epilogue: the quad-reduced sums l of this lane's rows row0, row0 + 8 give the output
+// factors inv (drop_scale / l; 0 for a row without visible keys) and, by lane t = 0, the base-2 lse of
+// rows inside Lq (lse_rows[i]; 0 without visible keys).
+__device__ __forceinline__ void fwd_finish(const float (&l_run)[2], const float (&m_run)[2], float drop_scale,
+                                           int64_t row0, int64_t Lq, int t, float* lse_rows, float (&inv)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l == 0.f ? 0.f : drop_scale / l;
+    const int64_t i = row0 + 8 * r;
+    if (t == 0 && i < Lq) lse_rows[i] = l == 0.f ? 0.f : m_run[r] + log2f(l);
+  }
+}
+
+// Backward: delta = rowsum(dO * O) of the 64 rows from m0 (shared tiles sO, sdO) as the diagonal of
+// O dO^T, computed with the very mma sequence that gives dP^T = V dO^T, so that a row with one visible
+// key (O = that key's V row exactly) gets dP - delta = 0 exactly, as the float64 reference does;
+// stored as delta_rows[i] for rows i inside Lq.
+template <typename T, int DP>
+__device__ __forceinline__ void bwd_delta_tile(const T* sO, const T* sdO, float* delta_rows, int64_t m0, int64_t Lq,
+                                               int warp, int g, int t) {
+  constexpr int kLd = Layout<DP>::kLd;
+  float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  mma_abt<T, 2, DP / 16, 1>(c, sO + warp * 16 * kLd, sdO + warp * 16 * kLd, kLd);
+  // (g, g) sits in n-tile 0 at column g = 2t + (g & 1); (g + 8, g + 8) in n-tile 1, same column
+  if (t == (g >> 1)) {
+    const int64_t i = m0 + warp * 16 + g;
+    const bool odd = g & 1;  // selects, not c[0][g & 1]: a run-time index would move c to local memory
+    if (i < Lq) delta_rows[i] = odd ? c[0][1] : c[0][0];
+    if (i + 8 < Lq) delta_rows[i + 8] = odd ? c[1][3] : c[1][2];
+  }
+}
+
 // Backward, kernel 3: dq = dq_acc * scale in the input dtype (n = B * H * Lq * D elements, contiguous).
 template <typename T>
 __global__ void __launch_bounds__(256) attn_bwd_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {

@@ -145,16 +145,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_varlen_fwd_kernel(const Varl
   __syncthreads();
 
   float inv[2];
-  float* lse_rows = p.lse + lse_off(sq.q0, sq.h, p.total_q);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l == 0.f ? 0.f : p.drop_scale / l;
-    const int64_t i = row0 + 8 * r;
-    if (t == 0 && i < sq.Lq) lse_rows[i] = l == 0.f ? 0.f : m_run[r] + log2f(l);
-  }
+  fwd_finish(l_run, m_run, p.drop_scale, row0, sq.Lq, t, p.lse + lse_off(sq.q0, sq.h, p.total_q), inv);
   T* out_rows = static_cast<T*>(p.out) + packed_off(sq.q0, sq.h, p.H, p.D);
   store_warp_rows<T, DP>(o, inv[0], inv[1], sQ + warp * 16 * kLd, out_rows, m0 + warp * 16, sq.Lq, p.D, p.H * p.D);
 #endif
@@ -168,7 +159,6 @@ template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) attn_varlen_bwd_delta_kernel(const VarlenParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Ly = Layout<DP>;
-  constexpr int kLd = Ly::kLd;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sO = reinterpret_cast<T*>(smem);
   T* sdO = sO + Ly::kTile;
@@ -183,15 +173,7 @@ __global__ void __launch_bounds__(kThreads) attn_varlen_bwd_delta_kernel(const V
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  mma_abt<T, 2, DP / 16, 1>(c, sO + warp * 16 * kLd, sdO + warp * 16 * kLd, kLd);
-  if (t == (g >> 1)) {
-    const int64_t i = m0 + warp * 16 + g;
-    const bool odd = g & 1;
-    float* delta_rows = p.delta + lse_off(sq.q0, sq.h, p.total_q);
-    if (i < sq.Lq) delta_rows[i] = odd ? c[0][1] : c[0][0];
-    if (i + 8 < sq.Lq) delta_rows[i + 8] = odd ? c[1][3] : c[1][2];
-  }
+  bwd_delta_tile<T, DP>(sO, sdO, p.delta + lse_off(sq.q0, sq.h, p.total_q), m0, sq.Lq, warp, g, t);
 #endif
 }
 
