@@ -142,16 +142,18 @@ def test_bad_tensors_name_the_argument():
         mmfast.ops.attention_varlen(q, k, v, cq, ck, 7, 7, backend="cuda")
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck(backend, causal):
+def test_opcheck(backend, causal, dropout_p):
     q, k, v, cq, ck = _inputs()
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    torch.library.opcheck(varlen_mod._varlen_fwd_op, (q, k, v, cq, ck, 7, 7, None, causal, 0.3, 0.0, backend))
-    out, lse = varlen_mod._varlen_fwd_op(q, k, v, cq, ck, 7, 7, None, causal, 0.3, 0.0, backend)
+    seed = torch.tensor([12345], dtype=torch.int64) if dropout_p else None
+    torch.library.opcheck(varlen_mod._varlen_fwd_op, (q, k, v, cq, ck, 7, 7, seed, causal, 0.3, dropout_p, backend))
+    out, lse = varlen_mod._varlen_fwd_op(q, k, v, cq, ck, 7, 7, seed, causal, 0.3, dropout_p, backend)
     torch.library.opcheck(varlen_mod._varlen_bwd_op,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, cq, ck,
-                           7, 7, None, causal, 0.3, 0.0, backend))
+                           7, 7, seed, causal, 0.3, dropout_p, backend))
 
 
 def test_torch_compile_matches_eager():
@@ -354,14 +356,6 @@ def test_dropout_matches_float64_reference_given_the_same_mask(backend, dtype, c
     check_op(fn, ref, [q, k, v, _cu(lens_q).to(device), _cu(lens_k).to(device)], grad_inputs=(0, 1, 2),
              name=f"attention_varlen[{backend}] dropout", face=("attention_varlen", backend),
              reduction=_reduction(q, max(lens_q + lens_k)))
-
-
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_opcheck_with_dropout(backend):
-    q, k, v, cq, ck = _inputs()
-    seed = torch.tensor([12345], dtype=torch.int64)
-    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    torch.library.opcheck(varlen_mod._varlen_fwd_op, (q, k, v, cq, ck, 7, 7, seed, True, 0.3, 0.2, backend))
     out, lse = varlen_mod._varlen_fwd_op(q, k, v, cq, ck, 7, 7, seed, True, 0.3, 0.2, backend)
     torch.library.opcheck(varlen_mod._varlen_bwd_op,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, cq, ck,
