@@ -16,4 +16,17 @@ STABLE_TORCH_LIBRARY_FRAGMENT(mmfast_C, m) {
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? seed, bool causal, float scale, float dropout_p) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+  // Packed (variable-length) sequences, csrc/cuda/attention_varlen.cu (the contract of
+  // mmfast/ops/attention_varlen.py): q (total_q, H, D), k/v (total_k, H, D); cu_seqlens_q/k int32
+  // (batch + 1,) on q's device, values checked by the caller; max_seqlen_* at least the longest
+  // sequence; causal bottom-right per sequence; dropout bh = b * H + h with rows and columns counted
+  // within sequence b. Returns out (total_q, H, D) contiguous and lse (H, total_q) float32.
+  m.def(
+      "attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, Tensor? seed, bool causal, float scale, float dropout_p) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_varlen_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, Tensor? seed, bool causal, "
+      "float scale, float dropout_p) -> (Tensor dq, Tensor dk, Tensor dv)");
 }

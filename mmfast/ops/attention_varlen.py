@@ -8,10 +8,18 @@ with 0 keys gives zeros, one with 0 queries contributes nothing.
 
 Faces: reference ``mmfast/reference/attention_varlen.py`` ("torch"); Triton
 ``mmfast/triton/attention_varlen.py`` (flash-attention kernels that read cu_seqlens: one launch for
-the batch, no dropout yet); "cpu": *not* a varlen kernel: the CPU attention face
+the batch); "cpu": *not* a varlen kernel: the CPU attention face
 (``torch.ops.mmfast.attention_forward/backward``, the contract of mmfast/ops/attention.py) run once
-per sequence on views of the packed tensors (no padding computed, one call per sequence). No CUDA
-face (nothing here was run on a GPU): ``backend="cuda"`` is refused.
+per sequence on views of the packed tensors (no padding computed, one call per sequence); with
+dropout, the reference's eager formula per sequence instead (that face numbers its batch-heads
+from 0 in every call, so it cannot give sequence b the mask of bh = b * H + h). "cuda":
+``csrc/cuda/attention_varlen.cu`` (schema ``csrc/attention.cpp``), the FlashAttention-2 kernels of the
+attention CUDA face over cu_seqlens, float16/bfloat16. It was compiled for sm_90 but never run here
+(no GPU): ``backend="cuda"`` runs it, ``auto`` never picks it.
+
+Dropout, in every face: the shared Philox contract (mmfast/reference/dropout.py) with bh = b * H + h
+for sequence b, query row and key column counted within the sequence
+(mmfast/reference/attention_varlen.py): equal lengths give the padded op's mask for the same seed.
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mmfast import _provenance, dispatch
-from mmfast.ops.attention import MAX_HEAD_DIM
-from mmfast.reference.attention_varlen import attention_varlen as _reference, to_heads_first
+from mmfast import _extension, _provenance, dispatch
+from mmfast.ops.attention import MAX_HEAD_DIM, _compute_dtype, _cpu_probs
+from mmfast.reference.attention import attention_mask as _dense_mask
+from mmfast.reference.attention_varlen import attention_varlen as _reference, sequence_keep_mask, to_heads_first
 
 # The attention faces' custom ops (mmfast/ops/attention.py, imported above, registers them)
 _attention_forward = torch.ops.mmfast.attention_forward
@@ -31,15 +40,21 @@ _attention_backward = torch.ops.mmfast.attention_backward
 
 dispatch.register_op(dispatch.OpSpec(
     name="attention_varlen",
+    cpp_kernel="attention_varlen_forward",
     triton_module="mmfast.triton.attention_varlen",
     cpu_python=True,
     dtypes={
         "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
         "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
         "triton": (torch.float32, torch.float16, torch.bfloat16),
-        "cuda": (),  # no CUDA face yet
+        "cuda": (torch.float16, torch.bfloat16),
     },
 ))
+
+# Compiled, never run on a GPU: only an explicit backend="cuda" runs it (the GPU check's tests). Safe
+# auto already skips a face kernel_table.json does not list as verified; this also keeps it out of
+# auto under MMFAST_TRUST_UNVERIFIED=1. Drop it once the GPU check has verified the face.
+_CUDA_UNVERIFIED = (("cuda", "compiled for sm_90 but never verified on a GPU: only backend='cuda' runs it"),)
 
 
 def _sequences(cu_q: Tensor, cu_k: Tensor):
@@ -48,9 +63,11 @@ def _sequences(cu_q: Tensor, cu_k: Tensor):
     return [(b, cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
 
 
-def _sequence_seed(seed: Optional[Tensor], b: int) -> Optional[Tensor]:
-    """A distinct dropout seed per sequence (each call sees batch index 0: one seed would repeat masks)."""
-    return None if seed is None else seed + b
+def _draw_seed(device) -> Tensor:
+    """The dropout seed of a call: drawn as mmfast.ops.attention draws it (same range, q's device
+    generator), so torch.manual_seed reproduces the masks and a padded call after the same
+    torch.manual_seed gets the same seed."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
 def _face_keeps_lse(q: Tensor, backend: str) -> bool:
@@ -65,11 +82,13 @@ def _loop_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, drop
     (out, the faces' lse as (H, total_q) float32, or (0,) when the face keeps none)."""
     out = q.new_zeros(q.shape)  # rows of sequences without keys stay 0
     lse = q.new_zeros((q.shape[1], q.shape[0]) if _face_keeps_lse(q, backend) else (0,), dtype=torch.float32)
+    if dropout_p > 0:  # lse unused: the backward recomputes the probabilities
+        return _eager_dropout(None, q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p), lse
     for b, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
         if q1 > q0 and k1 > k0:
             o, seq_lse = _attention_forward(
                 to_heads_first(q[q0:q1]), to_heads_first(k[k0:k1]), to_heads_first(v[k0:k1]), None,
-                _sequence_seed(seed, b), causal, scale, dropout_p, backend)
+                None, causal, scale, dropout_p, backend)
             out[q0:q1] = o[0].transpose(0, 1)
             if lse.numel():
                 lse[:, q0:q1] = seq_lse[0]
@@ -78,7 +97,10 @@ def _loop_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, drop
 
 def _loop_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p,
                    backend):
-    """Per sequence: the attention face's backward, given its own forward's lse."""
+    """Per sequence: the attention face's backward, given its own forward's lse (with dropout: autograd
+    through the eager formula the forward ran, same seed, so the same mask)."""
+    if dropout_p > 0:
+        return _eager_dropout(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for b, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
         if q1 > q0 and k1 > k0:  # otherwise: zero output, zero gradients
@@ -86,10 +108,34 @@ def _loop_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed
             g = _attention_backward(
                 to_heads_first(grad_out[q0:q1]), to_heads_first(q[q0:q1]), to_heads_first(k[k0:k1]),
                 to_heads_first(v[k0:k1]), to_heads_first(out[q0:q1]), seq_lse, None,
-                _sequence_seed(seed, b), causal, scale, dropout_p, backend)
+                None, causal, scale, dropout_p, backend)
             for dst, src, (r0, r1) in zip((dq, dk, dv), g, ((q0, q1), (k0, k1), (k0, k1))):
                 dst[r0:r1] = src[0].transpose(0, 1)
     return dq, dk, dv
+
+
+def _eager_dropout(grad_out, q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p):
+    """The cpu face with dropout: explicit probabilities per sequence (float32, float64 for float64)
+    times the contract's mask of that sequence -> out when ``grad_out`` is None, else (dq, dk, dv)."""
+    ct = _compute_dtype(q.dtype)
+    H, seed = q.shape[1], int(seed.reshape(-1)[0])
+    outs = [torch.zeros_like(t) for t in ((q,) if grad_out is None else (q, k, v))]
+    for b, q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+        if q1 == q0 or k1 == k0:
+            continue
+        qs, ks, vs = (to_heads_first(t[r0:r1]).to(ct) for t, r0, r1 in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        probs = _cpu_probs(qs, ks, _dense_mask(None, causal, q1 - q0, k1 - k0, q.device), scale)
+        keep = sequence_keep_mask(seed, b, H, q1 - q0, k1 - k0, dropout_p).to(ct) / (1.0 - dropout_p)
+        if grad_out is None:
+            outs[0][q0:q1] = ((probs * keep) @ vs)[0].transpose(0, 1)
+            continue
+        do = to_heads_first(grad_out[q0:q1]).to(ct)
+        dp = (do @ vs.transpose(-2, -1)) * keep  # d loss / d probabilities
+        ds = probs * (dp - (probs * dp).sum(-1, keepdim=True))  # softmax backward; masked entries have p = 0
+        grads = (ds @ ks * scale, ds.transpose(-2, -1) @ qs * scale, (probs * keep).transpose(-2, -1) @ do)
+        for dst, g, (r0, r1) in zip(outs, grads, ((q0, q1), (k0, k1), (k0, k1))):
+            dst[r0:r1] = g[0].transpose(0, 1)
+    return outs[0] if grad_out is None else tuple(outs)
 
 
 @torch.library.custom_op("mmfast::attention_varlen_forward", mutates_args=())
@@ -98,10 +144,13 @@ def _varlen_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seq
                    backend: str) -> tuple[Tensor, Tensor]:
     """(out (total_q, H, D), lse (H, total_q) float32; (0,) where the cpu attention face keeps none)."""
     _provenance.record("attention_varlen", backend, "forward")
+    if backend == "cuda":
+        return _extension.op("attention_varlen_forward")(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                         max_seqlen_k, seed, causal, scale, dropout_p)
     if backend == "cpu":
         return _loop_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p, backend)
     return dispatch.triton_face("attention_varlen").attention_varlen_forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal, scale, dropout_p)
 
 
 @_varlen_fwd_op.register_fake
@@ -117,11 +166,15 @@ def _varlen_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str
                    ) -> tuple[Tensor, Tensor, Tensor]:
     _provenance.record("attention_varlen", backend, "backward")
+    if backend == "cuda":
+        return _extension.op("attention_varlen_backward")(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                          max_seqlen_q, max_seqlen_k, seed, causal, scale, dropout_p)
     if backend == "cpu":
         return _loop_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed, causal, scale,
                               dropout_p, backend)
     return dispatch.triton_face("attention_varlen").attention_varlen_backward(
-        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+        grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal, scale,
+        dropout_p)
 
 
 @_varlen_bwd_op.register_fake
@@ -211,22 +264,22 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     Sequence ``b`` is q rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` against k/v rows
     ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; nothing attends across sequences. ``causal`` is aligned
     bottom-right per sequence; a sequence with 0 keys gives zeros; one with 0 queries contributes
-    nothing. ``cu_seqlens_*`` are int32 ``(batch + 1,)``, start at 0, never decrease and end at the
+    nothing. Dropout draws its seed from torch's generator on q's device (``torch.manual_seed``
+    reproduces it); its mask is the padded op's for batch item b, restricted to each sequence's
+    (Lq_b, Lk_b) corner (module docstring). ``cu_seqlens_*`` are int32 ``(batch + 1,)``, start at 0, never decrease and end at the
     total row count; their values are checked on the host in eager mode (one device->host copy on
     a GPU), not under torch.compile. ``max_seqlen_*`` must be at least the longest sequence.
     """
     _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p, backend)
-    unsupported = (("triton", "no dropout in the Triton varlen kernels yet"),) if dropout_p > 0 else ()
+    unsupported = _CUDA_UNVERIFIED if backend == "auto" and dispatch.get_default_backend() == "auto" else ()
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # triton #11584: garbage, not an error
         unsupported += (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),)
     be = dispatch.resolve("attention_varlen", backend, q.device.type, q.dtype, unsupported)
+    seed = _draw_seed(q.device) if dropout_p > 0 else None
     if be == "torch":
         return _provenance.reference_ran("attention_varlen", _reference(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, dropout_p=dropout_p))
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed))
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    seed = None
-    if dropout_p > 0:  # drawn from q's device generator, so torch.manual_seed reproduces the masks
-        seed = torch.randint(0, 2**61, (1,), dtype=torch.int64, device=q.device)
     out, _ = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), seed,
                             bool(causal), scale, float(dropout_p), be)
     return out

@@ -51,12 +51,13 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     return c0, c1, c2, c3
 
 
-def dropout_words(seed: int, BH: int, Lq: int, Lk: int) -> np.ndarray:
-    """The uint32 word of every element, shape (BH, Lq, Lk), as uint64."""
+def dropout_words(seed: int, BH: int, Lq: int, Lk: int, first_bh: int = 0) -> np.ndarray:
+    """The uint32 word of every element, shape (BH, Lq, Lk), as uint64, for the batch-heads
+    first_bh .. first_bh + BH - 1 (a packed sequence b starts at b * H)."""
     seed = int(seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be a non-negative int64, got {seed}")
-    bh = np.arange(BH, dtype=np.uint64)[:, None, None]
+    bh = np.arange(first_bh, first_bh + BH, dtype=np.uint64)[:, None, None]
     i = np.arange(Lq, dtype=np.uint64)[None, :, None]
     groups = (Lk + 3) // 4
     g = np.arange(groups, dtype=np.uint64)[None, None, :]
