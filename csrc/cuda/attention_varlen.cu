@@ -32,11 +32,7 @@
 #include "attention_dropout.h"
 #include "attention_fa2.h"
 #include "attention_varlen_index.h"
-#if __has_include("launch_config.h")
-#include <string>
-
 #include "launch_config.h"
-#endif
 
 namespace mmfast {
 namespace {
@@ -538,9 +534,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_cuda(
 }
 
 // The launch configuration of every instantiation, for `mmfast kernels-report` (its --check fails on
-// an undeclared CUDA kernel). The registry, csrc/cuda/launch_config.h, came to main with the
-// cudareport branch after this branch started: declared where it exists (drop the #if once merged).
-#if __has_include("launch_config.h")
+// an undeclared CUDA kernel).
 template <typename T, int DP>
 void declare_varlen_launches() {
   const auto name = [](const char* kernel) { return kernel_name(kernel, {arg_name<T>(), std::to_string(DP)}); };
@@ -567,7 +561,6 @@ void declare_varlen_launches_of() {
   declare_varlen_launches_of<__nv_bfloat16>();
   return true;
 }();
-#endif
 
 }  // namespace
 }  // namespace mmfast
