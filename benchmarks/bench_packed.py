@@ -19,9 +19,11 @@ both alike; each round uses the next batch of the set.
     python benchmarks/bench_packed.py --img-size 224 64 --batch 32 --rounds 6
     pytest benchmarks/bench_packed.py                       # smoke: tiny model, one round (CI)
 
-NER is not measured: NER trains a stock Hugging Face BERT through ``mmfast.patch`` (see
-mmfast/train/workflows.py), and running it packed needs ``mmfast.patch(model, unpad=True)``
-(issue #19 item 3b, separate work); the zoo's text towers have no token-classification head.
+NER (the same run, last row): NER trains a stock Hugging Face BERT through ``mmfast.patch`` (see
+mmfast/train/workflows.py), so its packed form is ``mmfast.patch(model, unpad=True)``: the case of
+benchmarks/bench_unpad.py (BertForTokenClassification of all-MiniLM-L6-v2's shape, batch 64,
+lengths 2 + geometric, mean ~11, max 64), checked under the rule against the stock model, then
+``mmfast.patch`` padded vs ``mmfast.patch(unpad=True)`` training steps interleaved.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4, help="timed steps per model and image size")
     ap.add_argument("--batches", type=int, default=4, help="distinct batches of the skewed set, cycled")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-ner", dest="ner", action="store_false", help="skip the NER row")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = datetime.now(timezone.utc)
@@ -205,8 +208,32 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['model']} | {mm.default_task(r['model'])} | {r['overrides']['img_size']} px "
               f"| {r['padding_share']:.0%} | {r['padded_tok_s']:.0f} | {r['packed_tok_s']:.0f} | {r['speedup']:.2f}x |")
-    print("| NER | - | - | - | - | - | not measured: needs mmfast.patch(model, unpad=True) (#19 item 3b) |")
+    if args.ner:
+        r = measure_ner(args.rounds)
+        print(f"| NER: {r['case']} | token classification | - | {r['padding_share']:.0%} | {r['padded_tok_s']:.0f} "
+              f"| {r['packed_tok_s']:.0f} | {r['speedup']:.2f}x |")
     return 0
+
+
+def measure_ner(rounds: int) -> dict:
+    """mmfast.patch padded vs mmfast.patch(unpad=True) on bench_unpad's NER case, checked first."""
+    from bench_unpad import ner_case, step, variants
+
+    stock, inputs, tokens, case = ner_case(64, smoke=False, device="cpu")
+    models = variants(stock)
+    pair = {"padded": models["mmfast"], "packed": models["mmfast-unpad"]}
+    for name, m in pair.items():
+        model_check(m, m, stock, inputs, name=f"NER {name}")()  # the rule, before timing
+        step(m, inputs)()  # warm-up
+    seconds = {name: 0.0 for name in pair}
+    for r in range(rounds):
+        for name in (("padded", "packed") if r % 2 == 0 else ("packed", "padded")):
+            t = time.perf_counter()
+            step(pair[name], inputs)()
+            seconds[name] += time.perf_counter() - t
+    return {"case": case, "padding_share": 1 - tokens / inputs["input_ids"].numel(),
+            "padded_tok_s": tokens * rounds / seconds["padded"], "packed_tok_s": tokens * rounds / seconds["packed"],
+            "speedup": seconds["padded"] / seconds["packed"]}
 
 
 if __name__ == "__main__":

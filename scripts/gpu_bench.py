@@ -180,23 +180,74 @@ def bench_zoo_step(w: Jsonl):
     inputs = fused.example_inputs(batch_size=batch)
     g = Group(w, "train_step", f"{name} pretrain B{batch}", "fwd+bwd+adamw", batch)
     for impl, model in (("eager", eager), ("mmfast-triton", fused)):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        g.time(impl, _train_step(model, inputs))
 
-        def step(model=model, opt=opt):
-            with torch.autocast(DEV, dtype=torch.bfloat16, enabled=not DRY):
-                loss = model(**inputs).loss
-            loss.float().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
 
-        g.time(impl, step)
+def bench_packed_step(w: Jsonl):
+    """Issue #19's packed cases (benchmarks/bench_packed.py on the GPU): a training step of the zoo's
+    cross_attention model padded vs packed=True on the length-skewed text set, and NER
+    (BertForTokenClassification, MiniLM's shape) through mmfast.patch padded vs unpad=True. Each
+    pair is first checked to give the same loss (eval mode, no dropout) before it is timed."""
+    import bench_packed
+    import bench_unpad
+    import mmfast.models as mm
+    from mmfast.data import collate
+
+    name, batch = ("cross_attention_tiny", 4) if DRY else ("cross_attention_small", 64)
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        padded = mm.create_model(name, backend="triton")
+        packed = mm.create_model(name, backend="triton", packed=True)
+    packed.load_state_dict(padded.state_dict())
+    items = bench_packed.text_items(padded, bench_packed.skewed_lengths(batch))
+    to_dev = lambda b: {k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+    batches = {"padded": to_dev(collate(items)), "packed": to_dev(collate(items, packed=True))}
+    tokens = int(batches["packed"]["input_ids"].numel())
+    models = {"padded": padded, "packed": packed}
+    _check_same_loss(models, batches, "cross_attention packed")
+    g = Group(w, "packed_step", f"{name} pretrain B{batch} skewed text ({tokens} tokens)", "fwd+bwd+adamw", tokens)
+    for impl in ("padded", "packed"):
+        g.time(f"mmfast-{impl}", _train_step(models[impl], batches[impl]))
+
+    stock, inputs, tokens, case = bench_unpad.ner_case(4 if DRY else 64, smoke=DRY, device=DEV)
+    ner = bench_unpad.variants(stock)
+    ner_models = {"padded": ner["mmfast"], "packed": ner["mmfast-unpad"]}
+    _check_same_loss(ner_models, {"padded": inputs, "packed": inputs}, "NER unpad")
+    g = Group(w, "packed_step", f"NER {case} ({tokens} tokens)", "fwd+bwd+adamw", tokens)
+    for impl in ("padded", "packed"):
+        g.time(f"mmfast-{impl}", _train_step(ner_models[impl], inputs))
+
+
+def _check_same_loss(models: dict, batches: dict, what: str) -> None:
+    losses = {}
+    for impl, m in models.items():
+        m.eval()
+        with torch.no_grad(), torch.autocast(DEV, dtype=torch.bfloat16, enabled=not DRY):
+            losses[impl] = float(m(**batches[impl]).loss)
+        m.train()
+    a, b = losses["padded"], losses["packed"]
+    tol = 1e-5 if DRY else 2e-2  # bf16 autocast: packing changes summation orders
+    if not (abs(a - b) <= tol * max(1.0, abs(a))):
+        raise AssertionError(f"{what}: packed loss {b} differs from padded loss {a}")
+
+
+def _train_step(model, batch: dict):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=not DRY):
+            loss = model(**batch).loss
+        loss.float().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
 
 
 def main(path: str) -> int:
     w = Jsonl(path)
     try:
-        for fn in (bench_attention, bench_cross_entropy, bench_concat_embed, bench_zoo_step):
+        for fn in (bench_attention, bench_cross_entropy, bench_concat_embed, bench_zoo_step, bench_packed_step):
             try:
                 fn(w)
             except Exception as e:  # noqa: BLE001 - the next benchmark still runs

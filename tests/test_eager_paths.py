@@ -8,23 +8,13 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmfast
 from mmfast import testing
+from test_attention_hot_path import _SeenOps  # records the ops a dispatch mode sees
 
 CE = importlib.import_module("mmfast.ops.cross_entropy")
 CAT = importlib.import_module("mmfast.ops.concat_embed")
-
-
-class _SeenOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _concat_embed(backend):

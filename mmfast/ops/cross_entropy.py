@@ -243,22 +243,30 @@ def _ce_backward(ctx, grad_loss, _grad_of_grad, deferred_backward=None):
 _cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
-class _EagerCrossEntropy(torch.autograd.Function):
-    """The same forward and backward without the custom-op dispatch (see mmfast/ops/_eager_path.py)."""
+def _eager_function(name: str, forward_body, setup_context, backward):
+    """An autograd.Function running a custom op's body, setup and backward without the custom-op
+    dispatch (see mmfast/ops/_eager_path.py). Outputs after the first (gradients computed in the
+    forward) are not differentiable, as in the custom ops."""
 
-    @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad, backend):
-        inputs = (logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad, backend)
-        loss, grad = _ce_forward(*inputs)
-        ctx.mark_non_differentiable(grad)
-        _ce_setup_context(ctx, inputs, (loss, grad))
-        return loss, grad
+    def forward(ctx, *inputs):
+        out = forward_body(*inputs)
+        ctx.mark_non_differentiable(*out[1:])
+        setup_context(ctx, inputs, out)
+        return out
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_of_grad):
-        # a mode watching the backward (dispatch, functorch) sees the custom backward op, as without the fast path
-        body = _ce_deferred_backward if plain_eager(grad_loss) else None
-        return _ce_backward(ctx, grad_loss, grad_of_grad, deferred_backward=body)
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                   "backward": staticmethod(backward)})
+
+
+def _eager_body(body, grad_loss):
+    """The backward body to call directly, or None (use the custom backward op) when a mode is
+    watching the backward (dispatch, functorch): it then sees the op, as without the fast path."""
+    return body if plain_eager(grad_loss) else None
+
+
+_EagerCrossEntropy = _eager_function(
+    "_EagerCrossEntropy", _ce_forward, _ce_setup_context,
+    lambda ctx, grad_loss, gg: _ce_backward(ctx, grad_loss, gg, _eager_body(_ce_deferred_backward, grad_loss)))
 
 
 def _refuse_double_backward(ctx, *grads):
@@ -562,21 +570,9 @@ def _lce_backward(ctx, grad_loss, _g1, _g2, _g3, rows_backward=None):
 _linear_cross_entropy_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 
 
-class _EagerLinearCrossEntropy(torch.autograd.Function):
-    """The same forward and backward without the custom-op dispatch (see mmfast/ops/_eager_path.py)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, compute_grad, backend):
-        inputs = (hidden, weight, target, bias, ignore_index, label_smoothing, reduction, compute_grad, backend)
-        out = _lce_forward(*inputs)
-        ctx.mark_non_differentiable(*out[1:])
-        _lce_setup_context(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_loss, g1, g2, g3):
-        body = _lce_rows_backward if plain_eager(grad_loss) else None  # as in _EagerCrossEntropy.backward
-        return _lce_backward(ctx, grad_loss, g1, g2, g3, rows_backward=body)
+_EagerLinearCrossEntropy = _eager_function(
+    "_EagerLinearCrossEntropy", _lce_forward, _lce_setup_context,
+    lambda ctx, grad_loss, *g: _lce_backward(ctx, grad_loss, *g, _eager_body(_lce_rows_backward, grad_loss)))
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None, *,
@@ -774,20 +770,8 @@ def _contrastive_backward(ctx, grad_loss, _g1, _g2, _g3):
 _contrastive_op.register_autograd(_contrastive_backward, setup_context=_contrastive_setup_context)
 
 
-class _EagerContrastive(torch.autograd.Function):
-    """The same forward and backward without the custom-op dispatch (see mmfast/ops/_eager_path.py)."""
-
-    @staticmethod
-    def forward(ctx, image_features, text_features, logit_scale, label_smoothing, compute_grad, backend):
-        inputs = (image_features, text_features, logit_scale, label_smoothing, compute_grad, backend)
-        out = _contrastive_forward(*inputs)
-        ctx.mark_non_differentiable(*out[1:])
-        _contrastive_setup_context(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_loss, g1, g2, g3):
-        return _contrastive_backward(ctx, grad_loss, g1, g2, g3)
+_EagerContrastive = _eager_function("_EagerContrastive", _contrastive_forward, _contrastive_setup_context,
+                                    _contrastive_backward)
 
 
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor, *,
