@@ -222,6 +222,10 @@ def sanitize_target() -> None:
         "attention": lambda: mmfast.ops.attention(rnd(1, 2, 33, 64), rnd(1, 2, 65, 64), rnd(1, 2, 65, 64),
                                                   key_padding_mask=torch.arange(65, device=dev)[None] < 50,
                                                   causal=True, backend="cuda"),
+        "attention_varlen": lambda: mmfast.ops.attention_varlen(
+            rnd(20, 2, 64), rnd(20, 2, 64), rnd(20, 2, 64), torch.tensor([0, 7, 7, 20], dtype=torch.int32, device=dev),
+            torch.tensor([0, 7, 7, 20], dtype=torch.int32, device=dev), 13, 13, causal=True, dropout_p=0.1,
+            backend="cuda"),
         "cross_entropy": lambda: mmfast.ops.cross_entropy(rnd(7, 1000), torch.randint(0, 1000, (7,), device=dev),
                                                           label_smoothing=0.1, backend="cuda"),
         "concat_embed": lambda: mmfast.ops.concat_embed([rnd(2, 3, 64), rnd(2, 5, 64)], ln_weight=rnd(64, dt=torch.float32),

@@ -129,6 +129,9 @@ ATTN_SHAPES = [  # (label, B, H, Lq, Lk, D, key mask, causal)
     ("B4 H12 40x197 D64 mask", 4, 12, 40, 197, 64, True, False),
     ("B1 H4 577x577 D128 causal", 1, 4, 577, 577, 128, False, True),
     ("B2 H6 197x40 D80 mask+causal", 2, 6, 197, 40, 80, True, True),
+    ("B3 H2 1x7 D32 mask", 3, 2, 1, 7, 32, True, False),  # one query row
+    ("B2 H3 113x113 D96 causal", 2, 3, 113, 113, 96, False, True),
+    ("B2 H2 7x1 D64 mask", 2, 2, 7, 1, 64, True, False),  # one key
 ]
 ATTN_DRY = [("B1 H2 7x13 D16 mask", 1, 2, 7, 13, 16, True, False),
             ("B1 H1 9x9 D32 causal", 1, 1, 9, 9, 32, False, True),

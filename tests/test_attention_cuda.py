@@ -228,7 +228,7 @@ EDGES = [(1, 64), (64, 1), (31, 33), (63, 65), (65, 63), (96, 129), (129, 96), (
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("Lq,Lk", EDGES)
-@pytest.mark.parametrize("D", [32, 64, 96, 128])
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_tile_edges(Lq, Lk, D, causal):
     check("cuda", 2, 2, Lq, Lk, D, torch.bfloat16, True, causal, device="cuda")
