@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "attention_dropout.h"
@@ -66,16 +67,9 @@ using varlen::Seq;
 using varlen::tiles_of;
 static_assert(varlen::kTileRows == kTileRows, "attention_varlen_index.h tiles as attention_fa2.h does");
 
-// How the kernels below are launched: threads (kThreads, the convert kernel kConvertThreads), dynamic
-// shared memory per block, and the blocks per SM the forward and backward are built for.
-constexpr int kMinBlocksPerSm = 2;
-constexpr int kConvertThreads = 256;
-template <int DP>
-struct VarlenSmem {
-  static constexpr int kFwd = Layout<DP>::kFwdBytes;    // Q, two stages of (K, V) (+ 16 unused bytes)
-  static constexpr int kDelta = 2 * Layout<DP>::kTile * 2;  // one 64-row tile of O and one of dO
-  static constexpr int kBwd = Layout<DP>::kBwdBytes;
-};
+// The padded head dims the kernels are instantiated for: not D = 80 (attention.cu's fifth), which
+// these kernels were never built and tested for; D in (64, 96] pads to 96.
+using VarlenPaddedDims = HeadDims<32, 64, 96, 128>;
 
 // Element offset of packed row `row`, head h, in an input slice (any strides; load_tile adds the row
 // within the sequence).
@@ -341,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_varlen_bwd_ker
 
 // Backward, kernel 3: dq = dq_acc * scale in the input dtype (n = total_q * H * D elements, contiguous).
 template <typename T>
-__global__ void __launch_bounds__(kConvertThreads) attn_varlen_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
+__global__ void __launch_bounds__(kDqConvertThreads) attn_varlen_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     if constexpr (Mma<T>::kHalf)
@@ -372,7 +366,7 @@ Slice packed_slice(const Tensor& t) { return Slice{t.const_data_ptr(), 0, t.stri
 
 template <typename T, int DP>
 void run_varlen_forward(const VarlenParams& p, int64_t BH, cudaStream_t stream) {
-  launch(attn_varlen_fwd_kernel<T, DP>, p.num_tiles * BH, VarlenSmem<DP>::kFwd, p, stream);
+  launch(attn_varlen_fwd_kernel<T, DP>, Layout<DP>::kFwdLaunch, p.num_tiles * BH, p, stream);
 }
 
 template <typename T, int DP>
@@ -380,16 +374,12 @@ void run_varlen_backward(const VarlenParams& p, int64_t BH, int64_t max_q, int64
                          cudaStream_t stream) {
   VarlenParams pq = p;
   pq.num_tiles = tiles_of(max_q);
-  launch(attn_varlen_bwd_delta_kernel<T, DP>, pq.num_tiles * BH, VarlenSmem<DP>::kDelta, pq, stream);
+  launch(attn_varlen_bwd_delta_kernel<T, DP>, Layout<DP>::kDeltaLaunch, pq.num_tiles * BH, pq, stream);
   VarlenParams pk = p;
   pk.num_tiles = tiles_of(max_k);
-  launch(attn_varlen_bwd_kernel<T, DP>, pk.num_tiles * BH, VarlenSmem<DP>::kBwd, pk, stream);
-  const int64_t n = p.total_q * p.H * p.D;
-  if (n == 0) return;
-  const int64_t blocks = ceil_div(n, kConvertThreads) < 65536 ? ceil_div(n, kConvertThreads) : 65536;
-  attn_varlen_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), kConvertThreads, 0, stream>>>(
-      p.dq_acc, static_cast<T*>(dq.data_ptr()), n, p.scale);
-  check_cuda(cudaGetLastError(), "kernel launch");
+  launch(attn_varlen_bwd_kernel<T, DP>, Layout<DP>::kBwdLaunch, pk.num_tiles * BH, pk, stream);
+  launch_dq_convert(attn_varlen_dq_convert_kernel<T>, p.dq_acc, static_cast<T*>(dq.data_ptr()), p.total_q * p.H * p.D,
+                    p.scale, stream);
 }
 
 void check_packed(const Tensor& t, const char* name, const Tensor& q) {
@@ -483,7 +473,9 @@ std::tuple<Tensor, Tensor> attention_varlen_forward_cuda(Tensor q, Tensor k, Ten
   p.out = out.data_ptr();
   p.lse = static_cast<float*>(lse.data_ptr());
   p.num_tiles = tiles_of(max_seqlen_q);
-  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_varlen_forward, p, batch * H, current_stream(q));
+  dispatch_instantiation<VarlenPaddedDims>(q.scalar_type(), D, [&](auto elem, auto DP) {
+    run_varlen_forward<typename decltype(elem)::type, decltype(DP)::value>(p, batch * H, current_stream(q));
+  });
   return {out, lse};
 }
 
@@ -528,37 +520,28 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_cuda(
   p.out = dq.data_ptr();
   p.out2 = dk.data_ptr();
   p.out3 = dv.data_ptr();
-  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_varlen_backward, p, batch * H, max_seqlen_q, max_seqlen_k, dq,
-                       current_stream(q));
+  dispatch_instantiation<VarlenPaddedDims>(q.scalar_type(), D, [&](auto elem, auto DP) {
+    run_varlen_backward<typename decltype(elem)::type, decltype(DP)::value>(p, batch * H, max_seqlen_q, max_seqlen_k,
+                                                                            dq, current_stream(q));
+  });
   return {dq, dk, dv};
 }
 
 // The launch configuration of every instantiation, for `mmfast kernels-report` (its --check fails on
 // an undeclared CUDA kernel).
-template <typename T, int DP>
-void declare_varlen_launches() {
-  const auto name = [](const char* kernel) { return kernel_name(kernel, {arg_name<T>(), std::to_string(DP)}); };
-  declare_launch("attention_varlen", name("attn_varlen_fwd_kernel"),
-                 LaunchConfig{kThreads, VarlenSmem<DP>::kFwd, kMinBlocksPerSm});
-  declare_launch("attention_varlen", name("attn_varlen_bwd_delta_kernel"),
-                 LaunchConfig{kThreads, VarlenSmem<DP>::kDelta, 0});
-  declare_launch("attention_varlen", name("attn_varlen_bwd_kernel"),
-                 LaunchConfig{kThreads, VarlenSmem<DP>::kBwd, kMinBlocksPerSm});
-}
-
-template <typename T>
-void declare_varlen_launches_of() {
-  declare_varlen_launches<T, 32>();  // the head dims of MMFAST_ATTN_DISPATCH (attention_fa2.h)
-  declare_varlen_launches<T, 64>();
-  declare_varlen_launches<T, 96>();
-  declare_varlen_launches<T, 128>();
-  declare_launch("attention_varlen", kernel_name("attn_varlen_dq_convert_kernel", {arg_name<T>()}),
-                 LaunchConfig{kConvertThreads, 0, 0});
-}
-
 [[maybe_unused]] const bool kVarlenLaunchConfigsDeclared = [] {
-  declare_varlen_launches_of<__half>();
-  declare_varlen_launches_of<__nv_bfloat16>();
+  ElementTypes::for_each([](auto elem) {
+    using T = typename decltype(elem)::type;
+    VarlenPaddedDims::for_each([](auto dp) {
+      constexpr int DP = decltype(dp)::value;
+      const auto name = [](const char* kernel) { return kernel_name(kernel, {arg_name<T>(), std::to_string(DP)}); };
+      declare_launch("attention_varlen", name("attn_varlen_fwd_kernel"), Layout<DP>::kFwdLaunch);
+      declare_launch("attention_varlen", name("attn_varlen_bwd_delta_kernel"), Layout<DP>::kDeltaLaunch);
+      declare_launch("attention_varlen", name("attn_varlen_bwd_kernel"), Layout<DP>::kBwdLaunch);
+    });
+    declare_launch("attention_varlen", kernel_name("attn_varlen_dq_convert_kernel", {arg_name<T>()}),
+                   kDqConvertLaunch);
+  });
   return true;
 }();
 
