@@ -152,65 +152,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_fwd_kernel(con
     mma_abt<T, 8, DP / 16>(s, sQ + warp * 16 * kLd, sK, kLd);
 
     const uint64_t kbits = static_cast<uint64_t>(sBits[2 * stage]) | (static_cast<uint64_t>(sBits[2 * stage + 1]) << 32);
-    int64_t lim[2] = {p.causal ? diag0 - n0 : 64, p.causal ? diag0 + 8 - n0 : 64};
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t + (e & 1);
-        const bool ok = ((kbits >> col) & 1) && col <= lim[e >> 1];
-        s[nt][e] = ok ? s[nt][e] * p.qk_scale : -INFINITY;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-      }
-    }
-    float alpha[2], m_safe[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share the row
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m_run[r], mx[r]);
-      m_safe[r] = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: exp2(-inf - 0) = 0
-      alpha[r] = exp2f(m_run[r] - m_safe[r]);
-      m_run[r] = m_new;
-    }
-    float rowsum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - m_safe[e >> 1]);
-        rowsum[e >> 1] += s[nt][e];
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rowsum[r];  // quad-reduced at the end
-#pragma unroll
-    for (int i = 0; i < DP / 8; ++i) {
-      o[i][0] *= alpha[0];
-      o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1];
-      o[i][3] *= alpha[1];
-    }
-    if (p.dropout) {  // l keeps the undropped sum: dropout scales the normalised probabilities
-      // bits 2 (2 nt + r) + {0, 1}: columns 2t, 2t+1 of n-tile nt, row r kept. A rolled loop: one
-      // Philox call live at a time
-      uint32_t keep = 0;
-#pragma unroll 1
-      for (int idx = 0; idx < 16; ++idx) {
-        const int64_t j = n0 + (idx >> 1) * 8 + 2 * t;
-        keep |= dropout_keep_pair(seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(row0 + 8 * (idx & 1)),
-                                  static_cast<uint32_t>(j), p.drop_threshold)
-                << (2 * idx);
-      }
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {  // element e: row e >> 1, column 2t + (e & 1)
-          if (!((keep >> (2 * (2 * nt + (e >> 1)) + (e & 1))) & 1u)) s[nt][e] = 0.f;
-        }
-      }
-    }
+    const int64_t lim[2] = {p.causal ? diag0 - n0 : 64, p.causal ? diag0 + 8 - n0 : 64};
+    fwd_softmax_step<DP>(s, kbits, lim, p.qk_scale, t, m_run, l_run, o);
+    if (p.dropout) fwd_dropout(s, seed, bh, row0, n0, t, p.drop_threshold);
     uint32_t pa[4][4];
     acc_to_a<T, 8>(pa, s);
     mma_ab<T, DP, 4>(o, pa, sV, kLd);
@@ -221,15 +165,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_fwd_kernel(con
 
   // epilogue: normalise; this warp's own 16 rows of sQ stage the output
   float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l == 0.f ? 0.f : p.drop_scale / l;
-    const int64_t i = row0 + 8 * r;
-    if (t == 0 && i < p.Lq) p.lse[bh * p.Lq + i] = l == 0.f ? 0.f : m_run[r] + log2f(l);
-  }
+  fwd_finish(l_run, m_run, p.drop_scale, row0, p.Lq, t, p.lse + bh * p.Lq, inv);
   store_warp_rows<T, DP>(o, inv[0], inv[1], sQ + warp * 16 * kLd, static_cast<T*>(p.out) + bh * p.Lq * p.D,
                          m0 + warp * 16, p.Lq, p.D);
 #endif
@@ -244,7 +180,6 @@ template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Ly = Layout<DP>;
-  constexpr int kLd = Ly::kLd;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sO = reinterpret_cast<T*>(smem);
   T* sdO = sO + Ly::kTile;
@@ -258,15 +193,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Params p
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  mma_abt<T, 2, DP / 16, 1>(c, sO + warp * 16 * kLd, sdO + warp * 16 * kLd, kLd);
-  // (g, g) sits in n-tile 0 at column g = 2t + (g & 1); (g + 8, g + 8) in n-tile 1, same column
-  if (t == (g >> 1)) {
-    const int64_t i = m0 + warp * 16 + g;
-    const bool odd = g & 1;  // selects, not c[0][g & 1]: a run-time index would move c to local memory
-    if (i < p.Lq) p.delta[bh * p.Lq + i] = odd ? c[0][1] : c[0][0];
-    if (i + 8 < p.Lq) p.delta[bh * p.Lq + i + 8] = odd ? c[1][3] : c[1][2];
-  }
+  bwd_delta_tile<T, DP>(sO, sdO, p.delta + bh * p.Lq, m0, p.Lq, warp, g, t);
 #endif
 }
 
@@ -353,51 +280,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_bwd_kernel(con
 #pragma unroll
     for (int i = 0; i < kNT; ++i) pt[i][0] = pt[i][1] = pt[i][2] = pt[i][3] = 0.f;
     mma_abt<T, kNT, DP / 16, 1>(pt, sK + warp * 16 * kLd, sQ, kLd);
-    // visible iff col < q_end and col >= col_min[r] (32-bit tile-relative bounds: fewer registers)
-    const int q_end = static_cast<int>(p.Lq - m0 < kBM ? p.Lq - m0 : kBM);
-    int col_min[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // causal: i >= key - (Lk - Lq); a masked key: never
-      const int64_t first = p.causal ? key[r] - (p.Lk - p.Lq) - m0 : 0;
-      col_min[r] = !key_ok[r] ? kBM : first < 0 ? 0 : first > kBM ? kBM : static_cast<int>(first);
-    }
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t + (e & 1);
-        const bool ok = col < q_end && col >= col_min[e >> 1];
-        pt[nt][e] = ok ? exp2f(pt[nt][e] * p.qk_scale - sLse[col]) : 0.f;
-      }
-    }
-    // dropout: bit 4 nt + e set = element (nt, e) kept, computed before dP^T is live. A rolled loop:
-    // one Philox call in registers at a time
-    uint32_t keep = 0xffffffffu;
-    if (p.dropout) {
-      keep = 0;
-#pragma unroll 1
-      for (int idx = 0; idx < 4 * kNT; ++idx) {
-        const int col = (idx >> 2) * 8 + 2 * t + (idx & 1);
-        const int64_t j = (idx & 2) ? key[1] : key[0];
-        keep |= static_cast<uint32_t>(dropout_keep(seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(m0 + col),
-                                                   static_cast<uint32_t>(j), p.drop_threshold))
-                << idx;
-      }
-    }
+    bwd_probs<kBM>(pt, sLse, p.qk_scale, p.causal, key, key_ok, p.Lq, p.Lk, m0, t);
+    // dropout: the kept elements of P^T, computed before dP^T is live
+    const uint32_t keep = p.dropout ? bwd_keep_bits<kNT>(seed, bh, m0, key, t, p.drop_threshold) : 0xffffffffu;
     // dS^T = P^T o (dP^T o Z - delta), dP^T = V_w dO^T, Z = keep / (1 - p) (1 without dropout)
     float ds[kNT][4];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.f;
     mma_abt<T, kNT, DP / 16, 1>(ds, sV + warp * 16 * kLd, sdO, kLd);
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool kept = (keep >> (4 * nt + e)) & 1u;
-        ds[nt][e] = pt[nt][e] * ((kept ? ds[nt][e] * p.drop_scale : 0.f) - sDelta[nt * 8 + 2 * t + (e & 1)]);
-        if (!kept) pt[nt][e] = 0.f;  // from here on pt = P o keep (1 / (1 - p) goes into dV at the end)
-      }
-    }
+    bwd_ds<kNT>(ds, pt, keep, p.drop_scale, sDelta, t);  // from here on pt = P o keep
     // 16-bit operands from here on
     uint32_t pa[kKC][4], da[kKC][4];
     acc_to_a<T, kNT>(pa, pt);
@@ -406,14 +297,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_bwd_kernel(con
     mma_ab<T, DP, kKC>(dk, da, sQ, kLd);   // dK_w += dS^T Q
 
     // dS^T -> shared (this warp's 16 key rows), then dQ (kBM queries x DP) += dS K over the 64 keys
-    T* ds_rows = sdS + warp * 16 * kLdDS;
-#pragma unroll
-    for (int kk = 0; kk < kKC; ++kk) {  // da[kk][hh]: row g + 8 (hh & 1), columns 16 kk + 8 (hh >> 1) + 2t
-#pragma unroll
-      for (int hh = 0; hh < 4; ++hh)
-        *reinterpret_cast<uint32_t*>(ds_rows + (g + 8 * (hh & 1)) * kLdDS + kk * 16 + 8 * (hh >> 1) + 2 * t) =
-            da[kk][hh];
-    }
+    bwd_store_ds<T, kKC, kLdDS>(sdS + warp * 16 * kLdDS, da, g, t);
     __syncthreads();
     {
       // warp w: queries 16 (w % kKC) .. +15 of the tile, columns [w / kKC * kCols, + kCols) of dQ
@@ -464,13 +348,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_bwd_kernel(con
 // Backward, kernel 3: dq = dq_acc * scale in the input dtype (n = B * H * Lq * D elements, contiguous).
 template <typename T>
 __global__ void __launch_bounds__(kDqConvertThreads) attn_bwd_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if constexpr (Mma<T>::kHalf)
-      dq[i] = __float2half_rn(acc[i] * scale);
-    else
-      dq[i] = __float2bfloat16_rn(acc[i] * scale);
-  }
+  dq_convert(acc, dq, n, scale);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -506,13 +384,8 @@ void run_backward(const Params& p, int64_t BH, Tensor& dq, cudaStream_t stream) 
   Params pk = p;
   pk.num_tiles = ceil_div(p.Lk, kTileRows);
   launch(attn_bwd_kernel<T, DP>, Layout<DP>::kBwdLaunch, pk.num_tiles * BH, pk, stream);
-  const int64_t n = BH * p.Lq * p.D;
-  const int64_t per_block = kDqConvertLaunch.threads;
-  const int64_t blocks = ceil_div(n, per_block) < 65536 ? ceil_div(n, per_block) : 65536;
-  attn_bwd_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), kDqConvertLaunch.threads,
-                                  kDqConvertLaunch.dynamic_smem_bytes, stream>>>(
-      p.dq_acc, static_cast<T*>(dq.data_ptr()), n, p.scale);
-  check_cuda(cudaGetLastError(), "kernel launch");
+  launch_dq_convert(attn_bwd_dq_convert_kernel<T>, p.dq_acc, static_cast<T*>(dq.data_ptr()), BH * p.Lq * p.D, p.scale,
+                    stream);
 }
 
 void check_4d_cuda(const Tensor& t, const char* name, const Tensor& q) {

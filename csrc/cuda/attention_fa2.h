@@ -435,48 +435,6 @@ __device__ __forceinline__ void bwd_store_ds(T* ds_rows, const uint32_t (&da)[kK
   }
 }
 
-// Backward: dQ (kBM queries from m0 x DP) += dS K over the block's 64 keys (sdS: dS^T, sK: K), added
-// with fp32 atomics to acc, query i's row at acc + (row_base + i) * pitch; queries from Lq on are
-// skipped. Warp w: queries 16 (w % kKC) .. +15 of the tile, columns [w / kKC * kCols, + kCols)
-// (whole 16-column steps: at DP 80 the first warp of a query group takes 48, the second 32).
-// A = dS (queries x keys) = sdS^T (.trans), B = K [keys][D] (.trans).
-template <typename T, int DP>
-__device__ __forceinline__ void bwd_dq_tile(const T* sdS, const T* sK, float* acc, int64_t row_base, int64_t pitch,
-                                            int64_t m0, int64_t Lq, int64_t D, int warp, int lane) {
-  using Ly = Layout<DP>;
-  constexpr int kLd = Ly::kLd;
-  constexpr int kLdDS = Ly::kLdDS;
-  constexpr int kKC = Ly::kBM / 16;
-  constexpr int kCols = (DP / (kWarps / kKC) + 15) / 16 * 16;
-  const int g = lane >> 2, t = lane & 3;
-  const int mq = (warp % kKC) * 16, c0 = (warp / kKC) * kCols;
-  const uint32_t a_addr = smem_u32(sdS + at_row(lane) * kLdDS + mq + at_col(lane));
-  const uint32_t b_addr = smem_u32(sK + bt_row(lane) * kLd + c0 + bt_col(lane));
-  const int64_t qrow = m0 + mq + g;
-  float* acc_rows = acc + (row_base + qrow) * pitch + c0;
-  constexpr bool kEvenSplit = kCols * (kWarps / kKC) == DP;  // all but DP 80: no run-time bound
-#pragma unroll 1
-  for (int d0 = 0; d0 < kCols && (kEvenSplit || c0 + d0 < DP); d0 += 16) {  // 16 columns of dQ at a time: 8 registers
-    float dq[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-    for (int kk = 0; kk < kTileRows / 16; ++kk) {
-      uint32_t a[4], bb[4];
-      ldsm_x4_trans(a, a_addr + kk * 16 * kLdDS * 2);
-      ldsm_x4_trans(bb, b_addr + (kk * 16 * kLd + d0) * 2);
-      Mma<T>::run(dq[0], a, bb[0], bb[1]);
-      Mma<T>::run(dq[1], a, bb[2], bb[3]);
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int col = d0 + i * 8 + 2 * t;
-      if (c0 + col < D) {
-        if (qrow < Lq) atomic_add2(acc_rows + col, dq[i][0], dq[i][1]);
-        if (qrow + 8 < Lq) atomic_add2(acc_rows + 8 * pitch + col, dq[i][2], dq[i][3]);
-      }
-    }
-  }
-}
-
 // Backward, the last step: dq = acc * scale in the input dtype (n elements, contiguous), grid-stride.
 template <typename T>
 __device__ __forceinline__ void dq_convert(const float* acc, T* dq, int64_t n, float scale) {

@@ -283,14 +283,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_varlen_bwd_ker
     mma_ab<T, DP, kKC>(dv, pa, sdO, kLd);  // dV_w += (P o keep)^T dO
     mma_ab<T, DP, kKC>(dk, da, sQ, kLd);   // dK_w += dS^T Q
 
-    T* ds_rows = sdS + warp * 16 * kLdDS;
-#pragma unroll
-    for (int kk = 0; kk < kKC; ++kk) {
-#pragma unroll
-      for (int hh = 0; hh < 4; ++hh)
-        *reinterpret_cast<uint32_t*>(ds_rows + (g + 8 * (hh & 1)) * kLdDS + kk * 16 + 8 * (hh >> 1) + 2 * t) =
-            da[kk][hh];
-    }
+    bwd_store_ds<T, kKC, kLdDS>(sdS + warp * 16 * kLdDS, da, g, t);
     __syncthreads();
     {
       constexpr int kCols = DP / (kWarps / kKC);
@@ -336,13 +329,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_varlen_bwd_ker
 // Backward, kernel 3: dq = dq_acc * scale in the input dtype (n = total_q * H * D elements, contiguous).
 template <typename T>
 __global__ void __launch_bounds__(kDqConvertThreads) attn_varlen_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if constexpr (Mma<T>::kHalf)
-      dq[i] = __float2half_rn(acc[i] * scale);
-    else
-      dq[i] = __float2bfloat16_rn(acc[i] * scale);
-  }
+  dq_convert(acc, dq, n, scale);
 }
 
 // ------------------------------------------------------------------------------------------
