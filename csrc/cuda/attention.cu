@@ -421,15 +421,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     MMFAST_ATTN_CHECK(mask->is_cuda() && mask->get_device_index() == q.get_device_index(), "key_padding_mask",
                       "expected a tensor on q's CUDA device");
   }
-  MMFAST_ATTN_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", "expected a probability in [0, 1), got ",
-                    dropout_p);
-  if (dropout_p > 0.0) {
-    MMFAST_ATTN_CHECK(seed.has_value(), "seed", "required when dropout_p > 0");
-    MMFAST_ATTN_CHECK(seed->scalar_type() == ScalarType::Long && seed->numel() == 1, "seed",
-                      "expected an int64 tensor of one element");
-    MMFAST_ATTN_CHECK(seed->is_cuda() && seed->get_device_index() == q.get_device_index(), "seed",
-                      "expected a tensor on q's CUDA device");
-  }
+  check_dropout_args(seed, dropout_p, q);
 }
 
 Params base_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
@@ -441,17 +433,11 @@ Params base_params(const Tensor& q, const Tensor& k, const Tensor& v, const std:
   p.mask = mask.has_value() ? static_cast<const bool*>(mask->const_data_ptr()) : nullptr;
   p.smb = mask.has_value() ? mask->stride(0) : 0;
   p.smn = mask.has_value() ? mask->stride(1) : 0;
-  p.dropout = dropout_p > 0.0;
-  p.seed = p.dropout ? static_cast<const int64_t*>(seed->const_data_ptr()) : nullptr;
-  p.drop_threshold = p.dropout ? dropout_threshold(dropout_p) : 0u;
-  p.drop_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
   p.H = q.size(1);
   p.Lq = q.size(2);
   p.Lk = k.size(2);
   p.D = q.size(3);
-  p.scale = static_cast<float>(scale);
-  p.qk_scale = static_cast<float>(scale * 1.4426950408889634);
-  p.causal = causal;
+  set_common_params(p, seed, causal, scale, dropout_p);
   return p;
 }
 

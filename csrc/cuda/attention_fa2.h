@@ -23,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 #include "attention_dropout.h"
@@ -527,6 +528,32 @@ void launch_dq_convert(Kernel kernel, const float* acc, T* dq, int64_t n, float 
   kernel<<<static_cast<unsigned>(blocks), kDqConvertLaunch.threads, kDqConvertLaunch.dynamic_smem_bytes, stream>>>(
       acc, dq, n, scale);
   check_cuda(cudaGetLastError(), "kernel launch");
+}
+
+// dropout_p in [0, 1); with dropout, seed an int64 scalar tensor on q's device.
+void check_dropout_args(const std::optional<Tensor>& seed, double dropout_p, const Tensor& q) {
+  MMFAST_ATTN_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", "expected a probability in [0, 1), got ",
+                    dropout_p);
+  if (dropout_p > 0.0) {
+    MMFAST_ATTN_CHECK(seed.has_value(), "seed", "required when dropout_p > 0");
+    MMFAST_ATTN_CHECK(seed->scalar_type() == ScalarType::Long && seed->numel() == 1, "seed",
+                      "expected an int64 tensor of one element");
+    MMFAST_ATTN_CHECK(seed->is_cuda() && seed->get_device_index() == q.get_device_index(), "seed",
+                      "expected a tensor on q's CUDA device");
+  }
+}
+
+// The fields every kernel parameter struct P shares: dropout (seed, threshold, 1 / (1 - p)), the
+// score scale (and times log2(e): the kernels' softmax is in base 2) and causal.
+template <typename P>
+void set_common_params(P& p, const std::optional<Tensor>& seed, bool causal, double scale, double dropout_p) {
+  p.dropout = dropout_p > 0.0;
+  p.seed = p.dropout ? static_cast<const int64_t*>(seed->const_data_ptr()) : nullptr;
+  p.drop_threshold = p.dropout ? dropout_threshold(dropout_p) : 0u;
+  p.drop_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
+  p.scale = static_cast<float>(scale);
+  p.qk_scale = static_cast<float>(scale * 1.4426950408889634);
+  p.causal = causal;
 }
 
 // Calls f(Elem<T>{}, std::integral_constant<int, DP>{}) for the instantiation serving (dtype, D):

@@ -406,15 +406,7 @@ int64_t check_varlen_inputs(const Tensor& q, const Tensor& k, const Tensor& v, c
   const int64_t batch = cu_q.size(0) - 1;
   MMFAST_ATTN_CHECK(batch * q.size(1) <= 4294967295LL, "cu_seqlens_q",
                     "batch * H must fit the dropout counter (32 bits)");
-  MMFAST_ATTN_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", "expected a probability in [0, 1), got ",
-                    dropout_p);
-  if (dropout_p > 0.0) {
-    MMFAST_ATTN_CHECK(seed.has_value(), "seed", "required when dropout_p > 0");
-    MMFAST_ATTN_CHECK(seed->scalar_type() == ScalarType::Long && seed->numel() == 1, "seed",
-                      "expected an int64 tensor of one element");
-    MMFAST_ATTN_CHECK(seed->is_cuda() && seed->get_device_index() == q.get_device_index(), "seed",
-                      "expected a tensor on q's CUDA device");
-  }
+  check_dropout_args(seed, dropout_p, q);
   return batch;
 }
 
@@ -426,16 +418,10 @@ VarlenParams varlen_params(const Tensor& q, const Tensor& k, const Tensor& v, co
   p.v = packed_slice(v);
   p.cu_q = static_cast<const int32_t*>(cu_q.const_data_ptr());
   p.cu_k = static_cast<const int32_t*>(cu_k.const_data_ptr());
-  p.dropout = dropout_p > 0.0;
-  p.seed = p.dropout ? static_cast<const int64_t*>(seed->const_data_ptr()) : nullptr;
-  p.drop_threshold = p.dropout ? dropout_threshold(dropout_p) : 0u;
-  p.drop_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
   p.H = q.size(1);
   p.D = q.size(2);
   p.total_q = q.size(0);
-  p.scale = static_cast<float>(scale);
-  p.qk_scale = static_cast<float>(scale * 1.4426950408889634);
-  p.causal = causal;
+  set_common_params(p, seed, causal, scale, dropout_p);
   return p;
 }
 
