@@ -355,20 +355,6 @@ __global__ void __launch_bounds__(kDqConvertThreads) attn_bwd_dq_convert_kernel(
 // Host side (LibTorch stable ABI: torch/csrc/stable + the AOTI shim, nothing newer than torch 2.11;
 // check_cuda, current_stream, launch: attention_fa2.h)
 
-bool cp_async_ok(const Tensor& t) {
-  return t.stride(3) == 1 && t.stride(2) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
-         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-}
-
-// t itself when the kernels can stream its rows with cp.async, else a contiguous copy.
-Tensor streamable(const Tensor& t) {
-  if (cp_async_ok(t)) return t;
-  Tensor c = torch::stable::empty({t.size(0), t.size(1), t.size(2), t.size(3)}, t.scalar_type(), std::nullopt,
-                                  t.device());
-  torch::stable::copy_(c, t);
-  return c;
-}
-
 Slice make_slice(const Tensor& t) { return Slice{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 template <typename T, int DP>

@@ -14,6 +14,7 @@
 #define USE_CUDA
 #endif
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
@@ -25,6 +26,7 @@
 #include <cstdint>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "attention_dropout.h"
 #include "attention_fragments.h"
@@ -528,6 +530,24 @@ void launch_dq_convert(Kernel kernel, const float* acc, T* dq, int64_t n, float 
   kernel<<<static_cast<unsigned>(blocks), kDqConvertLaunch.threads, kDqConvertLaunch.dynamic_smem_bytes, stream>>>(
       acc, dq, n, scale);
   check_cuda(cudaGetLastError(), "kernel launch");
+}
+
+// Rows the kernels can stream with 16-byte cp.async (load_tile): unit stride along the last dim (D),
+// every other stride a multiple of 8 elements, a 16-byte aligned base.
+bool cp_async_ok(const Tensor& t) {
+  bool ok = t.stride(t.dim() - 1) == 1 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && t.stride(d) % 8 == 0;
+  return ok;
+}
+
+// t itself when the kernels can stream its rows with cp.async, else a contiguous copy.
+Tensor streamable(const Tensor& t) {
+  if (cp_async_ok(t)) return t;
+  std::vector<int64_t> sizes;
+  for (int64_t d = 0; d < t.dim(); ++d) sizes.push_back(t.size(d));
+  Tensor c = torch::stable::empty(sizes, t.scalar_type(), std::nullopt, t.device());
+  torch::stable::copy_(c, t);
+  return c;
 }
 
 // dropout_p in [0, 1); with dropout, seed an int64 scalar tensor on q's device.

@@ -335,20 +335,6 @@ __global__ void __launch_bounds__(kDqConvertThreads) attn_varlen_dq_convert_kern
 // ------------------------------------------------------------------------------------------
 // Host side
 
-// Rows cp.async can stream: unit stride along D, head and row strides multiples of 8 elements, a
-// 16-byte aligned base.
-bool rows_streamable(const Tensor& t) {
-  return t.stride(2) == 1 && t.stride(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
-         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-}
-
-Tensor streamable_rows(const Tensor& t) {
-  if (rows_streamable(t)) return t;
-  Tensor c = torch::stable::empty({t.size(0), t.size(1), t.size(2)}, t.scalar_type(), std::nullopt, t.device());
-  torch::stable::copy_(c, t);
-  return c;
-}
-
 Slice packed_slice(const Tensor& t) { return Slice{t.const_data_ptr(), 0, t.stride(1), t.stride(0)}; }
 
 template <typename T, int DP>
@@ -441,7 +427,7 @@ std::tuple<Tensor, Tensor> attention_varlen_forward_cuda(Tensor q, Tensor k, Ten
     torch::stable::zero_(lse);
     return {out, lse};
   }
-  const Tensor qs = streamable_rows(q), ks = streamable_rows(k), vs = streamable_rows(v);
+  const Tensor qs = streamable(q), ks = streamable(k), vs = streamable(v);
   VarlenParams p = varlen_params(qs, ks, vs, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p);
   p.out = out.data_ptr();
   p.lse = static_cast<float*>(lse.data_ptr());
@@ -478,8 +464,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_cuda(
     torch::stable::zero_(dv);
     return {dq, dk, dv};
   }
-  const Tensor qs = streamable_rows(q), ks = streamable_rows(k), vs = streamable_rows(v);
-  const Tensor os = streamable_rows(out), dos = streamable_rows(grad_out);
+  const Tensor qs = streamable(q), ks = streamable(k), vs = streamable(v);
+  const Tensor os = streamable(out), dos = streamable(grad_out);
   Tensor lse_c = torch::stable::contiguous(lse);
   Tensor delta = torch::stable::empty({H, total_q}, ScalarType::Float, std::nullopt, q.device());
   Tensor dq_acc = torch::stable::empty({total_q, H, D}, ScalarType::Float, std::nullopt, q.device());
