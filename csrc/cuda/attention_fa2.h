@@ -3,9 +3,12 @@
 // (B, H, L, D) batches) and csrc/cuda/attention_varlen.cu (packed sequences with cu_seqlens): tile
 // geometry, shared-memory layout and launch configurations, PTX wrappers (cp.async, ldmatrix,
 // mma.sync m16n8k16), the warp-level matmuls on register fragments, tile loads and stores, the steps
-// of the kernels' inner loops (masked online softmax, dropout, P^T, dS^T, the dQ tile, the delta
-// tile, the forward epilogue) and the host-side launch helpers. Each .cu file keeps its own
-// parameters, kernels (their indexing: batch-head slices or packed sequences) and host checks.
+// of the kernels' inner loops (masked online softmax, dropout, P^T, dS^T and its store for dQ, the
+// delta tile, the forward epilogue, the dQ conversion) and the host-side helpers (launch, dispatch
+// over head dims, streamable inputs, dropout arguments). Each .cu file keeps its own parameters,
+// kernels (their indexing: batch-head slices or packed sequences) and shape checks. The dQ tile
+// (dQ += dS K, fp32 atomics) stays written in each backward kernel: as a function here it cost
+// attention.cu's attn_bwd_kernel registers (D 32: 204 -> 213, D 64: 251 -> 255; ptxas, sm_90).
 //
 // Everything is in an anonymous namespace: each .cu file that includes it gets its own copy.
 
