@@ -23,21 +23,12 @@
 // Inputs whose rows cannot be copied with 16-byte cp.async (non-unit stride along D, strides that
 // are not multiples of 8 elements, a base not 16-byte aligned) are copied contiguous on the host.
 
-// The AOTI shim declares aoti_torch_get_current_cuda_stream only under USE_CUDA.
-#ifndef USE_CUDA
-#define USE_CUDA
-#endif
-#include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <optional>
@@ -46,218 +37,18 @@
 #include <type_traits>
 
 #include "attention_dropout.h"
-#include "attention_fragments.h"
+#include "attention_fa2.h"
 #include "launch_config.h"
 
 namespace mmfast {
 namespace {
 
-constexpr int kTileRows = 64;  // query rows of a forward block, keys of a backward block, rows of every tile
-constexpr int kWarps = 4;      // 16 rows of the block's tile each
-constexpr int kThreads = 32 * kWarps;
-constexpr int kMinBlocksPerSm = 2;     // forward and backward: the residency they are built for
-constexpr int kSmemPerSm = 233472;     // sm_90: 228 KB of shared memory per SM
-constexpr int kSmemReserved = 1024;    // reserved by the driver per block
-
-// The padded head dims DP the kernels are instantiated for (D is zero-padded up to the next one in
-// shared memory) and the element types.
-template <int... DPs>
-struct HeadDims {
-  static constexpr int padded(int64_t D) {
-    int dp = 0;
-    ((dp = (dp == 0 && D <= DPs) ? DPs : dp), ...);
-    return dp;
-  }
-  template <typename F>
-  static void for_each(F&& f) {
-    (f(std::integral_constant<int, DPs>{}), ...);
-  }
-};
+// The padded head dims the kernels are instantiated for (attention_fa2.h's Layout, load_tile and
+// dQ split serve D = 80 as well).
 using PaddedDims = HeadDims<32, 64, 80, 96, 128>;
-using ElementTypes = TypeList<__half, __nv_bfloat16>;
-
-template <int DP>
-struct Layout {
-  // 16-bit elements per shared row: +8 (16 bytes) makes the 8 row addresses of an ldmatrix land in 8
-  // distinct 16-byte bank groups (row pitch = 16 mod 128 bytes), so operand loads are conflict-free.
-  static constexpr int kLd = DP + 8;
-  static constexpr int kTile = kTileRows * kLd;  // elements of one 64-row tile
-  // forward: Q, two stages of (K, V), two stages of the 64-bit key mask
-  static constexpr int kFwdBytes = 5 * kTile * 2 + 2 * 8;
-  static_assert(kMinBlocksPerSm * (kFwdBytes + kSmemReserved) <= kSmemPerSm, "forward: 2 blocks per SM");
-
-  // backward: query tiles of kBM rows. 32 for D > 64: with 64, the 16 x 64 fp32 tiles S^T and dP^T
-  // beside the dK, dV accumulators (2 x DP / 2 registers) made ptxas spill at 255 registers.
-  static constexpr int kBM = DP > 64 ? 32 : 64;
-  static constexpr int kQTile = kBM * kLd;
-  static constexpr int kLdDS = kBM + 8;  // dS^T tile (64 keys x kBM queries), conflict-free like kLd
-  // K, V, two stages of (Q, dO), dS^T, two stages of (lse, delta)
-  static constexpr int kBwdBytes = 2 * kTile * 2 + 4 * kQTile * 2 + kTileRows * kLdDS * 2 + 2 * 2 * kBM * 4;
-  static_assert(kMinBlocksPerSm * (kBwdBytes + kSmemReserved) <= kSmemPerSm, "backward: 2 blocks per SM");
-  // backward, kernel 1 (delta): one 64-row tile of O and one of dO
-  static constexpr int kDeltaBytes = 2 * kTile * 2;
-
-  // How each kernel is launched (and what kernels-report reads: csrc/cuda/launch_config.h)
-  static constexpr LaunchConfig kFwdLaunch{kThreads, kFwdBytes, kMinBlocksPerSm};
-  static constexpr LaunchConfig kDeltaLaunch{kThreads, kDeltaBytes, 0};
-  static constexpr LaunchConfig kBwdLaunch{kThreads, kBwdBytes, kMinBlocksPerSm};
-};
-
-constexpr int kDqConvertThreads = 256;
-constexpr LaunchConfig kDqConvertLaunch{kDqConvertThreads, 0, 0};
 
 // ------------------------------------------------------------------------------------------
-// PTX wrappers. "memory" clobbers keep the compiler from moving ordinary shared-memory accesses
-// across them.
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronous; zero-filled when !valid (src is then not read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-// c (16x8 fp32) += a (16x16, row) * b (16x8, col); TY: the PTX type of a and b ("f16" or "bf16")
-#define MMFAST_MMA_M16N8K16(TY, c, a, b0, b1)                                                           \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY                                      \
-               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                  \
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                         \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-
-// The tensor-core step and the float -> 16-bit packing of the element type T (__half or __nv_bfloat16).
-template <typename T>
-struct Mma {
-  static constexpr bool kHalf = std::is_same_v<T, __half>;
-
-  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    if constexpr (kHalf)
-      MMFAST_MMA_M16N8K16("f16", c, a, b0, b1);
-    else
-      MMFAST_MMA_M16N8K16("bf16", c, a, b0, b1);
-  }
-  // two floats -> one register of two 16-bit values, lo in the low half (the lower column)
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    if constexpr (kHalf) {
-      const __half2 h = __floats2half2_rn(lo, hi);
-      return *reinterpret_cast<const uint32_t*>(&h);
-    } else {
-      const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-      return *reinterpret_cast<const uint32_t*>(&h);
-    }
-  }
-};
-
-// ------------------------------------------------------------------------------------------
-// Fragment addressing. An mma.sync m16n8k16 accumulator tile gives lane (g = lane / 4, t = lane % 4)
-// the elements (row g, cols 2t, 2t+1) in c[0..1] and (row g+8, same cols) in c[2..3]. The lane
-// addresses for ldmatrix (which 16-byte row each lane points at) are in attention_fragments.h.
-using namespace fragment;
-
-// A 16 x 8NT accumulator (NT n-tiles) rounded to 16 bits as the A fragments of NT / 2 k-chunks: tiles
-// 2kk and 2kk+1 hold (rows g, g+8) x (cols 2t, 2t+1) of chunk kk's columns 0-7 and 8-15, which is
-// exactly the A layout (a[0]: row g, k 2t; a[1]: row g+8; a[2]: row g, k 2t+8; a[3]: row g+8, k 2t+8).
-template <typename T, int NT>
-__device__ __forceinline__ void acc_to_a(uint32_t (&a)[NT / 2][4], const float (&c)[NT][4]) {
-#pragma unroll
-  for (int kk = 0; kk < NT / 2; ++kk) {
-    a[kk][0] = Mma<T>::pack(c[2 * kk][0], c[2 * kk][1]);
-    a[kk][1] = Mma<T>::pack(c[2 * kk][2], c[2 * kk][3]);
-    a[kk][2] = Mma<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-    a[kk][3] = Mma<T>::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
-  }
-}
-
-// C[16 x 8*NT] += A[16 x 16*KC] * B, A at a_addr (this warp's rows, row-major) and B at b_addr, a
-// shared [N][K] array (keys or queries by rows, D along K), both with row pitch ld (elements).
-// UNROLL: 1 in the backward, whose dK, dV accumulators need the registers ptxas spends on hoisting
-// operand loads of later chunks when the loop is unrolled (only addresses depend on kk; the
-// accumulation order is the same either way).
-template <typename T, int NT, int KC, int UNROLL = KC>
-__device__ __forceinline__ void mma_abt(float (&c)[NT][4], const T* a_tile, const T* b_tile, int ld) {
-  const int lane = threadIdx.x & 31;
-  const uint32_t a_addr = smem_u32(a_tile + a_row(lane) * ld + a_col(lane));
-  const uint32_t b_addr = smem_u32(b_tile + bn_row(lane) * ld + bn_col(lane));
-#pragma unroll UNROLL
-  for (int kk = 0; kk < KC; ++kk) {
-    uint32_t a[4];
-    ldsm_x4(a, a_addr + kk * 32);
-#pragma unroll
-    for (int np = 0; np < NT / 2; ++np) {
-      uint32_t b[4];
-      ldsm_x4(b, b_addr + (np * 16 * ld + kk * 16) * 2);
-      Mma<T>::run(c[2 * np], a, b[0], b[1]);
-      Mma<T>::run(c[2 * np + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-// C[16 x DP] += A[16 x 16KC] * B[16KC x DP]: A in registers (acc_to_a), B a shared [K][N] array
-// (rows of V, dO or Q, D along N) with row pitch ld.
-template <typename T, int DP, int KC>
-__device__ __forceinline__ void mma_ab(float (&c)[DP / 8][4], const uint32_t (&a)[KC][4], const T* b_tile, int ld) {
-  const int lane = threadIdx.x & 31;
-  const uint32_t b_addr = smem_u32(b_tile + bt_row(lane) * ld + bt_col(lane));
-#pragma unroll
-  for (int kk = 0; kk < KC; ++kk) {
-#pragma unroll
-    for (int dp = 0; dp < DP / 16; ++dp) {
-      uint32_t b[4];
-      ldsm_x4_trans(b, b_addr + (kk * 16 * ld + dp * 16) * 2);
-      Mma<T>::run(c[2 * dp], a[kk], b[0], b[1]);
-      Mma<T>::run(c[2 * dp + 1], a[kk], b[2], b[3]);
-    }
-  }
-}
-
-// dst[0] += a, dst[1] += b (dst 8-byte aligned): one vector atomic on sm_90.
-__device__ __forceinline__ void atomic_add2(float* dst, float a, float b) {
-#if __CUDA_ARCH__ >= 900
-  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(a, b));
-#else
-  atomicAdd(dst, a);
-  atomicAdd(dst + 1, b);
-#endif
-}
-
-// ------------------------------------------------------------------------------------------
-// Parameters and tile loads
-
-// A (batch, head) slice of a (B, H, L, D) tensor whose rows cp.async can copy: unit stride along D,
-// row/head/batch strides multiples of 8 elements, 16-byte aligned base (the host guarantees it).
-struct Slice {
-  const void* ptr;
-  int64_t sb, sh, sl;
-};
+// Parameters
 
 struct Params {
   Slice q, k, v, o, dout;
@@ -282,25 +73,6 @@ struct Params {
 
 __device__ __forceinline__ int64_t slice_off(const Slice& s, int64_t b, int64_t h) { return b * s.sb + h * s.sh; }
 
-// Rows [row0, row0 + ROWS) of a slice -> a ROWS x DP shared tile (pitch kLd), asynchronously; rows past L
-// and columns past D are zero-filled (so padded keys/queries contribute exact zeros to every product).
-template <typename T, int DP, int ROWS = kTileRows>
-__device__ __forceinline__ void load_tile(T* dst, const Slice& s, int64_t base, int64_t row0, int64_t L,
-                                          int64_t D) {
-  constexpr int kChunks = DP / 8;  // 16-byte chunks per row
-  constexpr int kLd = Layout<DP>::kLd;
-  constexpr int kTotal = ROWS * kChunks;  // not a multiple of kThreads at DP 80 with 32 rows
-  const T* src = static_cast<const T*>(s.ptr) + base;
-#pragma unroll
-  for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
-    const int idx = it * kThreads + threadIdx.x;
-    if (kTotal % kThreads != 0 && idx >= kTotal) break;
-    const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    const bool ok = row0 + r < L && c < D;
-    cp_async16(dst + r * kLd + c, ok ? src + (row0 + r) * s.sl + c : src, ok);
-  }
-}
-
 // Valid keys n0 .. n0+63 of batch b (inside Lk and attended) as a 64-bit mask in shared memory,
 // written by warps 0 and 1 (one ballot each).
 __device__ __forceinline__ void load_key_bits(uint32_t* dst, const Params& p, int64_t b, int64_t n0) {
@@ -310,30 +82,6 @@ __device__ __forceinline__ void load_key_bits(uint32_t* dst, const Params& p, in
     const bool ok = j < p.Lk && (p.mask == nullptr || p.mask[b * p.smb + j * p.smn]);
     const uint32_t bits = __ballot_sync(0xffffffffu, ok);
     if (lane == 0) dst[warp] = bits;
-  }
-}
-
-// Stores a warp's 16 x DP accumulator (rows g: times mul_lo, rows g + 8: times mul_hi) as rows
-// [row0, row0 + 16) of dst (row pitch D, rows past L skipped): staged in 16 rows of shared memory that
-// only this warp uses (pitch kLd), then copied out in 16-byte chunks.
-template <typename T, int DP>
-__device__ __forceinline__ void store_warp_rows(const float (&acc)[DP / 8][4], float mul_lo, float mul_hi,
-                                                T* stage, T* dst, int64_t row0, int64_t L, int64_t D) {
-  constexpr int kLd = Layout<DP>::kLd;
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int i = 0; i < DP / 8; ++i) {
-    *reinterpret_cast<uint32_t*>(stage + g * kLd + i * 8 + 2 * t) = Mma<T>::pack(acc[i][0] * mul_lo, acc[i][1] * mul_lo);
-    *reinterpret_cast<uint32_t*>(stage + (g + 8) * kLd + i * 8 + 2 * t) =
-        Mma<T>::pack(acc[i][2] * mul_hi, acc[i][3] * mul_hi);
-  }
-  __syncwarp();
-  constexpr int kChunks = DP / 8;
-#pragma unroll
-  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
-    const int r = idx / kChunks, c = (idx % kChunks) * 8;
-    if (row0 + r < L && c < D)
-      *reinterpret_cast<uint4*>(dst + (row0 + r) * D + c) = *reinterpret_cast<const uint4*>(stage + r * kLd + c);
   }
 }
 
@@ -404,65 +152,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_fwd_kernel(con
     mma_abt<T, 8, DP / 16>(s, sQ + warp * 16 * kLd, sK, kLd);
 
     const uint64_t kbits = static_cast<uint64_t>(sBits[2 * stage]) | (static_cast<uint64_t>(sBits[2 * stage + 1]) << 32);
-    int64_t lim[2] = {p.causal ? diag0 - n0 : 64, p.causal ? diag0 + 8 - n0 : 64};
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t + (e & 1);
-        const bool ok = ((kbits >> col) & 1) && col <= lim[e >> 1];
-        s[nt][e] = ok ? s[nt][e] * p.qk_scale : -INFINITY;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-      }
-    }
-    float alpha[2], m_safe[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share the row
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m_run[r], mx[r]);
-      m_safe[r] = m_new == -INFINITY ? 0.f : m_new;  // no visible key yet: exp2(-inf - 0) = 0
-      alpha[r] = exp2f(m_run[r] - m_safe[r]);
-      m_run[r] = m_new;
-    }
-    float rowsum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - m_safe[e >> 1]);
-        rowsum[e >> 1] += s[nt][e];
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rowsum[r];  // quad-reduced at the end
-#pragma unroll
-    for (int i = 0; i < DP / 8; ++i) {
-      o[i][0] *= alpha[0];
-      o[i][1] *= alpha[0];
-      o[i][2] *= alpha[1];
-      o[i][3] *= alpha[1];
-    }
-    if (p.dropout) {  // l keeps the undropped sum: dropout scales the normalised probabilities
-      // bits 2 (2 nt + r) + {0, 1}: columns 2t, 2t+1 of n-tile nt, row r kept. A rolled loop: one
-      // Philox call live at a time
-      uint32_t keep = 0;
-#pragma unroll 1
-      for (int idx = 0; idx < 16; ++idx) {
-        const int64_t j = n0 + (idx >> 1) * 8 + 2 * t;
-        keep |= dropout_keep_pair(seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(row0 + 8 * (idx & 1)),
-                                  static_cast<uint32_t>(j), p.drop_threshold)
-                << (2 * idx);
-      }
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {  // element e: row e >> 1, column 2t + (e & 1)
-          if (!((keep >> (2 * (2 * nt + (e >> 1)) + (e & 1))) & 1u)) s[nt][e] = 0.f;
-        }
-      }
-    }
+    const int64_t lim[2] = {p.causal ? diag0 - n0 : 64, p.causal ? diag0 + 8 - n0 : 64};
+    fwd_softmax_step<DP>(s, kbits, lim, p.qk_scale, t, m_run, l_run, o);
+    if (p.dropout) fwd_dropout(s, seed, bh, row0, n0, t, p.drop_threshold);
     uint32_t pa[4][4];
     acc_to_a<T, 8>(pa, s);
     mma_ab<T, DP, 4>(o, pa, sV, kLd);
@@ -473,15 +165,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_fwd_kernel(con
 
   // epilogue: normalise; this warp's own 16 rows of sQ stage the output
   float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l == 0.f ? 0.f : p.drop_scale / l;
-    const int64_t i = row0 + 8 * r;
-    if (t == 0 && i < p.Lq) p.lse[bh * p.Lq + i] = l == 0.f ? 0.f : m_run[r] + log2f(l);
-  }
+  fwd_finish(l_run, m_run, p.drop_scale, row0, p.Lq, t, p.lse + bh * p.Lq, inv);
   store_warp_rows<T, DP>(o, inv[0], inv[1], sQ + warp * 16 * kLd, static_cast<T*>(p.out) + bh * p.Lq * p.D,
                          m0 + warp * 16, p.Lq, p.D);
 #endif
@@ -496,7 +180,6 @@ template <typename T, int DP>
 __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using Ly = Layout<DP>;
-  constexpr int kLd = Ly::kLd;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sO = reinterpret_cast<T*>(smem);
   T* sdO = sO + Ly::kTile;
@@ -510,15 +193,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Params p
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  mma_abt<T, 2, DP / 16, 1>(c, sO + warp * 16 * kLd, sdO + warp * 16 * kLd, kLd);
-  // (g, g) sits in n-tile 0 at column g = 2t + (g & 1); (g + 8, g + 8) in n-tile 1, same column
-  if (t == (g >> 1)) {
-    const int64_t i = m0 + warp * 16 + g;
-    const bool odd = g & 1;  // selects, not c[0][g & 1]: a run-time index would move c to local memory
-    if (i < p.Lq) p.delta[bh * p.Lq + i] = odd ? c[0][1] : c[0][0];
-    if (i + 8 < p.Lq) p.delta[bh * p.Lq + i + 8] = odd ? c[1][3] : c[1][2];
-  }
+  bwd_delta_tile<T, DP>(sO, sdO, p.delta + bh * p.Lq, m0, p.Lq, warp, g, t);
 #endif
 }
 
@@ -605,51 +280,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_bwd_kernel(con
 #pragma unroll
     for (int i = 0; i < kNT; ++i) pt[i][0] = pt[i][1] = pt[i][2] = pt[i][3] = 0.f;
     mma_abt<T, kNT, DP / 16, 1>(pt, sK + warp * 16 * kLd, sQ, kLd);
-    // visible iff col < q_end and col >= col_min[r] (32-bit tile-relative bounds: fewer registers)
-    const int q_end = static_cast<int>(p.Lq - m0 < kBM ? p.Lq - m0 : kBM);
-    int col_min[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // causal: i >= key - (Lk - Lq); a masked key: never
-      const int64_t first = p.causal ? key[r] - (p.Lk - p.Lq) - m0 : 0;
-      col_min[r] = !key_ok[r] ? kBM : first < 0 ? 0 : first > kBM ? kBM : static_cast<int>(first);
-    }
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t + (e & 1);
-        const bool ok = col < q_end && col >= col_min[e >> 1];
-        pt[nt][e] = ok ? exp2f(pt[nt][e] * p.qk_scale - sLse[col]) : 0.f;
-      }
-    }
-    // dropout: bit 4 nt + e set = element (nt, e) kept, computed before dP^T is live. A rolled loop:
-    // one Philox call in registers at a time
-    uint32_t keep = 0xffffffffu;
-    if (p.dropout) {
-      keep = 0;
-#pragma unroll 1
-      for (int idx = 0; idx < 4 * kNT; ++idx) {
-        const int col = (idx >> 2) * 8 + 2 * t + (idx & 1);
-        const int64_t j = (idx & 2) ? key[1] : key[0];
-        keep |= static_cast<uint32_t>(dropout_keep(seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(m0 + col),
-                                                   static_cast<uint32_t>(j), p.drop_threshold))
-                << idx;
-      }
-    }
+    bwd_probs<kBM>(pt, sLse, p.qk_scale, p.causal, key, key_ok, p.Lq, p.Lk, m0, t);
+    // dropout: the kept elements of P^T, computed before dP^T is live
+    const uint32_t keep = p.dropout ? bwd_keep_bits<kNT>(seed, bh, m0, key, t, p.drop_threshold) : 0xffffffffu;
     // dS^T = P^T o (dP^T o Z - delta), dP^T = V_w dO^T, Z = keep / (1 - p) (1 without dropout)
     float ds[kNT][4];
 #pragma unroll
     for (int i = 0; i < kNT; ++i) ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.f;
     mma_abt<T, kNT, DP / 16, 1>(ds, sV + warp * 16 * kLd, sdO, kLd);
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool kept = (keep >> (4 * nt + e)) & 1u;
-        ds[nt][e] = pt[nt][e] * ((kept ? ds[nt][e] * p.drop_scale : 0.f) - sDelta[nt * 8 + 2 * t + (e & 1)]);
-        if (!kept) pt[nt][e] = 0.f;  // from here on pt = P o keep (1 / (1 - p) goes into dV at the end)
-      }
-    }
+    bwd_ds<kNT>(ds, pt, keep, p.drop_scale, sDelta, t);  // from here on pt = P o keep
     // 16-bit operands from here on
     uint32_t pa[kKC][4], da[kKC][4];
     acc_to_a<T, kNT>(pa, pt);
@@ -658,14 +297,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_bwd_kernel(con
     mma_ab<T, DP, kKC>(dk, da, sQ, kLd);   // dK_w += dS^T Q
 
     // dS^T -> shared (this warp's 16 key rows), then dQ (kBM queries x DP) += dS K over the 64 keys
-    T* ds_rows = sdS + warp * 16 * kLdDS;
-#pragma unroll
-    for (int kk = 0; kk < kKC; ++kk) {  // da[kk][hh]: row g + 8 (hh & 1), columns 16 kk + 8 (hh >> 1) + 2t
-#pragma unroll
-      for (int hh = 0; hh < 4; ++hh)
-        *reinterpret_cast<uint32_t*>(ds_rows + (g + 8 * (hh & 1)) * kLdDS + kk * 16 + 8 * (hh >> 1) + 2 * t) =
-            da[kk][hh];
-    }
+    bwd_store_ds<T, kKC, kLdDS>(sdS + warp * 16 * kLdDS, da, g, t);
     __syncthreads();
     {
       // warp w: queries 16 (w % kKC) .. +15 of the tile, columns [w / kKC * kCols, + kCols) of dQ
@@ -716,66 +348,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_bwd_kernel(con
 // Backward, kernel 3: dq = dq_acc * scale in the input dtype (n = B * H * Lq * D elements, contiguous).
 template <typename T>
 __global__ void __launch_bounds__(kDqConvertThreads) attn_bwd_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if constexpr (Mma<T>::kHalf)
-      dq[i] = __float2half_rn(acc[i] * scale);
-    else
-      dq[i] = __float2bfloat16_rn(acc[i] * scale);
-  }
+  dq_convert(acc, dq, n, scale);
 }
 
 // ------------------------------------------------------------------------------------------
-// Host side (LibTorch stable ABI: torch/csrc/stable + the AOTI shim, nothing newer than torch 2.11)
-
-using torch::stable::Tensor;
-using ScalarType = torch::headeronly::ScalarType;
-
-#define MMFAST_ATTN_CHECK(cond, name, ...) STD_TORCH_CHECK(cond, "mmfast: argument '", name, "': ", __VA_ARGS__)
-
-void check_cuda(cudaError_t err, const char* what) {
-  STD_TORCH_CHECK(err == cudaSuccess, "mmfast: CUDA attention: ", what, ": ", cudaGetErrorString(err));
-}
-
-cudaStream_t current_stream(const Tensor& t) {
-  void* stream = nullptr;
-  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream) == AOTI_TORCH_SUCCESS,
-                  "mmfast: CUDA attention: cannot get the current CUDA stream");
-  return static_cast<cudaStream_t>(stream);
-}
-
-bool cp_async_ok(const Tensor& t) {
-  return t.stride(3) == 1 && t.stride(2) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
-         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-}
-
-// t itself when the kernels can stream its rows with cp.async, else a contiguous copy.
-Tensor streamable(const Tensor& t) {
-  if (cp_async_ok(t)) return t;
-  Tensor c = torch::stable::empty({t.size(0), t.size(1), t.size(2), t.size(3)}, t.scalar_type(), std::nullopt,
-                                  t.device());
-  torch::stable::copy_(c, t);
-  return c;
-}
+// Host side (LibTorch stable ABI: torch/csrc/stable + the AOTI shim, nothing newer than torch 2.11;
+// check_cuda, current_stream, launch: attention_fa2.h)
 
 Slice make_slice(const Tensor& t) { return Slice{t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename Kernel>
-void launch(Kernel kernel, const LaunchConfig& cfg, int64_t blocks, const Params& p, cudaStream_t stream) {
-  const int smem_bytes = cfg.dynamic_smem_bytes;
-  if (blocks == 0) return;
-  MMFAST_ATTN_CHECK(blocks <= 2147483647LL, "q", "too many (batch, head, tile) blocks: ", blocks);
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
-             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-  // the largest shared-memory carveout, so that two blocks of the backward fit on an SM
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                  static_cast<int>(cudaSharedmemCarveoutMaxShared)),
-             "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
-  kernel<<<static_cast<unsigned>(blocks), cfg.threads, smem_bytes, stream>>>(p);
-  check_cuda(cudaGetLastError(), "kernel launch");
-}
 
 template <typename T, int DP>
 void run_forward(const Params& p, int64_t BH, cudaStream_t stream) {
@@ -790,26 +370,8 @@ void run_backward(const Params& p, int64_t BH, Tensor& dq, cudaStream_t stream) 
   Params pk = p;
   pk.num_tiles = ceil_div(p.Lk, kTileRows);
   launch(attn_bwd_kernel<T, DP>, Layout<DP>::kBwdLaunch, pk.num_tiles * BH, pk, stream);
-  const int64_t n = BH * p.Lq * p.D;
-  const int64_t per_block = kDqConvertLaunch.threads;
-  const int64_t blocks = ceil_div(n, per_block) < 65536 ? ceil_div(n, per_block) : 65536;
-  attn_bwd_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), kDqConvertLaunch.threads,
-                                  kDqConvertLaunch.dynamic_smem_bytes, stream>>>(
-      p.dq_acc, static_cast<T*>(dq.data_ptr()), n, p.scale);
-  check_cuda(cudaGetLastError(), "kernel launch");
-}
-
-// Calls f(Elem<T>{}, std::integral_constant<int, DP>{}) for the instantiation serving (dtype, D):
-// 2 element types x 5 padded head dims of each kernel, the instantiations declared below.
-template <typename F>
-void dispatch_instantiation(ScalarType dtype, int64_t D, F&& f) {
-  const int dp = PaddedDims::padded(D);
-  ElementTypes::for_each([&](auto elem) {
-    if ((dtype == ScalarType::Half) != std::is_same_v<typename decltype(elem)::type, __half>) return;
-    PaddedDims::for_each([&](auto DP) {
-      if (decltype(DP)::value == dp) f(elem, DP);
-    });
-  });
+  launch_dq_convert(attn_bwd_dq_convert_kernel<T>, p.dq_acc, static_cast<T*>(dq.data_ptr()), BH * p.Lq * p.D, p.scale,
+                    stream);
 }
 
 void check_4d_cuda(const Tensor& t, const char* name, const Tensor& q) {
@@ -845,15 +407,7 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::
     MMFAST_ATTN_CHECK(mask->is_cuda() && mask->get_device_index() == q.get_device_index(), "key_padding_mask",
                       "expected a tensor on q's CUDA device");
   }
-  MMFAST_ATTN_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", "expected a probability in [0, 1), got ",
-                    dropout_p);
-  if (dropout_p > 0.0) {
-    MMFAST_ATTN_CHECK(seed.has_value(), "seed", "required when dropout_p > 0");
-    MMFAST_ATTN_CHECK(seed->scalar_type() == ScalarType::Long && seed->numel() == 1, "seed",
-                      "expected an int64 tensor of one element");
-    MMFAST_ATTN_CHECK(seed->is_cuda() && seed->get_device_index() == q.get_device_index(), "seed",
-                      "expected a tensor on q's CUDA device");
-  }
+  check_dropout_args(seed, dropout_p, q);
 }
 
 Params base_params(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
@@ -865,17 +419,11 @@ Params base_params(const Tensor& q, const Tensor& k, const Tensor& v, const std:
   p.mask = mask.has_value() ? static_cast<const bool*>(mask->const_data_ptr()) : nullptr;
   p.smb = mask.has_value() ? mask->stride(0) : 0;
   p.smn = mask.has_value() ? mask->stride(1) : 0;
-  p.dropout = dropout_p > 0.0;
-  p.seed = p.dropout ? static_cast<const int64_t*>(seed->const_data_ptr()) : nullptr;
-  p.drop_threshold = p.dropout ? dropout_threshold(dropout_p) : 0u;
-  p.drop_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
   p.H = q.size(1);
   p.Lq = q.size(2);
   p.Lk = k.size(2);
   p.D = q.size(3);
-  p.scale = static_cast<float>(scale);
-  p.qk_scale = static_cast<float>(scale * 1.4426950408889634);
-  p.causal = causal;
+  set_common_params(p, seed, causal, scale, dropout_p);
   return p;
 }
 
@@ -898,7 +446,7 @@ std::tuple<Tensor, Tensor> attention_forward_cuda(Tensor q, Tensor k, Tensor v, 
   p.out = out.data_ptr();
   p.lse = static_cast<float*>(lse.data_ptr());
   p.num_tiles = ceil_div(Lq, kTileRows);
-  dispatch_instantiation(q.scalar_type(), D, [&](auto elem, auto DP) {
+  dispatch_instantiation<PaddedDims>(q.scalar_type(), D, [&](auto elem, auto DP) {
     run_forward<typename decltype(elem)::type, decltype(DP)::value>(p, B * H, current_stream(q));
   });
   return {out, lse};
@@ -948,7 +496,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(Tensor grad_out, Tens
   p.out = dq.data_ptr();
   p.out2 = dk.data_ptr();
   p.out3 = dv.data_ptr();
-  dispatch_instantiation(q.scalar_type(), D, [&](auto elem, auto DP) {
+  dispatch_instantiation<PaddedDims>(q.scalar_type(), D, [&](auto elem, auto DP) {
     run_backward<typename decltype(elem)::type, decltype(DP)::value>(p, B * H, dq, current_stream(q));
   });
   return {dq, dk, dv};

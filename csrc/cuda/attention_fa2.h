@@ -1,16 +1,15 @@
 #pragma once
-// The FlashAttention-2 machinery of the CUDA attention kernels, for csrc/cuda/attention_varlen.cu
-// (packed sequences with cu_seqlens): tile geometry and shared-memory layout, PTX wrappers (cp.async,
-// ldmatrix, mma.sync m16n8k16), the warp-level matmuls on register fragments, tile loads and stores,
-// the steps of the kernels' inner loops (masked online softmax, dropout, P^T, dS^T, the delta tile,
-// the forward epilogue) and the host-side launch helpers.
+// The FlashAttention-2 machinery shared by the CUDA attention faces, csrc/cuda/attention.cu (padded
+// (B, H, L, D) batches) and csrc/cuda/attention_varlen.cu (packed sequences with cu_seqlens): tile
+// geometry, shared-memory layout and launch configurations, PTX wrappers (cp.async, ldmatrix,
+// mma.sync m16n8k16), the warp-level matmuls on register fragments, tile loads and stores, the steps
+// of the kernels' inner loops (masked online softmax, dropout, P^T, dS^T and its store for dQ, the
+// delta tile, the forward epilogue, the dQ conversion) and the host-side helpers (launch, dispatch
+// over head dims, streamable inputs, dropout arguments). Each .cu file keeps its own parameters,
+// kernels (their indexing: batch-head slices or packed sequences) and shape checks. The dQ tile
+// (dQ += dS K, fp32 atomics) stays written in each backward kernel: as a function here it cost
+// attention.cu's attn_bwd_kernel registers (D 32: 204 -> 213, D 64: 251 -> 255; ptxas, sm_90).
 //
-// These are csrc/cuda/attention.cu's own pieces, taken from it as they were (store_warp_rows gained
-// an overload with a row pitch, launch a Params type parameter, the loop steps became functions).
-// attention.cu itself still holds its copy: making it include this header instead was done and
-// checked (same registers, 0 spills, forward SASS unchanged; commits a23dbc9, 1397bf9, c74c98e of
-// branch varlen2), then taken back out of this branch because attention.cu changed on main meanwhile
-// (launch configurations, D = 80); redo it on main's attention.cu (its owner's file).
 // Everything is in an anonymous namespace: each .cu file that includes it gets its own copy.
 
 // The AOTI shim declares aoti_torch_get_current_cuda_stream only under USE_CUDA.
@@ -18,6 +17,7 @@
 #define USE_CUDA
 #endif
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
@@ -27,10 +27,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "attention_dropout.h"
 #include "attention_fragments.h"
+#include "launch_config.h"
 
 namespace mmfast {
 namespace {
@@ -38,8 +41,25 @@ namespace {
 constexpr int kTileRows = 64;  // query rows of a forward block, keys of a backward block, rows of every tile
 constexpr int kWarps = 4;      // 16 rows of the block's tile each
 constexpr int kThreads = 32 * kWarps;
+constexpr int kMinBlocksPerSm = 2;     // forward and backward: the residency they are built for
 constexpr int kSmemPerSm = 233472;     // sm_90: 228 KB of shared memory per SM
 constexpr int kSmemReserved = 1024;    // reserved by the driver per block
+
+// A list of padded head dims DP a .cu file instantiates its kernels for (D is zero-padded up to the
+// next one in shared memory), and the element types of every kernel.
+template <int... DPs>
+struct HeadDims {
+  static constexpr int padded(int64_t D) {
+    int dp = 0;
+    ((dp = (dp == 0 && D <= DPs) ? DPs : dp), ...);
+    return dp;
+  }
+  template <typename F>
+  static void for_each(F&& f) {
+    (f(std::integral_constant<int, DPs>{}), ...);
+  }
+};
+using ElementTypes = TypeList<__half, __nv_bfloat16>;
 
 template <int DP>
 struct Layout {
@@ -49,7 +69,7 @@ struct Layout {
   static constexpr int kTile = kTileRows * kLd;  // elements of one 64-row tile
   // forward: Q, two stages of (K, V), two stages of the 64-bit key mask
   static constexpr int kFwdBytes = 5 * kTile * 2 + 2 * 8;
-  static_assert(2 * (kFwdBytes + kSmemReserved) <= kSmemPerSm, "forward: 2 blocks per SM");
+  static_assert(kMinBlocksPerSm * (kFwdBytes + kSmemReserved) <= kSmemPerSm, "forward: 2 blocks per SM");
 
   // backward: query tiles of kBM rows. 32 for D > 64: with 64, the 16 x 64 fp32 tiles S^T and dP^T
   // beside the dK, dV accumulators (2 x DP / 2 registers) made ptxas spill at 255 registers.
@@ -58,8 +78,18 @@ struct Layout {
   static constexpr int kLdDS = kBM + 8;  // dS^T tile (64 keys x kBM queries), conflict-free like kLd
   // K, V, two stages of (Q, dO), dS^T, two stages of (lse, delta)
   static constexpr int kBwdBytes = 2 * kTile * 2 + 4 * kQTile * 2 + kTileRows * kLdDS * 2 + 2 * 2 * kBM * 4;
-  static_assert(2 * (kBwdBytes + kSmemReserved) <= kSmemPerSm, "backward: 2 blocks per SM");
+  static_assert(kMinBlocksPerSm * (kBwdBytes + kSmemReserved) <= kSmemPerSm, "backward: 2 blocks per SM");
+  // backward, kernel 1 (delta): one 64-row tile of O and one of dO
+  static constexpr int kDeltaBytes = 2 * kTile * 2;
+
+  // How each kernel is launched (and what kernels-report reads: csrc/cuda/launch_config.h)
+  static constexpr LaunchConfig kFwdLaunch{kThreads, kFwdBytes, kMinBlocksPerSm};
+  static constexpr LaunchConfig kDeltaLaunch{kThreads, kDeltaBytes, 0};
+  static constexpr LaunchConfig kBwdLaunch{kThreads, kBwdBytes, kMinBlocksPerSm};
 };
+
+constexpr int kDqConvertThreads = 256;
+constexpr LaunchConfig kDqConvertLaunch{kDqConvertThreads, 0, 0};
 
 // ------------------------------------------------------------------------------------------
 // PTX wrappers. "memory" clobbers keep the compiler from moving ordinary shared-memory accesses
@@ -221,11 +251,12 @@ __device__ __forceinline__ void load_tile(T* dst, const Slice& s, int64_t base, 
                                           int64_t D) {
   constexpr int kChunks = DP / 8;  // 16-byte chunks per row
   constexpr int kLd = Layout<DP>::kLd;
-  static_assert(ROWS * kChunks % kThreads == 0, "whole chunks per thread");
+  constexpr int kTotal = ROWS * kChunks;  // not a multiple of kThreads at DP 80 with 32 rows
   const T* src = static_cast<const T*>(s.ptr) + base;
 #pragma unroll
-  for (int it = 0; it < ROWS * kChunks / kThreads; ++it) {
+  for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
     const int idx = it * kThreads + threadIdx.x;
+    if (kTotal % kThreads != 0 && idx >= kTotal) break;
     const int r = idx / kChunks, c = (idx % kChunks) * 8;
     const bool ok = row0 + r < L && c < D;
     cp_async16(dst + r * kLd + c, ok ? src + (row0 + r) * s.sl + c : src, ok);
@@ -397,6 +428,31 @@ __device__ __forceinline__ void bwd_ds(float (&ds)[kNT][4], float (&pt)[kNT][4],
   }
 }
 
+// Backward: this warp's rows of dS^T (16 keys x kBM queries, held as the A fragments da of
+// dK += dS^T Q) -> shared memory (row pitch kLdDS), for the dQ matmul over the block's 64 keys.
+template <typename T, int kKC, int kLdDS>
+__device__ __forceinline__ void bwd_store_ds(T* ds_rows, const uint32_t (&da)[kKC][4], int g, int t) {
+#pragma unroll
+  for (int kk = 0; kk < kKC; ++kk) {  // da[kk][hh]: row g + 8 (hh & 1), columns 16 kk + 8 (hh >> 1) + 2t
+#pragma unroll
+    for (int hh = 0; hh < 4; ++hh)
+      *reinterpret_cast<uint32_t*>(ds_rows + (g + 8 * (hh & 1)) * kLdDS + kk * 16 + 8 * (hh >> 1) + 2 * t) =
+          da[kk][hh];
+  }
+}
+
+// Backward, the last step: dq = acc * scale in the input dtype (n elements, contiguous), grid-stride.
+template <typename T>
+__device__ __forceinline__ void dq_convert(const float* acc, T* dq, int64_t n, float scale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if constexpr (Mma<T>::kHalf)
+      dq[i] = __float2half_rn(acc[i] * scale);
+    else
+      dq[i] = __float2bfloat16_rn(acc[i] * scale);
+  }
+}
+
 // Forward epilogue: the quad-reduced sums l of this lane's rows row0, row0 + 8 give the output
 // factors inv (drop_scale / l; 0 for a row without visible keys) and, by lane t = 0, the base-2 lse of
 // rows inside Lq (lse_rows[i]; 0 without visible keys).
@@ -451,12 +507,11 @@ cudaStream_t current_stream(const Tensor& t) {
   return static_cast<cudaStream_t>(stream);
 }
 
-int padded_dim(int64_t D) { return D <= 32 ? 32 : D <= 64 ? 64 : D <= 96 ? 96 : 128; }
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename Kernel, typename Params>
-void launch(Kernel kernel, int64_t blocks, int smem_bytes, const Params& p, cudaStream_t stream) {
+void launch(Kernel kernel, const LaunchConfig& cfg, int64_t blocks, const Params& p, cudaStream_t stream) {
+  const int smem_bytes = cfg.dynamic_smem_bytes;
   if (blocks == 0) return;
   MMFAST_ATTN_CHECK(blocks <= 2147483647LL, "q", "too many (batch, head, tile) blocks: ", blocks);
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
@@ -465,21 +520,77 @@ void launch(Kernel kernel, int64_t blocks, int smem_bytes, const Params& p, cuda
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                   static_cast<int>(cudaSharedmemCarveoutMaxShared)),
              "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)");
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(p);
+  kernel<<<static_cast<unsigned>(blocks), cfg.threads, smem_bytes, stream>>>(p);
   check_cuda(cudaGetLastError(), "kernel launch");
 }
 
-// One switch over (dtype, padded head dim): 2 x 4 instantiations of each kernel.
-#define MMFAST_ATTN_DISPATCH(DTYPE, D, FN, ...)                                                     \
-  do {                                                                                             \
-    const bool is_half = (DTYPE) == ScalarType::Half;                                              \
-    switch (padded_dim(D)) {                                                                       \
-      case 32: is_half ? FN<__half, 32>(__VA_ARGS__) : FN<__nv_bfloat16, 32>(__VA_ARGS__); break;   \
-      case 64: is_half ? FN<__half, 64>(__VA_ARGS__) : FN<__nv_bfloat16, 64>(__VA_ARGS__); break;   \
-      case 96: is_half ? FN<__half, 96>(__VA_ARGS__) : FN<__nv_bfloat16, 96>(__VA_ARGS__); break;   \
-      default: is_half ? FN<__half, 128>(__VA_ARGS__) : FN<__nv_bfloat16, 128>(__VA_ARGS__); break; \
-    }                                                                                              \
-  } while (0)
+// Launches a dQ conversion kernel (kernel(acc, dq, n, scale), dq_convert's body) over n elements.
+template <typename T, typename Kernel>
+void launch_dq_convert(Kernel kernel, const float* acc, T* dq, int64_t n, float scale, cudaStream_t stream) {
+  if (n == 0) return;
+  const int64_t per_block = kDqConvertLaunch.threads;
+  const int64_t blocks = ceil_div(n, per_block) < 65536 ? ceil_div(n, per_block) : 65536;
+  kernel<<<static_cast<unsigned>(blocks), kDqConvertLaunch.threads, kDqConvertLaunch.dynamic_smem_bytes, stream>>>(
+      acc, dq, n, scale);
+  check_cuda(cudaGetLastError(), "kernel launch");
+}
+
+// Rows the kernels can stream with 16-byte cp.async (load_tile): unit stride along the last dim (D),
+// every other stride a multiple of 8 elements, a 16-byte aligned base.
+bool cp_async_ok(const Tensor& t) {
+  bool ok = t.stride(t.dim() - 1) == 1 && reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && t.stride(d) % 8 == 0;
+  return ok;
+}
+
+// t itself when the kernels can stream its rows with cp.async, else a contiguous copy.
+Tensor streamable(const Tensor& t) {
+  if (cp_async_ok(t)) return t;
+  std::vector<int64_t> sizes;
+  for (int64_t d = 0; d < t.dim(); ++d) sizes.push_back(t.size(d));
+  Tensor c = torch::stable::empty(sizes, t.scalar_type(), std::nullopt, t.device());
+  torch::stable::copy_(c, t);
+  return c;
+}
+
+// dropout_p in [0, 1); with dropout, seed an int64 scalar tensor on q's device.
+void check_dropout_args(const std::optional<Tensor>& seed, double dropout_p, const Tensor& q) {
+  MMFAST_ATTN_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", "expected a probability in [0, 1), got ",
+                    dropout_p);
+  if (dropout_p > 0.0) {
+    MMFAST_ATTN_CHECK(seed.has_value(), "seed", "required when dropout_p > 0");
+    MMFAST_ATTN_CHECK(seed->scalar_type() == ScalarType::Long && seed->numel() == 1, "seed",
+                      "expected an int64 tensor of one element");
+    MMFAST_ATTN_CHECK(seed->is_cuda() && seed->get_device_index() == q.get_device_index(), "seed",
+                      "expected a tensor on q's CUDA device");
+  }
+}
+
+// The fields every kernel parameter struct P shares: dropout (seed, threshold, 1 / (1 - p)), the
+// score scale (and times log2(e): the kernels' softmax is in base 2) and causal.
+template <typename P>
+void set_common_params(P& p, const std::optional<Tensor>& seed, bool causal, double scale, double dropout_p) {
+  p.dropout = dropout_p > 0.0;
+  p.seed = p.dropout ? static_cast<const int64_t*>(seed->const_data_ptr()) : nullptr;
+  p.drop_threshold = p.dropout ? dropout_threshold(dropout_p) : 0u;
+  p.drop_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
+  p.scale = static_cast<float>(scale);
+  p.qk_scale = static_cast<float>(scale * 1.4426950408889634);
+  p.causal = causal;
+}
+
+// Calls f(Elem<T>{}, std::integral_constant<int, DP>{}) for the instantiation serving (dtype, D):
+// the element types x the padded head dims Dims (a HeadDims) of each kernel.
+template <typename Dims, typename F>
+void dispatch_instantiation(ScalarType dtype, int64_t D, F&& f) {
+  const int dp = Dims::padded(D);
+  ElementTypes::for_each([&](auto elem) {
+    if ((dtype == ScalarType::Half) != std::is_same_v<typename decltype(elem)::type, __half>) return;
+    Dims::for_each([&](auto DP) {
+      if (decltype(DP)::value == dp) f(elem, DP);
+    });
+  });
+}
 
 }  // namespace
 }  // namespace mmfast

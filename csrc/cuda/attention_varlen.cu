@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "attention_dropout.h"
@@ -66,16 +67,9 @@ using varlen::Seq;
 using varlen::tiles_of;
 static_assert(varlen::kTileRows == kTileRows, "attention_varlen_index.h tiles as attention_fa2.h does");
 
-// How the kernels below are launched: threads (kThreads, the convert kernel kConvertThreads), dynamic
-// shared memory per block, and the blocks per SM the forward and backward are built for.
-constexpr int kMinBlocksPerSm = 2;
-constexpr int kConvertThreads = 256;
-template <int DP>
-struct VarlenSmem {
-  static constexpr int kFwd = Layout<DP>::kFwdBytes;    // Q, two stages of (K, V) (+ 16 unused bytes)
-  static constexpr int kDelta = 2 * Layout<DP>::kTile * 2;  // one 64-row tile of O and one of dO
-  static constexpr int kBwd = Layout<DP>::kBwdBytes;
-};
+// The padded head dims the kernels are instantiated for: not D = 80 (attention.cu's fifth), which
+// these kernels were never built and tested for; D in (64, 96] pads to 96.
+using VarlenPaddedDims = HeadDims<32, 64, 96, 128>;
 
 // Element offset of packed row `row`, head h, in an input slice (any strides; load_tile adds the row
 // within the sequence).
@@ -289,14 +283,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_varlen_bwd_ker
     mma_ab<T, DP, kKC>(dv, pa, sdO, kLd);  // dV_w += (P o keep)^T dO
     mma_ab<T, DP, kKC>(dk, da, sQ, kLd);   // dK_w += dS^T Q
 
-    T* ds_rows = sdS + warp * 16 * kLdDS;
-#pragma unroll
-    for (int kk = 0; kk < kKC; ++kk) {
-#pragma unroll
-      for (int hh = 0; hh < 4; ++hh)
-        *reinterpret_cast<uint32_t*>(ds_rows + (g + 8 * (hh & 1)) * kLdDS + kk * 16 + 8 * (hh >> 1) + 2 * t) =
-            da[kk][hh];
-    }
+    bwd_store_ds<T, kKC, kLdDS>(sdS + warp * 16 * kLdDS, da, g, t);
     __syncthreads();
     {
       constexpr int kCols = DP / (kWarps / kKC);
@@ -341,38 +328,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) attn_varlen_bwd_ker
 
 // Backward, kernel 3: dq = dq_acc * scale in the input dtype (n = total_q * H * D elements, contiguous).
 template <typename T>
-__global__ void __launch_bounds__(kConvertThreads) attn_varlen_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if constexpr (Mma<T>::kHalf)
-      dq[i] = __float2half_rn(acc[i] * scale);
-    else
-      dq[i] = __float2bfloat16_rn(acc[i] * scale);
-  }
+__global__ void __launch_bounds__(kDqConvertThreads) attn_varlen_dq_convert_kernel(const float* acc, T* dq, int64_t n, float scale) {
+  dq_convert(acc, dq, n, scale);
 }
 
 // ------------------------------------------------------------------------------------------
 // Host side
 
-// Rows cp.async can stream: unit stride along D, head and row strides multiples of 8 elements, a
-// 16-byte aligned base.
-bool rows_streamable(const Tensor& t) {
-  return t.stride(2) == 1 && t.stride(1) % 8 == 0 && t.stride(0) % 8 == 0 &&
-         reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
-}
-
-Tensor streamable_rows(const Tensor& t) {
-  if (rows_streamable(t)) return t;
-  Tensor c = torch::stable::empty({t.size(0), t.size(1), t.size(2)}, t.scalar_type(), std::nullopt, t.device());
-  torch::stable::copy_(c, t);
-  return c;
-}
-
 Slice packed_slice(const Tensor& t) { return Slice{t.const_data_ptr(), 0, t.stride(1), t.stride(0)}; }
 
 template <typename T, int DP>
 void run_varlen_forward(const VarlenParams& p, int64_t BH, cudaStream_t stream) {
-  launch(attn_varlen_fwd_kernel<T, DP>, p.num_tiles * BH, VarlenSmem<DP>::kFwd, p, stream);
+  launch(attn_varlen_fwd_kernel<T, DP>, Layout<DP>::kFwdLaunch, p.num_tiles * BH, p, stream);
 }
 
 template <typename T, int DP>
@@ -380,16 +347,12 @@ void run_varlen_backward(const VarlenParams& p, int64_t BH, int64_t max_q, int64
                          cudaStream_t stream) {
   VarlenParams pq = p;
   pq.num_tiles = tiles_of(max_q);
-  launch(attn_varlen_bwd_delta_kernel<T, DP>, pq.num_tiles * BH, VarlenSmem<DP>::kDelta, pq, stream);
+  launch(attn_varlen_bwd_delta_kernel<T, DP>, Layout<DP>::kDeltaLaunch, pq.num_tiles * BH, pq, stream);
   VarlenParams pk = p;
   pk.num_tiles = tiles_of(max_k);
-  launch(attn_varlen_bwd_kernel<T, DP>, pk.num_tiles * BH, VarlenSmem<DP>::kBwd, pk, stream);
-  const int64_t n = p.total_q * p.H * p.D;
-  if (n == 0) return;
-  const int64_t blocks = ceil_div(n, kConvertThreads) < 65536 ? ceil_div(n, kConvertThreads) : 65536;
-  attn_varlen_dq_convert_kernel<T><<<static_cast<unsigned>(blocks), kConvertThreads, 0, stream>>>(
-      p.dq_acc, static_cast<T*>(dq.data_ptr()), n, p.scale);
-  check_cuda(cudaGetLastError(), "kernel launch");
+  launch(attn_varlen_bwd_kernel<T, DP>, Layout<DP>::kBwdLaunch, pk.num_tiles * BH, pk, stream);
+  launch_dq_convert(attn_varlen_dq_convert_kernel<T>, p.dq_acc, static_cast<T*>(dq.data_ptr()), p.total_q * p.H * p.D,
+                    p.scale, stream);
 }
 
 void check_packed(const Tensor& t, const char* name, const Tensor& q) {
@@ -429,15 +392,7 @@ int64_t check_varlen_inputs(const Tensor& q, const Tensor& k, const Tensor& v, c
   const int64_t batch = cu_q.size(0) - 1;
   MMFAST_ATTN_CHECK(batch * q.size(1) <= 4294967295LL, "cu_seqlens_q",
                     "batch * H must fit the dropout counter (32 bits)");
-  MMFAST_ATTN_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p", "expected a probability in [0, 1), got ",
-                    dropout_p);
-  if (dropout_p > 0.0) {
-    MMFAST_ATTN_CHECK(seed.has_value(), "seed", "required when dropout_p > 0");
-    MMFAST_ATTN_CHECK(seed->scalar_type() == ScalarType::Long && seed->numel() == 1, "seed",
-                      "expected an int64 tensor of one element");
-    MMFAST_ATTN_CHECK(seed->is_cuda() && seed->get_device_index() == q.get_device_index(), "seed",
-                      "expected a tensor on q's CUDA device");
-  }
+  check_dropout_args(seed, dropout_p, q);
   return batch;
 }
 
@@ -449,16 +404,10 @@ VarlenParams varlen_params(const Tensor& q, const Tensor& k, const Tensor& v, co
   p.v = packed_slice(v);
   p.cu_q = static_cast<const int32_t*>(cu_q.const_data_ptr());
   p.cu_k = static_cast<const int32_t*>(cu_k.const_data_ptr());
-  p.dropout = dropout_p > 0.0;
-  p.seed = p.dropout ? static_cast<const int64_t*>(seed->const_data_ptr()) : nullptr;
-  p.drop_threshold = p.dropout ? dropout_threshold(dropout_p) : 0u;
-  p.drop_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
   p.H = q.size(1);
   p.D = q.size(2);
   p.total_q = q.size(0);
-  p.scale = static_cast<float>(scale);
-  p.qk_scale = static_cast<float>(scale * 1.4426950408889634);
-  p.causal = causal;
+  set_common_params(p, seed, causal, scale, dropout_p);
   return p;
 }
 
@@ -478,12 +427,14 @@ std::tuple<Tensor, Tensor> attention_varlen_forward_cuda(Tensor q, Tensor k, Ten
     torch::stable::zero_(lse);
     return {out, lse};
   }
-  const Tensor qs = streamable_rows(q), ks = streamable_rows(k), vs = streamable_rows(v);
+  const Tensor qs = streamable(q), ks = streamable(k), vs = streamable(v);
   VarlenParams p = varlen_params(qs, ks, vs, cu_seqlens_q, cu_seqlens_k, seed, causal, scale, dropout_p);
   p.out = out.data_ptr();
   p.lse = static_cast<float*>(lse.data_ptr());
   p.num_tiles = tiles_of(max_seqlen_q);
-  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_varlen_forward, p, batch * H, current_stream(q));
+  dispatch_instantiation<VarlenPaddedDims>(q.scalar_type(), D, [&](auto elem, auto DP) {
+    run_varlen_forward<typename decltype(elem)::type, decltype(DP)::value>(p, batch * H, current_stream(q));
+  });
   return {out, lse};
 }
 
@@ -513,8 +464,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_cuda(
     torch::stable::zero_(dv);
     return {dq, dk, dv};
   }
-  const Tensor qs = streamable_rows(q), ks = streamable_rows(k), vs = streamable_rows(v);
-  const Tensor os = streamable_rows(out), dos = streamable_rows(grad_out);
+  const Tensor qs = streamable(q), ks = streamable(k), vs = streamable(v);
+  const Tensor os = streamable(out), dos = streamable(grad_out);
   Tensor lse_c = torch::stable::contiguous(lse);
   Tensor delta = torch::stable::empty({H, total_q}, ScalarType::Float, std::nullopt, q.device());
   Tensor dq_acc = torch::stable::empty({total_q, H, D}, ScalarType::Float, std::nullopt, q.device());
@@ -528,37 +479,28 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_cuda(
   p.out = dq.data_ptr();
   p.out2 = dk.data_ptr();
   p.out3 = dv.data_ptr();
-  MMFAST_ATTN_DISPATCH(q.scalar_type(), D, run_varlen_backward, p, batch * H, max_seqlen_q, max_seqlen_k, dq,
-                       current_stream(q));
+  dispatch_instantiation<VarlenPaddedDims>(q.scalar_type(), D, [&](auto elem, auto DP) {
+    run_varlen_backward<typename decltype(elem)::type, decltype(DP)::value>(p, batch * H, max_seqlen_q, max_seqlen_k,
+                                                                            dq, current_stream(q));
+  });
   return {dq, dk, dv};
 }
 
 // The launch configuration of every instantiation, for `mmfast kernels-report` (its --check fails on
 // an undeclared CUDA kernel).
-template <typename T, int DP>
-void declare_varlen_launches() {
-  const auto name = [](const char* kernel) { return kernel_name(kernel, {arg_name<T>(), std::to_string(DP)}); };
-  declare_launch("attention_varlen", name("attn_varlen_fwd_kernel"),
-                 LaunchConfig{kThreads, VarlenSmem<DP>::kFwd, kMinBlocksPerSm});
-  declare_launch("attention_varlen", name("attn_varlen_bwd_delta_kernel"),
-                 LaunchConfig{kThreads, VarlenSmem<DP>::kDelta, 0});
-  declare_launch("attention_varlen", name("attn_varlen_bwd_kernel"),
-                 LaunchConfig{kThreads, VarlenSmem<DP>::kBwd, kMinBlocksPerSm});
-}
-
-template <typename T>
-void declare_varlen_launches_of() {
-  declare_varlen_launches<T, 32>();  // the head dims of MMFAST_ATTN_DISPATCH (attention_fa2.h)
-  declare_varlen_launches<T, 64>();
-  declare_varlen_launches<T, 96>();
-  declare_varlen_launches<T, 128>();
-  declare_launch("attention_varlen", kernel_name("attn_varlen_dq_convert_kernel", {arg_name<T>()}),
-                 LaunchConfig{kConvertThreads, 0, 0});
-}
-
 [[maybe_unused]] const bool kVarlenLaunchConfigsDeclared = [] {
-  declare_varlen_launches_of<__half>();
-  declare_varlen_launches_of<__nv_bfloat16>();
+  ElementTypes::for_each([](auto elem) {
+    using T = typename decltype(elem)::type;
+    VarlenPaddedDims::for_each([](auto dp) {
+      constexpr int DP = decltype(dp)::value;
+      const auto name = [](const char* kernel) { return kernel_name(kernel, {arg_name<T>(), std::to_string(DP)}); };
+      declare_launch("attention_varlen", name("attn_varlen_fwd_kernel"), Layout<DP>::kFwdLaunch);
+      declare_launch("attention_varlen", name("attn_varlen_bwd_delta_kernel"), Layout<DP>::kDeltaLaunch);
+      declare_launch("attention_varlen", name("attn_varlen_bwd_kernel"), Layout<DP>::kBwdLaunch);
+    });
+    declare_launch("attention_varlen", kernel_name("attn_varlen_dq_convert_kernel", {arg_name<T>()}),
+                   kDqConvertLaunch);
+  });
   return true;
 }();
 
