@@ -38,6 +38,12 @@ def _blocks(D: int):
     return block, block, max(16, triton.next_power_of_2(D))
 
 
+def _fwd_block_m(block_m: int, D: int, dtype: torch.dtype) -> int:
+    """The forward's query rows: float32 past D = 64 takes 32 (with 64 its tiles need 234 KB of shared
+    memory on sm_90 with dropout, over the 227 KB a block may have: kernels-report)."""
+    return min(block_m, 32) if dtype == torch.float32 and D > 64 else block_m
+
+
 def _bwd_warps(D: int) -> int:
     """The backward kernels keep fp32 (BLOCK, D) accumulators: 4 warps spill from D = 64 on sm_90."""
     return 4 if D <= 32 else 8
@@ -243,6 +249,7 @@ def attention_varlen_forward(q, k, v, cu_q, cu_k, max_q: int, max_k: int, seed, 
     out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     lse = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
     BM, BN, BD = _blocks(D)
+    BM = _fwd_block_m(BM, D, q.dtype)
     grid = (triton.cdiv(max_q, BM), batch, H)
     if total_q and batch and H and max_q:
         _fwd_kernel[grid](q, k, v, out, lse, cu_q, cu_k, _seed_arg(seed, dropout_p, q), total_q,
@@ -302,9 +309,11 @@ def launches(arch: str = "sm_90"):
                     config = f"BM{BM} BN{BN} D{BD}" + " causal" * causal + " dropout" * dropout
                     constexprs = dict(CAUSAL=causal, DROPOUT=dropout, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
                     drop = _dropout_args(dropout_p)
-                    yield Launch("attention_varlen", _fwd_kernel, dname, config + f" w{_fwd_warps(D, dropout)}",
+                    fBM = _fwd_block_m(BM, D, dtype)
+                    yield Launch("attention_varlen", _fwd_kernel, dname,
+                                 config.replace(f"BM{BM} ", f"BM{fBM} ") + f" w{_fwd_warps(D, dropout)}",
                                  (x, x, x, x, lse, cu, cu, seed, total, *strides, D, 0.125 * LOG2E, *drop),
-                                 dict(constexprs, num_warps=_fwd_warps(D, dropout)))
+                                 dict(constexprs, BLOCK_M=fBM, num_warps=_fwd_warps(D, dropout)))
                     bwd = (cu, cu, seed, total, *strides, *strides[:3], D, 0.125, 0.125 * LOG2E, *drop)
                     bwd_constexprs = dict(constexprs, num_warps=_bwd_warps(D))
                     bwd_config = config + f" w{_bwd_warps(D)}"
