@@ -31,17 +31,20 @@ from mmfast.ops._eager_path import plain_eager
 from mmfast.reference.attention import attention_mask as _dense_mask
 from mmfast.reference.attention import sdpa_attention as _sdpa_reference
 
+# dtypes per face (attention_varlen's faces take the same)
+DTYPES = {
+    "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float16, torch.bfloat16),
+}
+
 dispatch.register_op(dispatch.OpSpec(
     name="attention",
     cpp_kernel="attention_forward",
     triton_module="mmfast.triton.attention",
     cpu_python=True,
-    dtypes={
-        "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        "triton": (torch.float32, torch.float16, torch.bfloat16),
-        "cuda": (torch.float16, torch.bfloat16),
-    },
+    dtypes=DTYPES,
 ))
 
 MAX_HEAD_DIM = 128

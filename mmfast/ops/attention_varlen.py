@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from mmfast import _extension, _provenance, dispatch
+from mmfast.ops.attention import DTYPES as ATTENTION_DTYPES
 from mmfast.ops.attention import MAX_HEAD_DIM, _compute_dtype, _cpu_probs
 from mmfast.reference.attention import attention_mask as _dense_mask
 from mmfast.reference.attention_varlen import attention_varlen as _reference, sequence_keep_mask, to_heads_first
@@ -43,12 +44,7 @@ dispatch.register_op(dispatch.OpSpec(
     cpp_kernel="attention_varlen_forward",
     triton_module="mmfast.triton.attention_varlen",
     cpu_python=True,
-    dtypes={
-        "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        "triton": (torch.float32, torch.float16, torch.bfloat16),
-        "cuda": (torch.float16, torch.bfloat16),
-    },
+    dtypes=ATTENTION_DTYPES,
 ))
 
 # Compiled, never run on a GPU: only an explicit backend="cuda" runs it (the GPU check's tests). Safe
