@@ -1,15 +1,17 @@
 // Fused attention, CPU face (schema: csrc/attention.cpp; contract: mmfast/ops/attention.py).
 //
-// Flash-style: nothing of size Lq x Lk is stored. The forward keeps one row of scores at a time and
+// Flash-style: nothing of size Lq x Lk is stored. The forward keeps a few rows of scores at a time and
 // saves the log-sum-exp (base 2) per query row; the backward rebuilds each row's probabilities from
 // it, p_j = exp2(s_j - lse_i), and regenerates the dropout mask from the seed (csrc/philox.h, the
 // same mask as the Triton and CUDA faces).
 //
-// Work split: the forward runs (batch x head x block of query rows) tasks in parallel; the backward
-// runs one task per (batch, head), which owns its dk / dv rows (no atomics, no reduction pass).
-// Each task first packs its head's keys and values into float32 (float64 for float64 inputs)
-// scratch, keys transposed (D x Lk), so that a row of scores is D broadcast-FMAs over contiguous
-// key columns: vector loads only, no horizontal sums. The loops are written for the compiler's
+// Work split: the forward runs (batch x head x block of query rows) tasks in parallel, blocks only as
+// small as needed to give every thread work (each task repacks its head's keys and values, which at
+// 32-row blocks cost a third of the forward); the backward runs one task per (batch, head), which owns
+// its dk / dv rows (no atomics, no reduction pass). Each task first packs its head's keys and values
+// into float32 (float64 for float64 inputs) scratch, keys transposed (D x Lk), so that scores are D
+// broadcast-FMAs over contiguous key columns, kRows query rows at a time: vector loads only, no
+// horizontal sums. The loops are written for the compiler's
 // vectoriser and compiled three times (AVX-512, AVX2+FMA, baseline x86-64); the CPU picks one at
 // run time, so the binary needs no -march flag.
 //
@@ -44,17 +46,33 @@ using torch::stable::Tensor;
   STD_TORCH_CHECK(cond, "mmfast.attention (cpu face): argument '", name, "': ", __VA_ARGS__)
 
 constexpr double kLog2e = 1.4426950408889634;
-constexpr int64_t kQueryBlock = 32;  // query rows per forward task
+constexpr int64_t kMinQueryBlock = 32;  // query rows per forward task, at least
 constexpr int64_t kColumnPad = 16;   // score rows are padded to whole vectors
 
 // ------------------------------------------------------------------ element access
+// base[offset + d] = src[d] * mul for d < n, in the output's dtype (the switch outside the loop).
 template <typename T>
-inline void store_as(void* base, int64_t offset, ScalarType st, T value) {
+MMFAST_INLINE void store_row(void* base, int64_t offset, ScalarType st, const T* __restrict src, T mul, int64_t n) {
   switch (st) {
-    case ScalarType::Float: static_cast<float*>(base)[offset] = static_cast<float>(value); break;
-    case ScalarType::Double: static_cast<double*>(base)[offset] = static_cast<double>(value); break;
-    case ScalarType::Half: static_cast<c10::Half*>(base)[offset] = c10::Half(static_cast<float>(value)); break;
-    default: static_cast<c10::BFloat16*>(base)[offset] = c10::BFloat16(static_cast<float>(value)); break;
+    case ScalarType::Float: {
+      float* dst = static_cast<float*>(base) + offset;
+      for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<float>(src[d] * mul);
+      break;
+    }
+    case ScalarType::Double: {
+      double* dst = static_cast<double*>(base) + offset;
+      for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<double>(src[d] * mul);
+      break;
+    }
+    case ScalarType::Half: {
+      c10::Half* dst = static_cast<c10::Half*>(base) + offset;
+      for (int64_t d = 0; d < n; ++d) dst[d] = c10::Half(static_cast<float>(src[d] * mul));
+      break;
+    }
+    default: {
+      c10::BFloat16* dst = static_cast<c10::BFloat16*>(base) + offset;
+      for (int64_t d = 0; d < n; ++d) dst[d] = c10::BFloat16(static_cast<float>(src[d] * mul));
+    }
   }
 }
 
@@ -80,6 +98,7 @@ struct Problem {
   double dropout_p;
   uint32_t threshold;  // dropout: keep iff the Philox word >= threshold
   uint64_t seed;
+  int64_t qblock;  // forward: query rows per task
 };
 
 // Keys query row i may see: [0, last), further limited by the padding mask.
@@ -151,78 +170,133 @@ MMFAST_INLINE T exp2_row(T* __restrict s, T m, int64_t n) {
   return total;
 }
 
-// s[j] = sum_d q[d] * kt[d * ld + j] for j in [0, n), n a multiple of kColumnPad. Columns in chunks
-// of 4 vectors so four independent FMA chains run per query element.
-template <typename T>
-MMFAST_INLINE void row_scores(const T* __restrict q, const T* __restrict kt, int64_t ld, int64_t D, int64_t n,
-                              T* __restrict s) {
+// Register tiles. Every loop below works on R query rows at once, so each vector of keys or values
+// loaded from cache feeds R FMAs instead of one (the one-row loops were load-bound: 2.3x slower than
+// ATen's GEMM-based CPU flash kernels at B16 H6 L237 D64). R rows x columns<R>() vectors of
+// accumulators use 16 of AVX-512's 32 registers. Rows run in tiles of 8, then 4, then 1.
+constexpr int kRows = 8;
+
+template <int R>
+constexpr int columns() { return R >= 8 ? 2 : 4; }
+
+// s[r * lds + j] = sum_d q[r * D + d] * kt[d * ld + j] for r < R, j in [0, n), n a multiple of
+// kColumnPad. Columns in chunks of 4 vectors, then one vector at a time.
+template <int R, typename T>
+MMFAST_INLINE void block_scores(const T* __restrict q, int64_t D, const T* __restrict kt, int64_t ld, int64_t n,
+                                T* __restrict s, int64_t lds) {
   constexpr int64_t W = Vec<T>::n;
+  constexpr int C = columns<R>();
   int64_t j0 = 0;
-  for (; j0 + 4 * W <= n; j0 += 4 * W) {
-    V<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (; j0 + C * W <= n; j0 += C * W) {
+    V<T> a[R][C] = {};
     for (int64_t d = 0; d < D; ++d) {
-      const V<T> qd = vsplat(q[d]);
-      const T* kr = kt + d * ld + j0;
-      a0 += qd * vload(kr);
-      a1 += qd * vload(kr + W);
-      a2 += qd * vload(kr + 2 * W);
-      a3 += qd * vload(kr + 3 * W);
+      V<T> k[C];
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) k[c] = vload(kt + d * ld + j0 + c * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const V<T> qd = vsplat(q[r * D + d]);
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) a[r][c] += qd * k[c];
+      }
     }
-    vstore(s + j0, a0);
-    vstore(s + j0 + W, a1);
-    vstore(s + j0 + 2 * W, a2);
-    vstore(s + j0 + 3 * W, a3);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) vstore(s + r * lds + j0 + c * W, a[r][c]);
   }
-  for (; j0 < n; j0 += W) {  // the last 1-3 vectors: four partial sums over d instead of over columns
-    V<T> a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    int64_t d = 0;
-    for (; d + 4 <= D; d += 4) {
-      const T* kr = kt + d * ld + j0;
-      a0 += vsplat(q[d]) * vload(kr);
-      a1 += vsplat(q[d + 1]) * vload(kr + ld);
-      a2 += vsplat(q[d + 2]) * vload(kr + 2 * ld);
-      a3 += vsplat(q[d + 3]) * vload(kr + 3 * ld);
+  for (; j0 < n; j0 += W) {
+    V<T> a[R] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const V<T> k0 = vload(kt + d * ld + j0);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r] += vsplat(q[r * D + d]) * k0;
     }
-    for (; d < D; ++d) a0 += vsplat(q[d]) * vload(kt + d * ld + j0);
-    vstore(s + j0, (a0 + a1) + (a2 + a3));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) vstore(s + r * lds + j0, a[r]);
   }
 }
 
-// y[0:D] += a * x[0:D]
-template <typename T>
-MMFAST_INLINE void axpy(T a, const T* __restrict x, int64_t D, T* __restrict y) {
+// acc[r * D + c0 + x] += sum_j w[r * ldw + j] * rows[j * D + c0 + x] over j in [0, n), x < C vectors.
+template <int R, int C, typename T>
+MMFAST_INLINE void accumulate_columns(const T* __restrict w, int64_t ldw, const T* __restrict rows, int64_t D,
+                                      int64_t n, T* __restrict acc, int64_t c0) {
   constexpr int64_t W = Vec<T>::n;
-  int64_t c = 0;
-  const V<T> av = vsplat(a);
-  for (; c + W <= D; c += W) vstore(y + c, vload(y + c) + av * vload(x + c));
-  for (; c < D; ++c) y[c] += a * x[c];
+  V<T> a[R][C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = vload(acc + r * D + c0 + c * W);
+  for (int64_t j = 0; j < n; ++j) {
+    V<T> x[C];
+    for (int c = 0; c < C; ++c) x[c] = vload(rows + j * D + c0 + c * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V<T> wr = vsplat(w[r * ldw + j]);
+      for (int c = 0; c < C; ++c) a[r][c] += wr * x[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) vstore(acc + r * D + c0 + c * W, a[r][c]);
 }
 
-// acc[0:D] += sum_j w[j] * rows[j * D : j * D + D] over j in [0, n): per vector of acc, four
-// partial sums over j so four FMA chains run.
-template <typename T>
-MMFAST_INLINE void accumulate_rows(const T* __restrict w, const T* __restrict rows, int64_t D, int64_t n,
-                                   T* __restrict acc) {
+// acc[r * D : r * D + D] += sum_j w[r * ldw + j] * rows[j * D : j * D + D] over j in [0, n), r < R.
+template <int R, typename T>
+MMFAST_INLINE void block_accumulate(const T* __restrict w, int64_t ldw, const T* __restrict rows, int64_t D,
+                                    int64_t n, T* __restrict acc) {
   constexpr int64_t W = Vec<T>::n;
   int64_t c = 0;
-  for (; c + W <= D; c += W) {
-    V<T> a0 = vload(acc + c), a1 = {}, a2 = {}, a3 = {};
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const T* r = rows + j * D + c;
-      a0 += vsplat(w[j]) * vload(r);
-      a1 += vsplat(w[j + 1]) * vload(r + D);
-      a2 += vsplat(w[j + 2]) * vload(r + 2 * D);
-      a3 += vsplat(w[j + 3]) * vload(r + 3 * D);
+  if constexpr (columns<R>() >= 4)
+    for (; c + 4 * W <= D; c += 4 * W) accumulate_columns<R, 4>(w, ldw, rows, D, n, acc, c);
+  for (; c + 2 * W <= D; c += 2 * W) accumulate_columns<R, 2>(w, ldw, rows, D, n, acc, c);
+  for (; c + W <= D; c += W) accumulate_columns<R, 1>(w, ldw, rows, D, n, acc, c);
+  for (; c < D; ++c) {  // head dims that are not whole vectors
+    for (int r = 0; r < R; ++r) {
+      T a = acc[r * D + c];
+      for (int64_t j = 0; j < n; ++j) a += w[r * ldw + j] * rows[j * D + c];
+      acc[r * D + c] = a;
     }
-    for (; j < n; ++j) a0 += vsplat(w[j]) * vload(rows + j * D + c);
-    vstore(acc + c, (a0 + a1) + (a2 + a3));
   }
-  for (; c < D; ++c) {
-    T a = acc[c];
-    for (int64_t j = 0; j < n; ++j) a += w[j] * rows[j * D + c];
-    acc[c] = a;
+}
+
+// dst[j * D + c0 + x] += sum_r w[r * ldw + j] * src[r * D + c0 + x] over r < R, j in [0, n), x < C
+// vectors; the R source rows stay in registers while dst streams through once.
+template <int R, int C, typename T>
+MMFAST_INLINE void rank_update_columns(const T* __restrict w, int64_t ldw, const T* __restrict src, int64_t D,
+                                       int64_t n, T* __restrict dst, int64_t c0) {
+  constexpr int64_t W = Vec<T>::n;
+  V<T> x[R][C];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) x[r][c] = vload(src + r * D + c0 + c * W);
+  for (int64_t j = 0; j < n; ++j) {
+    T* y = dst + j * D + c0;
+    V<T> a[C];
+    for (int c = 0; c < C; ++c) a[c] = vload(y + c * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V<T> wr = vsplat(w[r * ldw + j]);
+      for (int c = 0; c < C; ++c) a[c] += wr * x[r][c];
+    }
+    for (int c = 0; c < C; ++c) vstore(y + c * W, a[c]);
   }
+}
+
+// dst[j * D : j * D + D] += sum_r w[r * ldw + j] * src[r * D : r * D + D] over r < R, j in [0, n).
+template <int R, typename T>
+MMFAST_INLINE void block_rank_update(const T* __restrict w, int64_t ldw, const T* __restrict src, int64_t D,
+                                     int64_t n, T* __restrict dst) {
+  constexpr int64_t W = Vec<T>::n;
+  int64_t c = 0;
+  if constexpr (columns<R>() >= 4)
+    for (; c + 4 * W <= D; c += 4 * W) rank_update_columns<R, 4>(w, ldw, src, D, n, dst, c);
+  for (; c + 2 * W <= D; c += 2 * W) rank_update_columns<R, 2>(w, ldw, src, D, n, dst, c);
+  for (; c + W <= D; c += W) rank_update_columns<R, 1>(w, ldw, src, D, n, dst, c);
+  for (; c < D; ++c)
+    for (int64_t j = 0; j < n; ++j) {
+      T a = dst[j * D + c];
+      for (int r = 0; r < R; ++r) a += w[r * ldw + j] * src[r * D + c];
+      dst[j * D + c] = a;
+    }
 }
 
 // keep[j] = 1/(1-p) or 0 for key columns [0, n) of row i of batch-head bh (the philox.h contract).
@@ -247,12 +321,12 @@ MMFAST_INLINE void dropout_row(const Problem& P, int64_t bh, int64_t i, int64_t 
 template <typename T, typename S>
 MMFAST_INLINE void pack_transposed_from(const View4& x, const S* src, int64_t b, int64_t h, int64_t L, int64_t D,
                                         int64_t Lp, T* kt) {
-  for (int64_t d = 0; d < D; ++d) {
-    T* dst = kt + d * Lp;
-    const S* col = src + x.at(b, h, 0, d);
-    for (int64_t j = 0; j < L; ++j) dst[j] = static_cast<T>(static_cast<float>(col[j * x.sl]));
-    for (int64_t j = L; j < Lp; ++j) dst[j] = T(0);
+  for (int64_t j = 0; j < L; ++j) {  // rows of the source are read in order (the common layouts have d contiguous)
+    const S* row = src + x.at(b, h, j, 0);
+    for (int64_t d = 0; d < D; ++d) kt[d * Lp + j] = static_cast<T>(static_cast<float>(row[d * x.sd]));
   }
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = L; j < Lp; ++j) kt[d * Lp + j] = T(0);
 }
 
 template <typename T, typename S>
@@ -260,7 +334,11 @@ MMFAST_INLINE void pack_rows_from(const View4& x, const S* src, int64_t b, int64
                                   int64_t D, T* r, T mul) {
   for (int64_t j = 0; j < L; ++j) {
     const S* row = src + x.at(b, h, first + j, 0);
-    for (int64_t d = 0; d < D; ++d) r[j * D + d] = static_cast<T>(static_cast<float>(row[d * x.sd])) * mul;
+    if (x.sd == 1) {  // the vectorisable case
+      for (int64_t d = 0; d < D; ++d) r[j * D + d] = static_cast<T>(static_cast<float>(row[d])) * mul;
+    } else {
+      for (int64_t d = 0; d < D; ++d) r[j * D + d] = static_cast<T>(static_cast<float>(row[d * x.sd])) * mul;
+    }
   }
 }
 
@@ -296,123 +374,207 @@ MMFAST_INLINE void pack_rows(const View4& x, int64_t b, int64_t h, int64_t first
   }
 }
 
-// Scores of query row (already multiplied by scale * log2 e) -> probabilities numerators in s,
-// invisible columns 0. Returns the row max (base-2 units), or -inf when no key is visible.
+// The padding mask of batch b as an additive row: bias[j] = 0 where key j may be seen, -inf where
+// it is padding (and for the padded columns [Lk, Lkp)), so masking a row of scores is one vector add.
 template <typename T>
-MMFAST_INLINE T mask_and_max(const Problem& P, int64_t b, int64_t end, T* __restrict s) {
+MMFAST_INLINE void mask_bias(const Problem& P, int64_t b, T* __restrict bias) {
   const T ninf = -std::numeric_limits<T>::infinity();
-  for (int64_t j = end; j < P.Lkp; ++j) s[j] = ninf;
-  if (P.kpm) {
-    const bool* m = P.kpm + b * P.kpm_sb;
-    for (int64_t j = 0; j < end; ++j) s[j] = m[j * P.kpm_sl] ? s[j] : ninf;
+  const bool* m = P.kpm ? P.kpm + b * P.kpm_sb : nullptr;
+  for (int64_t j = 0; j < P.Lk; ++j) bias[j] = (m == nullptr || m[j * P.kpm_sl]) ? T(0) : ninf;
+  for (int64_t j = P.Lk; j < P.Lkp; ++j) bias[j] = ninf;
+}
+
+// Scores of a query row (already multiplied by scale * log2 e), masked in place: columns at or past
+// end (causal) and padding keys become -inf. Returns the row max (base-2 units), or -inf when no key
+// is visible.
+template <typename T>
+MMFAST_INLINE T mask_and_max(const T* __restrict bias, int64_t end, int64_t ld, T* __restrict s) {
+  constexpr int64_t W = Vec<T>::n;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = end; j < ld; ++j) s[j] = ninf;
+  V<T> mx = vsplat(ninf);
+  const int64_t n = (end + W - 1) / W * W;  // <= ld, a multiple of kColumnPad
+  for (int64_t j = 0; j < n; j += W) {
+    const V<T> x = vload(s + j) + vload(bias + j);
+    vstore(s + j, x);
+    mx = x > mx ? x : mx;
   }
-  T mx = ninf;
-  for (int64_t j = 0; j < end; ++j) mx = s[j] > mx ? s[j] : mx;
-  return mx;
+  T m = ninf;
+  for (int64_t c = 0; c < W; ++c) m = mx[c] > m ? mx[c] : m;
+  return m;
+}
+
+// Without dropout, the row's ds in place of dp: delta = sum_j p_j dp_j, ds_j = p_j dp_j - p_j delta
+// over j in [0, n) (p is 0 past the row's end, so those columns add nothing and become 0).
+template <typename T>
+MMFAST_INLINE void softmax_grad_row(const T* __restrict p, int64_t n, T* __restrict dp) {
+  constexpr int64_t W = Vec<T>::n;
+  V<T> acc = {};
+  for (int64_t j = 0; j < n; j += W) acc += vload(p + j) * vload(dp + j);
+  T delta = 0;
+  for (int64_t c = 0; c < W; ++c) delta += acc[c];
+  const V<T> dv = vsplat(delta);
+  for (int64_t j = 0; j < n; j += W) {
+    const V<T> pj = vload(p + j);
+    vstore(dp + j, pj * vload(dp + j) - pj * dv);
+  }
 }
 
 // ------------------------------------------------------------------ forward
+// Outputs are laid out (B, L, H, D)-major (lse (B, Lq, H)-major) and returned as (B, H, L, D) views:
+// the layout of ATen's CPU flash kernels and of the model code, whose out.transpose(1, 2) is then
+// contiguous without a copy.
+inline int64_t blh(const Problem& P, int64_t bh, int64_t i, int64_t L) { return (bh / P.H * L + i) * P.H + bh % P.H; }
+inline int64_t blhd_row(const Problem& P, int64_t bh, int64_t i, int64_t L) { return blh(P, bh, i, L) * P.D; }
+
 struct FwdOut {
-  void* out;  // (B, H, Lq, D) contiguous, q's dtype
-  float* lse; // (B, H, Lq)
+  void* out;  // (B, Lq, H, D) contiguous, q's dtype
+  float* lse; // (B, Lq, H) contiguous
 };
 
 template <typename T>
-MMFAST_INLINE void forward_task(const Problem& P, const FwdOut& o, int64_t task, T* kt, T* vr, T* s, T* keep,
-                                T* qrow, T* acc) {
-  const int64_t blocks = (P.Lq + kQueryBlock - 1) / kQueryBlock;
-  const int64_t bh = task / blocks, i0 = (task % blocks) * kQueryBlock;
-  const int64_t b = bh / P.H, h = bh % P.H, D = P.D;
-  const int64_t i1 = std::min(P.Lq, i0 + kQueryBlock);
-  pack_transposed(P.k, b, h, P.Lk, D, P.Lkp, kt);
-  pack_rows(P.v, b, h, 0, P.Lk, D, vr);
-  const T qmul = static_cast<T>(P.scale * kLog2e);
-  const ScalarType odt = P.q.dtype;
-  for (int64_t i = i0; i < i1; ++i) {
-    const int64_t row = bh * P.Lq + i;
-    const int64_t end = visible_end(P, i);
-    pack_rows(P.q, b, h, i, 1, D, qrow, qmul);
-    row_scores(qrow, kt, P.Lkp, D, P.Lkp, s);
-    const T mx = mask_and_max(P, b, end, s);
+struct FwdScratch {
+  T *kt, *vr;  // the head's keys transposed (D x Lkp), values as rows (Lk x D)
+  T* bias;     // the batch's padding mask, additive (Lkp)
+  T *s, *keep, *q, *acc;  // per R rows: scores (R x Lkp), a dropout row, scaled queries and outputs (R x D)
+};
+
+// Query rows [i0, i0 + R) of batch-head bh.
+template <int R, typename T>
+MMFAST_INLINE void forward_rows(const Problem& P, const FwdOut& o, int64_t bh, int64_t i0, const FwdScratch<T>& w) {
+  const int64_t b = bh / P.H, h = bh % P.H, D = P.D, ld = P.Lkp;
+  pack_rows(P.q, b, h, i0, R, D, w.q, static_cast<T>(P.scale * kLog2e));
+  block_scores<R>(w.q, D, w.kt, ld, ld, w.s, ld);
+  int64_t end_max = 0;
+  T inv[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = blh(P, bh, i0 + r, P.Lq), end = visible_end(P, i0 + r);
+    T* s = w.s + r * ld;
+    const T mx = mask_and_max(w.bias, end, ld, s);
     if (mx == -std::numeric_limits<T>::infinity()) {  // no visible key: zeros, lse 0
-      for (int64_t d = 0; d < D; ++d) store_as<T>(o.out, row * D + d, odt, T(0));
+      std::fill(s, s + ld, T(0));
+      inv[r] = T(0);
       o.lse[row] = 0.f;
       continue;
     }
-    const T sum = exp2_row(s, mx, P.Lkp);  // invisible columns hold -inf: 0
+    const T sum = exp2_row(s, mx, ld);  // invisible columns hold -inf: 0
     if (P.dropout_p > 0) {
-      dropout_row(P, bh, i, end, keep);
-      for (int64_t j = 0; j < end; ++j) s[j] *= keep[j];
+      dropout_row(P, bh, i0 + r, end, w.keep);
+      for (int64_t j = 0; j < end; ++j) s[j] *= w.keep[j];
     }
-    for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
-    accumulate_rows(s, vr, D, end, acc);
-    const T inv = T(1) / sum;
-    for (int64_t d = 0; d < D; ++d) store_as<T>(o.out, row * D + d, odt, acc[d] * inv);
+    inv[r] = T(1) / sum;
     o.lse[row] = static_cast<float>(mx + std::log2(sum));
+    end_max = std::max(end_max, end);
   }
+  std::fill(w.acc, w.acc + R * D, T(0));
+  block_accumulate<R>(w.s, ld, w.vr, D, end_max, w.acc);
+  const ScalarType odt = P.q.dtype;
+  for (int r = 0; r < R; ++r) store_row(o.out, blhd_row(P, bh, i0 + r, P.Lq), odt, w.acc + r * D, inv[r], D);
+}
+
+template <typename T>
+MMFAST_INLINE void forward_task(const Problem& P, const FwdOut& o, int64_t task, const FwdScratch<T>& w) {
+  const int64_t blocks = (P.Lq + P.qblock - 1) / P.qblock;
+  const int64_t bh = task / blocks, i0 = (task % blocks) * P.qblock;
+  const int64_t b = bh / P.H, h = bh % P.H;
+  const int64_t i1 = std::min(P.Lq, i0 + P.qblock);
+  pack_transposed(P.k, b, h, P.Lk, P.D, P.Lkp, w.kt);
+  pack_rows(P.v, b, h, 0, P.Lk, P.D, w.vr);
+  mask_bias(P, b, w.bias);
+  int64_t i = i0;
+  for (; i + kRows <= i1; i += kRows) forward_rows<kRows>(P, o, bh, i, w);
+  for (; i + 4 <= i1; i += 4) forward_rows<4>(P, o, bh, i, w);
+  for (; i < i1; ++i) forward_rows<1>(P, o, bh, i, w);
 }
 
 // ------------------------------------------------------------------ backward
 struct BwdIn {
   View4 grad_out, out;
   const float* lse;
-  void *dq, *dk, *dv;  // (B, H, L, D) contiguous, q's dtype
+  int64_t lse_sb, lse_sh, lse_sl;
+  void *dq, *dk, *dv;  // (B, L, H, D) contiguous, q's dtype
 };
 
 template <typename T>
-MMFAST_INLINE void backward_task(const Problem& P, const BwdIn& g, int64_t bh, T* kt, T* vt, T* kr, T* dk, T* dv,
-                                 T* s, T* dp, T* keep, T* qrow, T* dorow, T* dqrow) {
-  const int64_t b = bh / P.H, h = bh % P.H, D = P.D, Lk = P.Lk;
-  pack_transposed(P.k, b, h, Lk, D, P.Lkp, kt);
-  pack_transposed(P.v, b, h, Lk, D, P.Lkp, vt);
-  pack_rows(P.k, b, h, 0, Lk, D, kr);
-  for (int64_t x = 0; x < Lk * D; ++x) dk[x] = dv[x] = T(0);
-  const T qmul = static_cast<T>(P.scale * kLog2e);
-  const ScalarType odt = P.q.dtype;
-  for (int64_t i = 0; i < P.Lq; ++i) {
-    const int64_t row = bh * P.Lq + i;
-    const int64_t end = visible_end(P, i);
-    pack_rows(P.q, b, h, i, 1, D, qrow);
-    pack_rows(g.grad_out, b, h, i, 1, D, dorow);
-    pack_rows(P.q, b, h, i, 1, D, dqrow, qmul);  // scratch: the scaled query
-    row_scores(dqrow, kt, P.Lkp, D, P.Lkp, s);
-    const T mx = mask_and_max(P, b, end, s);
+struct BwdScratch {
+  T *kt, *vt, *kr;  // the head's keys and values transposed (D x Lkp), keys as rows (Lk x D)
+  T* bias;          // the batch's padding mask, additive (Lkp)
+  T *dk, *dv;       // the head's key gradients (Lk x D), accumulated over every query row
+  T *s, *dp, *keep; // per R rows: probabilities and dO . v (R x Lkp), a dropout row
+  T *q, *qs, *dout, *dq;  // per R rows (R x D): queries, scaled queries, dO, dq
+};
+
+// Query rows [i0, i0 + R) of batch-head bh: their dq, and their terms of dk and dv.
+template <int R, typename T>
+MMFAST_INLINE void backward_rows(const Problem& P, const BwdIn& g, int64_t bh, int64_t i0, const BwdScratch<T>& w) {
+  const int64_t b = bh / P.H, h = bh % P.H, D = P.D, ld = P.Lkp;
+  pack_rows(P.q, b, h, i0, R, D, w.q);
+  pack_rows(P.q, b, h, i0, R, D, w.qs, static_cast<T>(P.scale * kLog2e));
+  pack_rows(g.grad_out, b, h, i0, R, D, w.dout);
+  block_scores<R>(w.qs, D, w.kt, ld, ld, w.s, ld);
+  block_scores<R>(w.dout, D, w.vt, ld, ld, w.dp, ld);  // dp_j = dO_i . v_j
+  int64_t end_max = 0;
+  for (int r = 0; r < R; ++r) {
+    const int64_t end = visible_end(P, i0 + r);
+    T* s = w.s + r * ld;
+    T* dp = w.dp + r * ld;
+    const T mx = mask_and_max(w.bias, end, ld, s);
     if (mx == -std::numeric_limits<T>::infinity()) {  // no visible key: the row contributes nothing
-      for (int64_t d = 0; d < D; ++d) store_as<T>(g.dq, row * D + d, odt, T(0));
+      std::fill(s, s + ld, T(0));
+      std::fill(dp, dp + ld, T(0));
       continue;
     }
-    T lse = static_cast<T>(g.lse[row]);
+    T lse = static_cast<T>(g.lse[b * g.lse_sb + h * g.lse_sh + (i0 + r) * g.lse_sl]);
     if constexpr (std::is_same_v<T, double>) {  // the saved lse is float32: too coarse for float64 grads
       T sum = 0;
       for (int64_t j = 0; j < end; ++j) sum += s[j] == -std::numeric_limits<T>::infinity() ? T(0) : std::exp2(s[j] - mx);
       lse = mx + std::log2(sum);
     }
-    exp2_row(s, lse, P.Lkp);
-    row_scores(dorow, vt, P.Lkp, D, P.Lkp, dp);  // dp_j = dO_i . v_j
+    exp2_row(s, lse, ld);  // columns past end (and masked ones) become 0
     // delta = dO_i . O_i, computed as sum_j (dropped p_j)(dO_i . v_j) from this row's own numbers, so
     // ds sums to zero over the row exactly where it should (one visible key: dq = 0, not round-off)
-    if (P.dropout_p > 0) dropout_row(P, bh, i, end, keep);
-    T delta = 0;
-    for (int64_t j = 0; j < end; ++j) delta += (P.dropout_p > 0 ? s[j] * keep[j] : s[j]) * dp[j];
-    for (int64_t j = 0; j < end; ++j) {
-      const T p = s[j], pd = P.dropout_p > 0 ? p * keep[j] : p;
-      dp[j] = pd * dp[j] - p * delta;  // ds_j = p_j (z_j dp_j - delta)
-      s[j] = pd;                       // the dropped probability: weight of dO_i in dv_j
+    if (P.dropout_p > 0) {
+      dropout_row(P, bh, i0 + r, end, w.keep);
+      T delta = 0;
+      for (int64_t j = 0; j < end; ++j) delta += s[j] * w.keep[j] * dp[j];
+      for (int64_t j = 0; j < end; ++j) {
+        const T p = s[j], pd = p * w.keep[j];
+        dp[j] = pd * dp[j] - p * delta;  // ds_j = p_j (z_j dp_j - delta)
+        s[j] = pd;                       // the dropped probability: weight of dO_i in dv_j
+      }
+    } else {
+      softmax_grad_row(s, ld, dp);
     }
-    for (int64_t d = 0; d < D; ++d) dqrow[d] = T(0);
-    accumulate_rows(dp, kr, D, end, dqrow);
-    for (int64_t j = 0; j < end; ++j) {
-      axpy(s[j], dorow, D, dv + j * D);
-      axpy(dp[j], qrow, D, dk + j * D);
-    }
-    const T sc = static_cast<T>(P.scale);
-    for (int64_t d = 0; d < D; ++d) store_as<T>(g.dq, row * D + d, odt, dqrow[d] * sc);
+    std::fill(dp + end, dp + ld, T(0));
+    end_max = std::max(end_max, end);
   }
+  std::fill(w.dq, w.dq + R * D, T(0));
+  block_accumulate<R>(w.dp, ld, w.kr, D, end_max, w.dq);
+  block_rank_update<R>(w.s, ld, w.dout, D, end_max, w.dv);
+  block_rank_update<R>(w.dp, ld, w.q, D, end_max, w.dk);
   const T sc = static_cast<T>(P.scale);
-  const int64_t base = bh * Lk * D;
-  for (int64_t x = 0; x < Lk * D; ++x) {
-    store_as<T>(g.dk, base + x, odt, dk[x] * sc);
-    store_as<T>(g.dv, base + x, odt, dv[x]);
+  const ScalarType odt = P.q.dtype;
+  for (int r = 0; r < R; ++r) store_row(g.dq, blhd_row(P, bh, i0 + r, P.Lq), odt, w.dq + r * D, sc, D);
+}
+
+template <typename T>
+MMFAST_INLINE void backward_task(const Problem& P, const BwdIn& g, int64_t bh, const BwdScratch<T>& w) {
+  const int64_t b = bh / P.H, h = bh % P.H, D = P.D, Lk = P.Lk;
+  pack_transposed(P.k, b, h, Lk, D, P.Lkp, w.kt);
+  pack_transposed(P.v, b, h, Lk, D, P.Lkp, w.vt);
+  pack_rows(P.k, b, h, 0, Lk, D, w.kr);
+  mask_bias(P, b, w.bias);
+  std::fill(w.dk, w.dk + Lk * D, T(0));
+  std::fill(w.dv, w.dv + Lk * D, T(0));
+  int64_t i = 0;
+  for (; i + kRows <= P.Lq; i += kRows) backward_rows<kRows>(P, g, bh, i, w);
+  for (; i + 4 <= P.Lq; i += 4) backward_rows<4>(P, g, bh, i, w);
+  for (; i < P.Lq; ++i) backward_rows<1>(P, g, bh, i, w);
+  const T sc = static_cast<T>(P.scale);
+  const ScalarType odt = P.q.dtype;
+  for (int64_t j = 0; j < Lk; ++j) {
+    store_row(g.dk, blhd_row(P, bh, j, Lk), odt, w.dk + j * D, sc, D);
+    store_row(g.dv, blhd_row(P, bh, j, Lk), odt, w.dv + j * D, T(1), D);
   }
 }
 
@@ -429,27 +591,23 @@ struct Scratch {
   int64_t used = 0;
 };
 
-#define MMFAST_FORWARD_RANGE(NAME, ATTRS)                                                                  \
+#define MMFAST_ATTENTION_RANGES(ISA, ATTRS)                                                                 \
   template <typename T>                                                                                    \
-  ATTRS void NAME(const Problem& P, const FwdOut& o, int64_t begin, int64_t end, T* kt, T* vr, T* s,    \
-                  T* keep, T* qrow, T* acc) {                                                              \
-    for (int64_t t = begin; t < end; ++t) forward_task(P, o, t, kt, vr, s, keep, qrow, acc);               \
-  }
-#define MMFAST_BACKWARD_RANGE(NAME, ATTRS)                                                                 \
+  ATTRS void forward_##ISA(const Problem& P, const FwdOut& o, int64_t begin, int64_t end,                 \
+                           const FwdScratch<T>& w) {                                                       \
+    for (int64_t t = begin; t < end; ++t) forward_task(P, o, t, w);                                        \
+  }                                                                                                        \
   template <typename T>                                                                                    \
-  ATTRS void NAME(const Problem& P, const BwdIn& g, int64_t begin, int64_t end, T* kt, T* vt, T* kr, T* dk, \
-                  T* dv, T* s, T* dp, T* keep, T* qrow, T* dorow, T* dqrow) {                              \
-    for (int64_t t = begin; t < end; ++t) backward_task(P, g, t, kt, vt, kr, dk, dv, s, dp, keep, qrow, dorow, dqrow); \
+  ATTRS void backward_##ISA(const Problem& P, const BwdIn& g, int64_t begin, int64_t end,                 \
+                            const BwdScratch<T>& w) {                                                      \
+    for (int64_t t = begin; t < end; ++t) backward_task(P, g, t, w);                                       \
   }
 
 #ifdef MMFAST_HAVE_X86_ISAS
-MMFAST_FORWARD_RANGE(forward_avx512, MMFAST_AVX512_ATTRS)
-MMFAST_FORWARD_RANGE(forward_avx2, MMFAST_AVX2_ATTRS)
-MMFAST_BACKWARD_RANGE(backward_avx512, MMFAST_AVX512_ATTRS)
-MMFAST_BACKWARD_RANGE(backward_avx2, MMFAST_AVX2_ATTRS)
+MMFAST_ATTENTION_RANGES(avx512, MMFAST_AVX512_ATTRS)
+MMFAST_ATTENTION_RANGES(avx2, MMFAST_AVX2_ATTRS)
 #endif
-MMFAST_FORWARD_RANGE(forward_base, MMFAST_BASE_ATTRS)
-MMFAST_BACKWARD_RANGE(backward_base, MMFAST_BASE_ATTRS)
+MMFAST_ATTENTION_RANGES(base, MMFAST_BASE_ATTRS)
 
 // ------------------------------------------------------------------ argument checks and set-up
 void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
@@ -515,24 +673,38 @@ int64_t grain(int64_t tasks) {
   return std::max<int64_t>(1, tasks / (4 * threads));
 }
 
+// Query rows per forward task: whole heads when there are enough (batch, head) pairs to keep every
+// thread busy (8 tasks per thread), else blocks of at least kMinQueryBlock rows.
+int64_t query_block(const Problem& P) {
+  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const int64_t heads = std::max<int64_t>(1, P.B * P.H);
+  const int64_t per_head = std::max<int64_t>(1, (8 * threads + heads - 1) / heads);
+  const int64_t rows = (P.Lq + per_head - 1) / per_head;
+  return std::max<int64_t>(kMinQueryBlock, (rows + kRows - 1) / kRows * kRows);
+}
+
 template <typename T>
-void run_forward(const Problem& P, const FwdOut& o) {
-  const int64_t tasks = P.B * P.H * ((P.Lq + kQueryBlock - 1) / kQueryBlock);
+void run_forward(Problem P, const FwdOut& o) {
+  P.qblock = query_block(P);
+  const int64_t tasks = P.B * P.H * ((P.Lq + P.qblock - 1) / P.qblock);
   const Isa isa = cpu_isa();
   torch::stable::parallel_for(0, tasks, grain(tasks), [&](int64_t begin, int64_t end) {
     Scratch<T> sc;
-    sc.buf.resize(P.D * P.Lkp + P.Lk * P.D + 2 * P.Lkp + 2 * P.D + 6 * 16);
-    T* kt = sc.take(P.D * P.Lkp);
-    T* vr = sc.take(P.Lk * P.D);
-    T* s = sc.take(P.Lkp);
-    T* keep = sc.take(P.Lkp);
-    T* qrow = sc.take(P.D);
-    T* acc = sc.take(P.D);
+    const int64_t R = kRows;
+    sc.buf.resize(P.D * P.Lkp + P.Lk * P.D + (R + 2) * P.Lkp + 2 * R * P.D + 7 * 16);
+    FwdScratch<T> w;
+    w.kt = sc.take(P.D * P.Lkp);
+    w.vr = sc.take(P.Lk * P.D);
+    w.bias = sc.take(P.Lkp);
+    w.s = sc.take(R * P.Lkp);
+    w.keep = sc.take(P.Lkp);
+    w.q = sc.take(R * P.D);
+    w.acc = sc.take(R * P.D);
 #ifdef MMFAST_HAVE_X86_ISAS
-    if (isa == Isa::kAvx512) return forward_avx512<T>(P, o, begin, end, kt, vr, s, keep, qrow, acc);
-    if (isa == Isa::kAvx2) return forward_avx2<T>(P, o, begin, end, kt, vr, s, keep, qrow, acc);
+    if (isa == Isa::kAvx512) return forward_avx512<T>(P, o, begin, end, w);
+    if (isa == Isa::kAvx2) return forward_avx2<T>(P, o, begin, end, w);
 #endif
-    forward_base<T>(P, o, begin, end, kt, vr, s, keep, qrow, acc);
+    forward_base<T>(P, o, begin, end, w);
   });
 }
 
@@ -542,26 +714,27 @@ void run_backward(const Problem& P, const BwdIn& g) {
   const Isa isa = cpu_isa();
   torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc;
-    const int64_t LD = P.Lk * P.D, DL = P.D * P.Lkp;
-    sc.buf.resize(2 * DL + 3 * LD + 3 * P.Lkp + 3 * P.D + 12 * 16);
-    T* kt = sc.take(DL);
-    T* vt = sc.take(DL);
-    T* kr = sc.take(LD);
-    T* dk = sc.take(LD);
-    T* dv = sc.take(LD);
-    T* s = sc.take(P.Lkp);
-    T* dp = sc.take(P.Lkp);
-    T* keep = sc.take(P.Lkp);
-    T* qrow = sc.take(P.D);
-    T* dorow = sc.take(P.D);
-    T* dqrow = sc.take(P.D);
+    const int64_t LD = P.Lk * P.D, DL = P.D * P.Lkp, R = kRows;
+    sc.buf.resize(2 * DL + 3 * LD + (2 * R + 2) * P.Lkp + 4 * R * P.D + 13 * 16);
+    BwdScratch<T> w;
+    w.kt = sc.take(DL);
+    w.vt = sc.take(DL);
+    w.kr = sc.take(LD);
+    w.bias = sc.take(P.Lkp);
+    w.dk = sc.take(LD);
+    w.dv = sc.take(LD);
+    w.s = sc.take(R * P.Lkp);
+    w.dp = sc.take(R * P.Lkp);
+    w.keep = sc.take(P.Lkp);
+    w.q = sc.take(R * P.D);
+    w.qs = sc.take(R * P.D);
+    w.dout = sc.take(R * P.D);
+    w.dq = sc.take(R * P.D);
 #ifdef MMFAST_HAVE_X86_ISAS
-    if (isa == Isa::kAvx512)
-      return backward_avx512<T>(P, g, begin, end, kt, vt, kr, dk, dv, s, dp, keep, qrow, dorow, dqrow);
-    if (isa == Isa::kAvx2)
-      return backward_avx2<T>(P, g, begin, end, kt, vt, kr, dk, dv, s, dp, keep, qrow, dorow, dqrow);
+    if (isa == Isa::kAvx512) return backward_avx512<T>(P, g, begin, end, w);
+    if (isa == Isa::kAvx2) return backward_avx2<T>(P, g, begin, end, w);
 #endif
-    backward_base<T>(P, g, begin, end, kt, vt, kr, dk, dv, s, dp, keep, qrow, dorow, dqrow);
+    backward_base<T>(P, g, begin, end, w);
   });
 }
 
@@ -569,15 +742,17 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(Tensor q, Tensor k, Tensor v, s
                                                  std::optional<Tensor> seed, bool causal, double scale,
                                                  double dropout_p) {
   const Problem P = make_problem(q, k, v, key_padding_mask, seed, causal, scale, dropout_p);
-  Tensor out = torch::stable::new_empty(q, {P.B, P.H, P.Lq, P.D});
-  Tensor lse = torch::stable::new_empty(q, {P.B, P.H, P.Lq}, ScalarType::Float);
-  if (P.B * P.H * P.Lq == 0) return {out, lse};
-  if (q.scalar_type() == ScalarType::Double) {
-    run_forward<double>(P, {out.data_ptr(), static_cast<float*>(lse.data_ptr())});
-  } else {
-    run_forward<float>(P, {out.data_ptr(), static_cast<float*>(lse.data_ptr())});
+  Tensor out = torch::stable::new_empty(q, {P.B, P.Lq, P.H, P.D});
+  Tensor lse = torch::stable::new_empty(q, {P.B, P.Lq, P.H}, ScalarType::Float);
+  if (P.B * P.H * P.Lq > 0) {
+    const FwdOut o{out.data_ptr(), static_cast<float*>(lse.data_ptr())};
+    if (q.scalar_type() == ScalarType::Double) {
+      run_forward<double>(P, o);
+    } else {
+      run_forward<float>(P, o);
+    }
   }
-  return {out, lse};
+  return {torch::stable::transpose(out, 1, 2), torch::stable::transpose(lse, 1, 2)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,
@@ -591,25 +766,24 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(Tensor grad_out, Tenso
                       name, "expected q's shape and dtype");
   }
   MMFAST_ATTN_CHECK(lse.scalar_type() == ScalarType::Float && lse.dim() == 3 && lse.size(0) == P.B &&
-                        lse.size(1) == P.H && lse.size(2) == P.Lq && lse.is_contiguous(),
-                    "lse", "expected the contiguous float32 (B, H, Lq) log-sum-exp of this face's forward");
-  Tensor dq = torch::stable::new_empty(q, {P.B, P.H, P.Lq, P.D});
-  Tensor dk = torch::stable::new_empty(q, {P.B, P.H, P.Lk, P.D});
-  Tensor dv = torch::stable::new_empty(q, {P.B, P.H, P.Lk, P.D});
-  if (P.B * P.H == 0) return {dq, dk, dv};
-  if (P.Lq == 0) {  // no query: every key gradient is zero
+                        lse.size(1) == P.H && lse.size(2) == P.Lq,
+                    "lse", "expected the float32 (B, H, Lq) log-sum-exp of this face's forward");
+  Tensor dq = torch::stable::new_empty(q, {P.B, P.Lq, P.H, P.D});
+  Tensor dk = torch::stable::new_empty(q, {P.B, P.Lk, P.H, P.D});
+  Tensor dv = torch::stable::new_empty(q, {P.B, P.Lk, P.H, P.D});
+  if (P.B * P.H > 0 && P.Lq == 0) {  // no query: every key gradient is zero
     torch::stable::zero_(dk);
     torch::stable::zero_(dv);
-    return {dq, dk, dv};
+  } else if (P.B * P.H > 0) {
+    const BwdIn g{view4(grad_out), view4(out), static_cast<const float*>(lse.data_ptr()),
+                  lse.stride(0), lse.stride(1), lse.stride(2), dq.data_ptr(), dk.data_ptr(), dv.data_ptr()};
+    if (q.scalar_type() == ScalarType::Double) {
+      run_backward<double>(P, g);
+    } else {
+      run_backward<float>(P, g);
+    }
   }
-  const BwdIn g{view4(grad_out), view4(out), static_cast<const float*>(lse.data_ptr()), dq.data_ptr(),
-                dk.data_ptr(), dv.data_ptr()};
-  if (q.scalar_type() == ScalarType::Double) {
-    run_backward<double>(P, g);
-  } else {
-    run_backward<float>(P, g);
-  }
-  return {dq, dk, dv};
+  return {torch::stable::transpose(dq, 1, 2), torch::stable::transpose(dk, 1, 2), torch::stable::transpose(dv, 1, 2)};
 }
 
 }  // namespace

@@ -115,8 +115,7 @@ def _use_cpp(q: Tensor, k: Tensor, dropout_p: float) -> bool:
 
 def cpu_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p):
     if _use_cpp(q, k, dropout_p):
-        out, lse = _extension.op("attention_forward")(q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
-        return _blhd(out), lse.transpose(1, 2).contiguous().transpose(1, 2)
+        return _extension.op("attention_forward")(q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
     if _needs_own_kernel(q, k, dropout_p):
         return _python_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
     B, H, Lq, D = q.shape
@@ -129,9 +128,8 @@ def cpu_forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p):
 
 def cpu_backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p):
     if _use_cpp(q, k, dropout_p):
-        grads = _extension.op("attention_backward")(grad_out, q, k, v, out, lse.contiguous(), key_padding_mask, seed,
-                                                    causal, scale, dropout_p)
-        return tuple(_blhd(g) for g in grads)
+        return _extension.op("attention_backward")(grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale,
+                                                   dropout_p)
     if _needs_own_kernel(q, k, dropout_p):
         return _python_backward(grad_out, q, k, v, key_padding_mask, seed, causal, scale, dropout_p)
     B, H, Lq, D = q.shape
