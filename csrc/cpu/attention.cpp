@@ -110,22 +110,6 @@ inline int64_t visible_end(const Problem& P, int64_t i) {
 // ------------------------------------------------------------------ vectorisable kernels
 // Everything below is inlined into one function per instruction set (see the *_range wrappers).
 
-// One 64-byte vector of T (an AVX-512 register; two AVX2 or four SSE registers on smaller ISAs),
-// loaded and stored unaligned. GCC's vector extensions: the compiler maps them onto the ISA of the
-// function they are inlined into.
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
-  static constexpr int64_t n = 64 / sizeof(T);
-};
-template <typename T>
-using V = typename Vec<T>::type;
-template <typename T>
-MMFAST_INLINE V<T> vload(const T* p) { return *reinterpret_cast<const V<T>*>(p); }
-template <typename T>
-MMFAST_INLINE void vstore(T* p, V<T> x) { *reinterpret_cast<V<T>*>(p) = x; }
-template <typename T>
-MMFAST_INLINE V<T> vsplat(T x) { return V<T>{} + x; }
 
 // exp2(x) for x <= 0 (x = -inf gives 0): 2^n * poly(x - n), n = x rounded to nearest, so the
 // polynomial (Cephes' exp2f, ~1 ulp) sees [-0.5, 0.5]. Vectorised by hand (no library call in the

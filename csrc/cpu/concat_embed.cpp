@@ -26,8 +26,6 @@ namespace {
 
 constexpr int64_t kMaxModalities = kConcatEmbedMaxModalities;
 constexpr int64_t kPosBlock = 8;  // positions per backward block
-constexpr int kLanes = 64;        // independent accumulators in row sums: four AVX-512 registers, so the
-                                  // adds do not wait on each other; also more accurate than one running sum
 
 MMFAST_INLINE uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
@@ -57,26 +55,38 @@ inline uint32_t dropout_threshold(double p) {
   return t >= 16777216.0 ? 16777216u : static_cast<uint32_t>(t);
 }
 
+// Row sums in four vector accumulators (independent adds, and more accurate than one running sum),
+// reduced by halving in registers; float32 rows sum in float32 lanes, the total in double.
 template <typename acc_t>
 MMFAST_INLINE double lane_sum(const acc_t* x, int64_t n) {
-  acc_t lanes[kLanes] = {};
+  constexpr int64_t W = Vec<acc_t>::n;
+  V<acc_t> a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) lanes[k] += x[j + k];
-  double s = 0;
-  for (int k = 0; k < kLanes; ++k) s += lanes[k];
+  for (; j + 4 * W <= n; j += 4 * W) {
+    a0 += vload(x + j);
+    a1 += vload(x + j + W);
+    a2 += vload(x + j + 2 * W);
+    a3 += vload(x + j + 3 * W);
+  }
+  for (; j + W <= n; j += W) a0 += vload(x + j);
+  double s = vsum<acc_t>((a0 + a1) + (a2 + a3));
   for (; j < n; ++j) s += x[j];
   return s;
 }
 
 template <typename acc_t>
 MMFAST_INLINE double lane_dot(const acc_t* x, const acc_t* y, int64_t n) {
-  acc_t lanes[kLanes] = {};
+  constexpr int64_t W = Vec<acc_t>::n;
+  V<acc_t> a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) lanes[k] += x[j + k] * y[j + k];
-  double s = 0;
-  for (int k = 0; k < kLanes; ++k) s += lanes[k];
+  for (; j + 4 * W <= n; j += 4 * W) {
+    a0 += vload(x + j) * vload(y + j);
+    a1 += vload(x + j + W) * vload(y + j + W);
+    a2 += vload(x + j + 2 * W) * vload(y + j + 2 * W);
+    a3 += vload(x + j + 3 * W) * vload(y + j + 3 * W);
+  }
+  for (; j + W <= n; j += W) a0 += vload(x + j) * vload(y + j);
+  double s = vsum<acc_t>((a0 + a1) + (a2 + a3));
   for (; j < n; ++j) s += static_cast<double>(x[j]) * y[j];
   return s;
 }
@@ -85,16 +95,22 @@ MMFAST_INLINE double lane_dot(const acc_t* x, const acc_t* y, int64_t n) {
 // a third pass over the row).
 template <typename acc_t>
 MMFAST_INLINE double center_and_square(acc_t* x, acc_t mean, int64_t n) {
-  acc_t lanes[kLanes] = {};
+  constexpr int64_t W = Vec<acc_t>::n;
+  const V<acc_t> m = vsplat(mean);
+  V<acc_t> a[4] = {};
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) {
-      const acc_t v = x[j + k] - mean;
-      x[j + k] = v;
-      lanes[k] += v * v;
+  for (; j + 4 * W <= n; j += 4 * W)
+    for (int k = 0; k < 4; ++k) {
+      const V<acc_t> v = vload(x + j + k * W) - m;
+      vstore(x + j + k * W, v);
+      a[k] += v * v;
     }
-  double s = 0;
-  for (int k = 0; k < kLanes; ++k) s += lanes[k];
+  for (; j + W <= n; j += W) {
+    const V<acc_t> v = vload(x + j) - m;
+    vstore(x + j, v);
+    a[0] += v * v;
+  }
+  double s = vsum<acc_t>((a[0] + a[1]) + (a[2] + a[3]));
   for (; j < n; ++j) {
     x[j] -= mean;
     s += static_cast<double>(x[j]) * x[j];

@@ -4,6 +4,7 @@
 // per call. GCC compiles what is inlined into a target("...") function for that target.
 #pragma once
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -43,6 +44,43 @@ inline Isa cpu_isa() {
 #else
   return Isa::kBase;
 #endif
+}
+
+
+// One 64-byte vector of T (an AVX-512 register; two AVX2 or four SSE registers on smaller ISAs),
+// loaded and stored unaligned. GCC's vector extensions: the compiler maps them onto the ISA of the
+// function they are inlined into.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64), aligned(sizeof(T))));
+  static constexpr int64_t n = 64 / sizeof(T);
+};
+template <typename T>
+using V = typename Vec<T>::type;
+template <typename T>
+MMFAST_INLINE V<T> vload(const T* p) { return *reinterpret_cast<const V<T>*>(p); }
+template <typename T>
+MMFAST_INLINE void vstore(T* p, V<T> x) { *reinterpret_cast<V<T>*>(p) = x; }
+template <typename T>
+MMFAST_INLINE V<T> vsplat(T x) { return V<T>{} + x; }
+
+// Sum of a vector's lanes by halving (64 -> 32 -> 16 bytes, then 2-4 scalars): a few adds instead
+// of a chain of one add per lane.
+template <typename T>
+MMFAST_INLINE T vsum(V<T> v) {
+  typedef T half __attribute__((vector_size(32), aligned(sizeof(T))));
+  typedef T quarter __attribute__((vector_size(16), aligned(sizeof(T))));
+  half lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  const half h = lo + hi;
+  quarter ql, qh;
+  std::memcpy(&ql, &h, 16);
+  std::memcpy(&qh, reinterpret_cast<const char*>(&h) + 16, 16);
+  const quarter q = ql + qh;
+  T s = q[0];
+  for (int c = 1; c < static_cast<int>(16 / sizeof(T)); ++c) s += q[c];
+  return s;
 }
 
 }  // namespace mmfast
