@@ -1,7 +1,8 @@
-"""The CPU attention face in detail: its two kernels (ATen's CPU flash kernels with mmfast's masks;
-mmfast's C++ kernel csrc/cpu/attention.cpp), which one runs when, the C++ kernel by the correctness
-rule in every dtype (tests/test_attention.py reaches it only for dropout, float64 and Lk = 1), its
-dropout mask against the Philox reference, its argument errors, and the zoo's eager fast path."""
+"""The CPU attention face in detail: its two kernels (mmfast's C++ kernel csrc/cpu/attention.cpp;
+ATen's CPU flash kernels with mmfast's masks when the extension is not built), which one runs when,
+both by the correctness rule (tests/test_attention.py covers the face through the C++ kernel), the
+C++ kernel in every dtype, its dropout mask against the Philox reference, its argument errors, and
+the zoo's eager fast path."""
 
 import importlib
 
@@ -58,7 +59,17 @@ def _cpp_forced(monkeypatch):
 # Which kernel runs
 
 # (the face functions are called directly: a dispatch mode sees the custom op as one opaque call)
-def test_no_dropout_runs_atens_flash_kernel():
+@needs_cpp
+def test_no_dropout_runs_the_cpp_kernel():
+    q, k, v, m = make_inputs(2, 2, 7, 19, 32, torch.float32, mask=True)
+    with OpsSeen() as seen:
+        A.cpu_forward(q, k, v, m, None, False, 0.2, 0.0)
+    assert "mmfast_C::attention_forward" in seen.names
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in seen.names
+
+
+def test_without_the_extension_no_dropout_runs_atens_flash_kernel(monkeypatch):
+    monkeypatch.setattr(A, "_use_cpp", lambda q, k, dropout_p: False)
     q, k, v, m = make_inputs(2, 2, 7, 19, 32, torch.float32, mask=True)
     with OpsSeen() as seen:
         A.cpu_forward(q, k, v, m, None, False, 0.2, 0.0)
@@ -103,6 +114,24 @@ def test_cpp_kernel_rule(monkeypatch, dtype, B, H, Lq, Lk, D, mask, causal, nonc
         lambda q, k, v, m: A.attention(q, k, v, key_padding_mask=m, causal=causal, backend="cpu"),
         lambda q, k, v, m: R.attention(q, k, v, key_padding_mask=m, causal=causal),
         [q, k, v, m], grad_inputs=[0, 1, 2], name=f"cpp {B}x{H} {Lq}x{Lk} D{D} {dtype} mask={mask} causal={causal}",
+        face=("attention", "cpu"), reduction=(max(Lq, Lk), D))
+
+
+ATEN_CASES = [  # B, H, Lq, Lk, D, mask, causal: the masks ATen's kernels get from mmfast
+    (2, 2, 7, 197, 64, True, False),
+    (2, 1, 197, 40, 80, True, True),  # Lq > Lk causal (bottom-right): rows without keys
+    (1, 2, 113, 113, 32, False, True),
+]
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,D,mask,causal", ATEN_CASES)
+def test_aten_fallback_rule(monkeypatch, B, H, Lq, Lk, D, mask, causal):
+    monkeypatch.setattr(A, "_use_cpp", lambda q, k, dropout_p: False)
+    q, k, v, m = make_inputs(B, H, Lq, Lk, D, torch.float32, mask)
+    testing.check_op(
+        lambda q, k, v, m: A.attention(q, k, v, key_padding_mask=m, causal=causal, backend="cpu"),
+        lambda q, k, v, m: R.attention(q, k, v, key_padding_mask=m, causal=causal),
+        [q, k, v, m], grad_inputs=[0, 1, 2], name=f"aten {B}x{H} {Lq}x{Lk} D{D} mask={mask} causal={causal}",
         face=("attention", "cpu"), reduction=(max(Lq, Lk), D))
 
 
@@ -184,8 +213,8 @@ def test_zoo_eager_path_skips_the_custom_op():
     q, k, v, m = make_inputs(2, 2, 7, 7, 32, torch.float32, mask=True)
     with OpsSeen() as seen:
         Kernels(fused=True).attention(q, k, v, m)
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in seen.names
+    assert "mmfast_C::attention_forward" in seen.names
     assert "mmfast::attention_forward" not in seen.names
     with OpsSeen() as seen:
         Kernels(fused=True, backend="torch").attention(q, k, v, m)  # another face: through the public op
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in seen.names
+    assert "mmfast_C::attention_forward" not in seen.names
