@@ -1,0 +1,190 @@
+"""The CPU attention face's two kernels at the model zoo's shapes: mmfast's C++ kernel
+(csrc/cpu/attention.cpp, what the face runs when the extension is built) against ATen's CPU flash
+kernels with mmfast's masks (what it runs without the extension) and the eager formula
+(matmul, masked_fill, softmax, matmul: what the zoo's eager twins run), forward and forward +
+backward, float32, interleaved medians in one process.
+
+    python benchmarks/bench_attention_cpu.py [--threads 1,2] [--out FILE]
+
+Each kernel's output and gradients are first checked against the eager formula in float64 (the
+timings of a wrong kernel are not printed)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+A = importlib.import_module("mmfast.ops.attention")
+
+# (label, B, H, Lq, Lk, D, key padding mask): the zoo's attention calls at small and tiny size
+SHAPES = [
+    ("ViT-S/16 self, batch 8", 8, 6, 197, 197, 64, False),
+    ("single_stream small, ITM batch 16", 16, 6, 237, 237, 64, True),
+    ("MiniLM text self", 8, 12, 40, 40, 32, True),
+    ("text -> image cross", 8, 12, 40, 197, 32, False),
+    ("image -> text cross", 8, 12, 197, 40, 32, True),
+    ("tiny text self", 8, 2, 7, 7, 32, True),
+    ("tiny single_stream", 16, 2, 24, 24, 32, True),
+    ("tiny image self", 8, 2, 17, 17, 32, False),
+]
+
+
+def _eager(q, k, v, mask, scale):
+    s = (q @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], torch.finfo(s.dtype).min)
+    return s.softmax(-1) @ v
+
+
+def _face(kernel: str):
+    """Forward and backward of the CPU face with one kernel forced."""
+    use = kernel == "C++"
+
+    def fwd(q, k, v, mask, scale):
+        saved = A._use_cpp
+        A._use_cpp = lambda *a: use
+        try:
+            return A.cpu_forward(q, k, v, mask, None, False, scale, 0.0)
+        finally:
+            A._use_cpp = saved
+
+    def bwd(g, q, k, v, out, lse, mask, scale):
+        saved = A._use_cpp
+        A._use_cpp = lambda *a: use
+        try:
+            return A.cpu_backward(g, q, k, v, out, lse, mask, None, False, scale, 0.0)
+        finally:
+            A._use_cpp = saved
+    return fwd, bwd
+
+
+def _inputs(B, H, Lq, Lk, D, masked, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Lq, H, D, generator=gen, dtype=dtype).transpose(1, 2)  # the models' layout
+    k, v = (torch.randn(B, Lk, H, D, generator=gen, dtype=dtype).transpose(1, 2) for _ in range(2))
+    g = torch.randn(B, Lq, H, D, generator=gen, dtype=dtype).transpose(1, 2)
+    mask = None
+    if masked:
+        mask = torch.ones(B, Lk, dtype=torch.bool)
+        mask[-1, max(1, Lk // 2):] = False
+    return q, k, v, g, mask
+
+
+def check(shape) -> None:
+    """Every kernel against the eager formula in float64 (forward and the three gradients)."""
+    _, B, H, Lq, Lk, D, masked = shape
+    q, k, v, g, mask = _inputs(B, H, Lq, Lk, D, masked)
+    scale = D ** -0.5
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref = _eager(q64, k64, v64, mask, scale)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    for kernel in ("C++", "ATen"):
+        fwd, bwd = _face(kernel)
+        out, lse = fwd(q, k, v, mask, scale)
+        grads = bwd(g, q, k, v, out, lse, mask, scale)
+        for name, got, want in [("out", out, ref)] + list(zip(("dq", "dk", "dv"), grads, ref_grads)):
+            err = (got.double() - want).abs().max().item()
+            bound = 1e-4 * max(1.0, want.abs().max().item())
+            if not err <= bound:
+                raise SystemExit(f"bench_attention_cpu: {kernel} {name} at {shape[0]} is off by {err:.3g} "
+                                 f"(> {bound:.3g}); not timing a wrong kernel")
+
+
+def time_shape(shape, rounds: int) -> dict:
+    _, B, H, Lq, Lk, D, masked = shape
+    q, k, v, g, mask = _inputs(B, H, Lq, Lk, D, masked)
+    scale = D ** -0.5
+    steps = {}
+    for kernel in ("C++", "ATen"):
+        fwd, bwd = _face(kernel)
+        steps[f"{kernel} fwd"] = lambda fwd=fwd: fwd(q, k, v, mask, scale)
+        steps[f"{kernel} fwd+bwd"] = lambda fwd=fwd, bwd=bwd: bwd(g, q, k, v, *fwd(q, k, v, mask, scale), mask,
+                                                                 scale)
+    qe, ke, ve = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    steps["eager fwd"] = lambda: _eager(q, k, v, mask, scale)
+    steps["eager fwd+bwd"] = lambda: torch.autograd.grad(_eager(qe, ke, ve, mask, scale), (qe, ke, ve), g)
+    names = list(steps)
+    for n in names:  # warm-up
+        steps[n]()
+    times = {n: [] for n in names}
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            steps[n]()
+            times[n].append(time.perf_counter() - t)
+    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
+
+
+def test_smoke_checks_and_times_the_tiny_shapes():
+    """CI: the check passes (and can fail: a kernel off by a constant is refused) and a timing runs."""
+    import pytest
+
+    from mmfast import _extension
+
+    if not _extension.has_kernel("attention_forward", "CPU"):
+        pytest.skip("the C++ extension is not built")
+    tiny = [s for s in SHAPES if s[0].startswith("tiny")]
+    for s in tiny:
+        check(s)
+    assert set(time_shape(tiny[0], rounds=1)) == {f"{k} {d}" for k in ("C++", "ATen", "eager")
+                                                  for d in ("fwd", "fwd+bwd")}
+    real = A.cpu_forward
+    A.cpu_forward = lambda *args: (lambda out, lse: (out + 1e-3, lse))(*real(*args))
+    try:
+        with pytest.raises(SystemExit, match="not timing a wrong kernel"):
+            check(tiny[0])
+    finally:
+        A.cpu_forward = real
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--out", help="also write the table to this file")
+    a = ap.parse_args()
+    try:
+        threads = [int(t) for t in a.threads.split(",") if t]
+    except ValueError:
+        ap.error(f"argument --threads: expected comma-separated integers, got {a.threads!r}")
+    if not threads or min(threads) < 1:
+        ap.error(f"argument --threads: expected positive integers, got {a.threads!r}")
+    from mmfast import _extension
+
+    if not _extension.has_kernel("attention_forward", "CPU"):
+        raise SystemExit("bench_attention_cpu: the C++ extension is not built (python setup.py build_ext --inplace)")
+    for s in SHAPES:
+        check(s)
+    lines = [f"{platform.processor() or 'CPU'} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load average {os.getloadavg()[0]:.1f}; float32, "
+             "median ms of interleaved calls; ratios: ATen's time / C++'s and eager's time / C++'s", "",
+             "| shape (B, H, Lq, Lk, D) | threads | C++ fwd | ATen fwd | eager fwd | C++ fwd+bwd | ATen fwd+bwd "
+             "| eager fwd+bwd | C++ vs ATen fwd / fwd+bwd | C++ vs eager fwd / fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for t in threads:
+        torch.set_num_threads(t)
+        for s in SHAPES:
+            label, B, H, Lq, Lk, D, masked = s
+            r = time_shape(s, rounds=15 if Lq * Lk > 10_000 else 200)
+            row = (f"| {label}: ({B}, {H}, {Lq}, {Lk}, {D}){' masked' if masked else ''} | {t} "
+                   f"| {r['C++ fwd']:.3f} | {r['ATen fwd']:.3f} | {r['eager fwd']:.3f} "
+                   f"| {r['C++ fwd+bwd']:.3f} | {r['ATen fwd+bwd']:.3f} | {r['eager fwd+bwd']:.3f} "
+                   f"| {r['ATen fwd'] / r['C++ fwd']:.2f}x / {r['ATen fwd+bwd'] / r['C++ fwd+bwd']:.2f}x "
+                   f"| {r['eager fwd'] / r['C++ fwd']:.2f}x / {r['eager fwd+bwd'] / r['C++ fwd+bwd']:.2f}x |")
+            lines.append(row)
+            print(row, flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
