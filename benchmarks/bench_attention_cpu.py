@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ from datetime import datetime, timezone
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 A = importlib.import_module("mmfast.ops.attention")
 
 # (label, B, H, Lq, Lk, D, key padding mask): the zoo's attention calls at small and tiny size
@@ -162,7 +162,9 @@ def main() -> None:
         raise SystemExit("bench_attention_cpu: the C++ extension is not built (python setup.py build_ext --inplace)")
     for s in SHAPES:
         check(s)
-    lines = [f"{platform.processor() or 'CPU'} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
+    from bench_models import _cpu_name
+
+    lines = [f"{_cpu_name()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load average {os.getloadavg()[0]:.1f}; float32, "
              "median ms of interleaved calls; ratios: ATen's time / C++'s and eager's time / C++'s", "",
              "| shape (B, H, Lq, Lk, D) | threads | C++ fwd | ATen fwd | eager fwd | C++ fwd+bwd | ATen fwd+bwd "
