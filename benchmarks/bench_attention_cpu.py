@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import statistics
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_models import _cpu_name, _interleaved_medians, thread_counts  # noqa: E402
+
 A = importlib.import_module("mmfast.ops.attention")
 
 # (label, B, H, Lq, Lk, D, key padding mask): the zoo's attention calls at small and tiny size
@@ -111,16 +111,7 @@ def time_shape(shape, rounds: int) -> dict:
     qe, ke, ve = (x.detach().clone().requires_grad_() for x in (q, k, v))
     steps["eager fwd"] = lambda: _eager(q, k, v, mask, scale)
     steps["eager fwd+bwd"] = lambda: torch.autograd.grad(_eager(qe, ke, ve, mask, scale), (qe, ke, ve), g)
-    names = list(steps)
-    for n in names:  # warm-up
-        steps[n]()
-    times = {n: [] for n in names}
-    for r in range(rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            t = time.perf_counter()
-            steps[n]()
-            times[n].append(time.perf_counter() - t)
-    return {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    return {n: t * 1e3 for n, t in _interleaved_medians(steps, rounds, warmup=1).items()}
 
 
 def test_smoke_checks_and_times_the_tiny_shapes():
@@ -150,20 +141,13 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--out", help="also write the table to this file")
     a = ap.parse_args()
-    try:
-        threads = [int(t) for t in a.threads.split(",") if t]
-    except ValueError:
-        ap.error(f"argument --threads: expected comma-separated integers, got {a.threads!r}")
-    if not threads or min(threads) < 1:
-        ap.error(f"argument --threads: expected positive integers, got {a.threads!r}")
+    threads = thread_counts(ap, a.threads)
     from mmfast import _extension
 
     if not _extension.has_kernel("attention_forward", "CPU"):
         raise SystemExit("bench_attention_cpu: the C++ extension is not built (python setup.py build_ext --inplace)")
     for s in SHAPES:
         check(s)
-    from bench_models import _cpu_name
-
     lines = [f"{_cpu_name()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load average {os.getloadavg()[0]:.1f}; float32, "
              "median ms of interleaved calls; ratios: ATen's time / C++'s and eager's time / C++'s", "",

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_models import _cpu_name, thread_counts  # noqa: E402
 
 # (rows, in, out): ViT-S/16 at batch 8 (1576 rows): qkv, proj, fc1, fc2; MiniLM text at batch 8 (320)
 SHAPES = [(1576, 384, 1152), (1576, 384, 384), (1576, 384, 1536), (1576, 1536, 384),
@@ -49,16 +50,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--out", help="also write the table to this file")
     a = ap.parse_args()
-    try:
-        threads = [int(t) for t in a.threads.split(",") if t]
-    except ValueError:
-        ap.error(f"argument --threads: expected comma-separated integers, got {a.threads!r}")
-    if not threads or min(threads) < 1:
-        ap.error(f"argument --threads: expected positive integers, got {a.threads!r}")
+    threads = thread_counts(ap, a.threads)
     if not torch.backends.mkldnn.is_available():
         raise SystemExit("bench_linear_cpu: this torch build has no oneDNN (torch.backends.mkldnn)")
-    from bench_models import _cpu_name
-
     lines = [f"{_cpu_name()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, load average {os.getloadavg()[0]:.1f}; float32 "
              "y = x W^T + b, median of 30 calls; error: max |y - y_float64|", "",

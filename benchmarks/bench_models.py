@@ -223,6 +223,17 @@ def cpu_table(archs=None, rounds: int = 5, compile_: bool = True, sizes=("tiny",
     return rows
 
 
+def thread_counts(ap, text: str) -> list:
+    """The positive integers of a comma-separated --threads argument; ap.error (one line) otherwise."""
+    try:
+        threads = [int(t) for t in text.split(",") if t]
+    except ValueError:
+        ap.error(f"argument --threads: expected comma-separated integers, got {text!r}")
+    if not threads or min(threads) < 1:
+        ap.error(f"argument --threads: expected positive integers, got {text!r}")
+    return threads
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
