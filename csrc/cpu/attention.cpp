@@ -493,7 +493,8 @@ template <int R, typename T>
 MMFAST_INLINE void backward_rows(const Problem& P, const BwdIn& g, int64_t bh, int64_t i0, const BwdScratch<T>& w) {
   const int64_t b = bh / P.H, h = bh % P.H, D = P.D, ld = P.Lkp;
   pack_rows(P.q, b, h, i0, R, D, w.q);
-  pack_rows(P.q, b, h, i0, R, D, w.qs, static_cast<T>(P.scale * kLog2e));
+  const T qmul = static_cast<T>(P.scale * kLog2e);  // the scaled copy from the packed rows: one read of q
+  for (int64_t x = 0; x < R * D; ++x) w.qs[x] = w.q[x] * qmul;
   pack_rows(g.grad_out, b, h, i0, R, D, w.dout);
   block_scores<R>(w.qs, D, w.kt, ld, ld, w.s, ld);
   block_scores<R>(w.dout, D, w.vt, ld, ld, w.dp, ld);  // dp_j = dO_i . v_j
