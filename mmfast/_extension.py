@@ -111,12 +111,21 @@ def _warn_once(message: str) -> None:
 
 def has_kernel(name: str, dispatch_key: str) -> bool:
     """Whether ``torch.ops.mmfast_C.<name>`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
+    if (name, dispatch_key) in _kernels_found:
+        return True
     if not load():
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"mmfast_C::{name}", dispatch_key)
+        found = torch._C._dispatch_has_kernel_for_dispatch_key(f"mmfast_C::{name}", dispatch_key)
     except RuntimeError:
         return False
+    if found:  # a registered kernel stays registered; a missing one may still be loaded later
+        _kernels_found.add((name, dispatch_key))
+    return found
+
+
+# The CPU faces ask on every call (3 us per dispatcher query: more than a tiny kernel's work).
+_kernels_found: set = set()
 
 
 def op(name: str):

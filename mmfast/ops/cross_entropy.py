@@ -98,7 +98,7 @@ def _loss_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _reduce(rows: Tensor, reduction: str, denom: Optional[Tensor]) -> Tensor:
+def _reduce(rows: Tensor, reduction: str, denom: "Optional[Tensor | int]") -> Tensor:
     if reduction == "none":
         return rows
     if reduction == "sum":
@@ -432,34 +432,51 @@ def _chunk_rows(V: int, device: torch.device) -> int:
     return max(1, budget // max(V, 1))
 
 
+def _valid_rows(target: Tensor, ignore_index: int) -> tuple[Optional[Tensor], Optional[int]]:
+    """(indices of the rows whose target is not ``ignore_index``, or None when that is every row;
+    their count, or None while a CUDA graph is captured). The count is the one host read (a sync on
+    a GPU); during capture nothing is compacted (ignored rows just produce zeros)."""
+    if target.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None, None
+    rows = (target != ignore_index).nonzero().squeeze(1)
+    n = rows.numel()
+    return (None if n == target.numel() else rows), n
+
+
 def _lce_chunks(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor], ignore_index: int,
-                label_smoothing: float, grad_scale: Optional[Tensor], compute_grad: bool, backend: str):
+                label_smoothing: float, grad_scale: Optional[Tensor], compute_grad: bool, backend: str,
+                rows: Optional[Tensor], n: Optional[int]):
     """Per-row losses (N,) f32 and, when compute_grad, (dh, dW, db) for d(sum_i scale_i * loss_i).
 
-    Only rows whose target is not ``ignore_index`` are computed, ``chunk`` rows at a time: the chunk
-    logits h_c @ W.T (+ b) are overwritten by their gradient by the CE face kernel (in place), then
-    dh_c = G_c @ W, dW += G_c.T @ h_c and db += sum(G_c) (float32 across chunks)."""
+    Only rows whose target is not ``ignore_index`` are computed (``rows``, ``n``: _valid_rows),
+    ``chunk`` rows at a time: the chunk logits h_c @ W.T (+ b) are overwritten by their gradient
+    by the CE face kernel (in place), then dh_c = G_c @ W, dW += G_c.T @ h_c and db += sum(G_c)
+    (float32 across chunks). When every row counts and one chunk holds them (a small batch), the
+    results are the kernel's and the GEMMs' outputs themselves: no zero-filled buffers, gathers or
+    scatters, which cost more than the GEMMs at the zoo's tiny sizes."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    loss = torch.zeros(N, dtype=_loss_dtype(hidden), device=dev)
-    dh = torch.zeros_like(hidden) if compute_grad else hidden.new_empty((0,))
-    dW = torch.zeros_like(weight) if compute_grad else weight.new_empty((0,))
-    db = torch.zeros_like(bias) if (compute_grad and bias is not None) else weight.new_empty((0,))
-    if N == 0:
-        return loss, dh, dW, db
-    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        rows = None  # no compaction while capturing a CUDA graph: its size would need a host sync
+    empty = lambda: hidden.new_empty((0,))  # noqa: E731  (separate tensors: outputs may not alias)
+    if n is None:  # capturing: every row
         n = N
-    else:
-        rows = (target != ignore_index).nonzero().squeeze(1)  # the one host sync (GPU)
-        n = rows.numel()
-    if n == 0:
-        return loss, dh, dW, db
     step = _chunk_rows(V, dev)
-    nchunks = -(-n // step)
-    step = -(-n // nchunks)  # equal chunks: no small last GEMM that rereads all of W for a few rows
+    nchunks = -(-n // step) if n else 0
     kernel, forward = _face_inplace(backend), _face_forward(backend)
+    if rows is None and nchunks == 1:
+        logits = torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
+        if not compute_grad:
+            return forward(logits, target, None, ignore_index, label_smoothing, False, None)[0], empty(), empty(), empty()
+        loss = kernel(logits, target, None, ignore_index, label_smoothing, grad_scale)
+        db = logits.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None else empty()
+        return loss, logits @ weight, logits.t() @ hidden, db
+    loss = torch.zeros(N, dtype=_loss_dtype(hidden), device=dev)
+    dh = torch.zeros_like(hidden) if compute_grad else empty()
+    dW = torch.zeros_like(weight) if compute_grad else empty()
+    db = torch.zeros_like(bias) if (compute_grad and bias is not None) else empty()
+    if nchunks == 0:
+        return loss, dh, dW, db
+    step = -(-n // nchunks)  # equal chunks: no small last GEMM that rereads all of W for a few rows
     per_row_scale = grad_scale is not None and grad_scale.numel() > 1
     fp32_acc = compute_grad and nchunks > 1 and weight.dtype != torch.float32 and weight.dtype != torch.float64
     dW_acc = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if fp32_acc else dW
@@ -503,12 +520,19 @@ def _lce_forward(hidden, weight, target, bias, ignore_index, label_smoothing, re
     """The custom op's body, also run by the eager path (_EagerLinearCrossEntropy)."""
     _provenance.record("linear_cross_entropy", backend,
                        "forward+backward" if compute_grad and reduction != "none" else "forward")
-    denom = (target != ignore_index).sum().to(torch.float32) if reduction == "mean" else None
-    grad_scale = (1.0 / denom).reshape(1) if denom is not None else None
+    rows, n = _valid_rows(target, ignore_index)
+    denom = grad_scale = None
+    if reduction == "mean":
+        if n is None:  # capturing a CUDA graph: the count stays on the device
+            denom = (target != ignore_index).sum().to(torch.float32)
+            grad_scale = (1.0 / denom).reshape(1)
+        else:  # a host number: no device ops for the divisor
+            denom = n
+            grad_scale = torch.full((1,), 1.0 / n, dtype=torch.float32, device=hidden.device) if n else None
     compute_grad = compute_grad and reduction != "none"
-    rows, dh, dW, db = _lce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
-                                   grad_scale, compute_grad, backend)
-    return _reduce(rows, reduction, denom), dh, dW, db
+    losses, dh, dW, db = _lce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
+                                     grad_scale, compute_grad, backend, rows, n)
+    return _reduce(losses, reduction, denom), dh, dW, db
 
 
 @_linear_cross_entropy_op.register_fake
@@ -534,7 +558,8 @@ def _lce_rows_backward(hidden, weight, target, bias, grad_rows, ignore_index, la
     """The backward op's body, also run by the eager path."""
     _provenance.record("linear_cross_entropy", backend, "backward")
     _, dh, dW, db = _lce_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
-                                grad_rows.to(torch.float32).contiguous(), True, backend)
+                                grad_rows.to(torch.float32).contiguous(), True, backend,
+                                *_valid_rows(target, ignore_index))
     return dh, dW, db
 
 
