@@ -16,11 +16,19 @@ echo "[wheel] MMFAST_BUILD_CUDA=$MMFAST_BUILD_CUDA TORCH_CUDA_ARCH_LIST=$TORCH_C
 start=$(date +%s)
 mkdir -p dist
 # --no-build-isolation: build against the torch already installed (isolation would download another).
-# The objects in build/ are shared with in-place builds; ninja recompiles a file whose flags differ.
+# The objects in build/temp.* are shared with in-place builds; ninja recompiles a file whose flags
+# differ. build/lib.* is what the wheel packs: cleared, so an extension left there by an older
+# non-abi3 build (which Python would import before _C.abi3.so) cannot ride along.
+rm -rf build/lib.*
 "$PY" -m pip wheel . --no-build-isolation --no-deps -w dist 2>&1 | grep -v "^WARNING: Location" >&2 || true
 whl=$(ls -t dist/mmfast-*-cp310-abi3-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$whl" ] || [ "$(stat -c %Y "$whl")" -lt "$start" ]; then
   echo "[wheel] FAILED: no new cp310-abi3 wheel in dist/" >&2
+  exit 1
+fi
+stray=$("$PY" -c "import sys, zipfile; print(' '.join(n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.endswith('.so') and not n.endswith('.abi3.so')))" "$whl")
+if [ -n "$stray" ]; then
+  echo "[wheel] FAILED: $whl holds extension modules that are not abi3: $stray" >&2
   exit 1
 fi
 echo "[wheel] $whl: $(du -h "$whl" | cut -f1), built in $(( $(date +%s) - start )) s on $(nproc) cores" >&2
