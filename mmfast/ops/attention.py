@@ -2,9 +2,9 @@
 registrations.
 
 Faces: reference ``mmfast/reference/attention.py`` ("torch"), Triton ``mmfast/triton/attention.py``,
-CUDA ``csrc/cuda/attention.cu`` (schema ``csrc/attention.cpp``), and the CPU face below (ATen's CPU
-flash kernels; the C++ kernel ``csrc/cpu/attention.cpp`` for dropout and float64). Every
-non-reference face implements one contract::
+CUDA ``csrc/cuda/attention.cu`` (schema ``csrc/attention.cpp``), and the CPU face below (the C++
+kernel ``csrc/cpu/attention.cpp``; ATen's CPU flash kernels only when the extension is not built).
+Every non-reference face implements one contract::
 
     forward(q, k, v, key_padding_mask, seed, causal, scale, dropout_p) -> (out, lse)
     backward(grad_out, q, k, v, out, lse, key_padding_mask, seed, causal, scale, dropout_p)
