@@ -225,7 +225,8 @@ def test_gpu_launch_table_keeps_rows_on_chip_up_to_32768_classes():
             rows, block, warps, one = tce._gpu_launch_config(4096, C, True, smooth)
             assert rows * block <= 32768 and 4 <= warps <= 32
             assert not one or C <= block
-            assert one == (C <= 16384 or (C <= 32768 and not smooth)), (C, smooth)
+            # label smoothing keeps the row on chip up to 8192 classes (Triton 3.6 spills at 16384)
+            assert one == (C <= 8192 or (C <= 32768 and not smooth)), (C, smooth)
             assert tce._gpu_launch_config(4096, C, False, smooth)[3] is False or C < 2048
 
 
@@ -240,7 +241,7 @@ ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 sig = {"x_ptr": "*bf16", "x_stride": "i64", "g_ptr": "*bf16", "g_stride": "i64", "t_ptr": "*i64", "w_ptr": "*fp32",
        "loss_ptr": "*fp32", "scale_ptr": "*fp32", "scale_stride": "i32", "N": "i32", "C": "i32",
        "ignore_index": "i32", "eps": "fp32"}
-for C, smooth, weight in ((30522, False, False), (16384, True, True)):
+for C, smooth, weight in ((30522, False, False), (8192, True, True)):
     rows, block, warps, one = m._gpu_launch_config(16384, C, True, smooth)
     c = dict(HAS_WEIGHT=weight, SMOOTH=smooth, HAS_SCALE=True, COMPUTE_GRAD=True, ROWS=rows, BLOCK=block, ONE_CHUNK=one)
     k = triton.compile(ASTSource(m._ce_kernel, {**sig, **{n: "constexpr" for n in c}}, constexprs=c),
@@ -254,15 +255,15 @@ for C, smooth, weight in ((30522, False, False), (16384, True, True)):
 
 
 def test_one_chunk_bert_vocab_compiles_for_sm90_without_spills():
-    """The register-resident row at C = 30522 (bf16) and C = 16384 with weights and smoothing:
-    compiled for sm_90 here (Triton's bundled ptxas), no spill bytes."""
+    """The register-resident row at C = 30522 (bf16) and C = 8192 with weights and smoothing (the
+    largest smoothed row kept on chip): compiled for sm_90 here (Triton's bundled ptxas), no spill bytes."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _SPILLS_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     if r.returncode != 0 and ("cannot import name 'GPUTarget'" in r.stderr or "No such file" in r.stderr):
         pytest.skip(f"no offline Triton CUDA toolchain: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [l.split() for l in r.stdout.strip().splitlines()]
-    assert [l[:2] for l in lines] == [["30522", "True"], ["16384", "True"]]
+    assert [l[:2] for l in lines] == [["30522", "True"], ["8192", "True"]]
     assert all(l[2] == "0" for l in lines), r.stdout
 
 

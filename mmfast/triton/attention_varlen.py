@@ -56,11 +56,12 @@ def _fwd_warps(D: int, dropout: bool) -> int:
 
 def _dkdv_blocks(D: int, block_m: int, block_n: int, dropout: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the dK/dV kernel: past D = 64 its fp32 accumulators and (BLOCK_M, D) query
-    tiles spill with 64-row blocks even at 8 warps; with dropout's mask tile from D = 64 (sm_90,
-    kernels-report), so 32 query rows there."""
+    tiles spill with 64-row blocks even at 8 warps, so 32 query rows from D = 33 on; with dropout's
+    mask tile from D = 17 on (sm_90, kernels-report). Triton 3.6 (torch 2.11's) spilled 4 bytes at
+    D = 64 and 24 bytes at D = 32 with dropout where Triton 3.8 did not: its limits count."""
     if D > 64:
         return min(block_m, 32), min(block_n, 32)
-    return (min(block_m, 32), block_n) if dropout and D > 32 else (block_m, block_n)
+    return (min(block_m, 32), block_n) if D > 32 or (dropout and D > 16) else (block_m, block_n)
 
 
 @triton.jit

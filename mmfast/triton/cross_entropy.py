@@ -9,7 +9,7 @@ and under the interpreter, where fewer programs means much less Python overhead)
             logits (in place): every chunk is loaded before the same chunk is stored, and a
             program owns its rows.
 
-When the row fits in one chunk (ONE_CHUNK: C <= 32768 on a GPU, 16384 with label smoothing) it
+When the row fits in one chunk (ONE_CHUNK: C <= 32768 on a GPU, 8192 with label smoothing) it
 stays in registers from pass 1 to pass 2, so the kernel reads the logits once and writes the
 gradient once; longer rows read each chunk again in pass 2 (mostly from L2).
 
@@ -172,8 +172,10 @@ def _gpu_launch_config(N: int, C: int, compute_grad: bool, smooth: bool) -> tupl
     if C < 2048:  # several rows per program, ~2048 values (4096 needed ~240 registers)
         rows = max(1, min(16, 2048 // block_c, triton.next_power_of_2(max(N, 1))))
         return rows, block_c, 4 if block_c >= 1024 or block_c <= 32 else 8, compute_grad
-    if compute_grad and (block_c <= 16384 or (block_c <= _ONE_CHUNK_MAX and not smooth)):
-        # 16..64 values per thread; at 32768 the smoothing sums tip it into a few spilled bytes
+    if compute_grad and (block_c <= 8192 or (block_c <= _ONE_CHUNK_MAX and not smooth)):
+        # 16..64 values per thread. The smoothing sums tip the one-chunk row into spills from 16384
+        # classes on (Triton 3.6, torch 2.11's: 44-48 bytes with 32 warps, 144-160 with 16; Triton
+        # 3.8 spills from 32768): smoothing past 8192 classes takes the two-pass path instead
         return 1, block_c, max(4, min(32, block_c // 512)), True
     return 1, min(block_c, 8192), 8 if C <= 16384 or smooth else 16, False  # 16 warps + smoothing: 8 B spill
 
