@@ -56,10 +56,8 @@ def _fallback(reason: str, module, query, key, value, attention_mask, scaling, d
     if eager is not None:
         return eager(module, query, key, value, _masks.additive(attention_mask, query.dtype), scaling=scaling,
                      dropout=dropout, **kwargs)
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+    return _transformers()["sdpa_attention_forward"](module, query, key, value, attention_mask, dropout=dropout,
+                                                     scaling=scaling, **kwargs)
 
 
 # HF's names for packed sequences (FlashAttentionKwargs): rows of a (1, total, ...) batch, sequence
@@ -145,7 +143,7 @@ def mmfast_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opti
                 device="cpu", **kwargs):
     """HF mask-interface function: a (B, 1, Lq, Lk) bool mask (True = attend) tagged with its
     decomposition, or None for full bidirectional attention without padding when HF allows it."""
-    from transformers import masking_utils as mu
+    mu = _transformers()["masking_utils"]
 
     if q_length is None:
         # Older transformers describe queries by `cache_position` instead of (q_length, q_offset):
@@ -195,6 +193,19 @@ def mmfast_mask(batch_size: int, q_length: Optional[int] = None, kv_length: Opti
 
 
 _registered = False
+# The transformers pieces the functions above use, imported once outside them (register() does it
+# at patch time): torch 2.11's dynamo refuses an import from transformers' lazy top-level module
+# inside a compiled forward ("Bad import result").
+_hf: dict = {}
+
+
+def _transformers() -> dict:
+    if not _hf:
+        from transformers import masking_utils
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _hf.update(masking_utils=masking_utils, sdpa_attention_forward=sdpa_attention_forward)
+    return _hf
 
 
 def register() -> None:
@@ -204,6 +215,8 @@ def register() -> None:
         return
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
+
+    _transformers()
 
     AttentionInterface.register(NAME, mmfast_attention_forward)
     AttentionMaskInterface.register(NAME, mmfast_mask)

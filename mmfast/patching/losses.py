@@ -114,10 +114,8 @@ NOT_CE = {
 
 def _ce_forward(self, *args, **kwargs):
     orig = _original_forward(self)
-    saved = getattr(self, "_mmfast_saved_forward", None)
-    sig = inspect.signature(saved if saved is not None else type(self).forward.__get__(self))
     try:
-        bound = sig.bind(*args, **kwargs)
+        bound = self._mmfast_ce_signature.bind(*args, **kwargs)
     except TypeError:
         return orig(self, *args, **kwargs)  # let the stock forward raise its own error
     labels = bound.arguments.get("labels")
@@ -205,11 +203,16 @@ def install(model, kind: str) -> None:
     prev = model.__dict__.get("forward")
     if prev is not None:
         model._mmfast_saved_forward = prev
+    if kind == "ce":
+        # The stock forward's signature (without self), read here rather than in the traced forward:
+        # torch 2.11's dynamo cannot trace the function.__get__ that binding it there needs.
+        model._mmfast_ce_signature = inspect.signature(prev if prev is not None else type(model).forward.__get__(model))
     model.forward = types.MethodType(forward, model)
 
 
 def uninstall(model) -> None:
     model.__dict__.pop("forward", None)
+    model.__dict__.pop("_mmfast_ce_signature", None)
     prev = model.__dict__.pop("_mmfast_saved_forward", None)
     if prev is not None:
         model.forward = prev
