@@ -22,7 +22,7 @@ start=$(date +%s)
 whl=${1:-$(ls -t dist/mmfast-*-cp310-abi3-*.whl 2>/dev/null | head -1 || true)}
 newer_source=""
 # the wheel packs the Python package too: a change there also needs a new wheel
-[ -n "$whl" ] && [ -z "${1:-}" ] && newer_source=$(find csrc setup.py mmfast -newer "$whl" -not -path "*/__pycache__*" \
+[ -n "$whl" ] && [ -z "${1:-}" ] && newer_source=$(find csrc setup.py mmfast -type f -newer "$whl" -not -path "*/__pycache__*" \
   -not -name "*.so" -not -name "_build_info.json" -print -quit)
 if [ -z "$whl" ] || [ -n "$newer_source" ]; then
   echo "[torch211] building the wheel (none in dist/ or sources changed: ${newer_source:-no wheel})"
@@ -77,6 +77,15 @@ TRITON_INTERPRET=1 OMP_NUM_THREADS=1 "$VPY" -m pytest -q -p no:cacheprovider --r
 # compiled forward; binding a signature through function.__get__).
 OMP_NUM_THREADS=1 "$VPY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" "$ROOT"/tests/test_patching*.py \
   "$ROOT/tests/test_models.py" -k "not triton"
+# The GPU check's CPU dry run (every stage, tiny shapes) under the GPU machine's torch, Triton and
+# Hugging Face versions: the scripts a GPU session runs first must not rot on that stack (~50 s).
+dry=$(mktemp -d)
+if ! OUT="$dry" GPU_CHECK_DRYRUN=1 PYTHON="$VPY" bash "$ROOT/scripts/gpu_check.sh" > "$dry/log.txt" 2>&1; then
+  tail -40 "$dry/log.txt"
+  echo "[torch211] FAILED: the GPU check's dry run under torch $TORCH_VERSION (log: $dry/log.txt)"
+  exit 1
+fi
+echo "[torch211] GPU check dry run: $(grep -E '^bench rows' "$dry/log.txt")"
 # Every Triton kernel configuration compiled for sm_90 by Triton 3.6's own ptxas: its register
 # allocation differs from Triton 3.8's (it spilled where 3.8 did not). Cached by source hash in a
 # file of its own (a full run prunes entries of other Triton versions).
