@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import _cpu_name, _interleaved_medians, thread_counts  # noqa: E402
+from bench_models import _cpu_name, emit_row, write_table, _interleaved_medians, thread_counts  # noqa: E402
 
 A = importlib.import_module("mmfast.ops.attention")
 
@@ -165,11 +165,8 @@ def main() -> None:
                    f"| {r['C++ fwd+bwd']:.3f} | {r['ATen fwd+bwd']:.3f} | {r['eager fwd+bwd']:.3f} "
                    f"| {r['ATen fwd'] / r['C++ fwd']:.2f}x / {r['ATen fwd+bwd'] / r['C++ fwd+bwd']:.2f}x "
                    f"| {r['eager fwd'] / r['C++ fwd']:.2f}x / {r['eager fwd+bwd'] / r['C++ fwd+bwd']:.2f}x |")
-            lines.append(row)
-            print(row, flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            emit_row(lines, row)
+    write_table(lines, a.out)
 
 
 if __name__ == "__main__":

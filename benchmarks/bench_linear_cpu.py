@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import _cpu_name, thread_counts  # noqa: E402
+from bench_models import _cpu_name, emit_row, write_table, thread_counts  # noqa: E402
 
 # (rows, in, out): ViT-S/16 at batch 8 (1576 rows): qkv, proj, fc1, fc2; MiniLM text at batch 8 (320)
 SHAPES = [(1576, 384, 1152), (1576, 384, 384), (1576, 384, 1536), (1576, 1536, 384),
@@ -74,11 +74,8 @@ def main() -> None:
             row = (f"| {M} x {K} x {N} | {t} | {gf['MKL F.linear']:.1f} | {gf['oneDNN']:.1f} "
                    f"| {gf['oneDNN prepacked']:.1f} | {gf['oneDNN prepacked'] / gf['MKL F.linear']:.2f}x "
                    f"| {err['MKL F.linear']:.2e} | {err['oneDNN']:.2e} | {err['oneDNN'] / err['MKL F.linear']:.2f}x |")
-            lines.append(row)
-            print(row, flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            emit_row(lines, row)
+    write_table(lines, a.out)
 
 
 if __name__ == "__main__":

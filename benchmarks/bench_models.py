@@ -234,6 +234,19 @@ def thread_counts(ap, text: str) -> list:
     return threads
 
 
+def emit_row(lines: list, row: str) -> None:
+    """Appends a markdown row to a CPU benchmark's table and prints it as soon as it is measured."""
+    lines.append(row)
+    print(row, flush=True)
+
+
+def write_table(lines: list, path) -> None:
+    """The table to --out (when given), one row a line."""
+    if path:
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -466,7 +466,8 @@ def _lce_chunks(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[T
     if rows is None and nchunks == 1:
         logits = torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
         if not compute_grad:
-            return forward(logits, target, None, ignore_index, label_smoothing, False, None)[0], empty(), empty(), empty()
+            loss = forward(logits, target, None, ignore_index, label_smoothing, False, None)[0]
+            return loss, empty(), empty(), empty()
         loss = kernel(logits, target, None, ignore_index, label_smoothing, grad_scale)
         db = logits.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None else empty()
         return loss, logits @ weight, logits.t() @ hidden, db
