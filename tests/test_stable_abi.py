@@ -135,6 +135,16 @@ def test_every_op_of_csrc_is_registered():
         assert _extension.has_kernel("attention_forward", "CUDA")
 
 
+def test_has_kernel_remembers_only_what_it_found():
+    """has_kernel caches its answers for speed: a kernel found stays found, one missing is asked
+    again every time (and stays missing)."""
+    _libraries()
+    for _ in range(2):
+        assert _extension.has_kernel("attention_forward", "CPU")
+        assert not _extension.has_kernel("no_such_kernel", "CPU")
+        assert not _extension.has_kernel("attention_forward", "XLA")  # a real key without a kernel
+
+
 def test_errors_cross_the_abi_as_one_named_line():
     _libraries()
     x, t = torch.randn(3, 5), torch.tensor([0, 1, 9])
