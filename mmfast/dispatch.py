@@ -46,6 +46,7 @@ class OpSpec:
     dtypes: dict = field(default_factory=dict)
     # Size buckets in which ``auto`` on the CPU takes the cpu face; None = all. For a face measured
     # slower than the reference at some sizes (the reason, with the measurement, in cpu_auto_why).
+    # List None too for the face to be taken when the caller gives no size.
     cpu_auto_buckets: tuple | None = None
     cpu_auto_why: str = ""
 
@@ -166,6 +167,14 @@ def size_bucket(work: int) -> str:
         if work < limit:
             return name
     return "large"
+
+
+# A CPU-only bucket below "small", for calls so small that the fixed cost of a fused call (its
+# Python around the face: argument checks, an autograd.Function, divisors; tens of microseconds)
+# is more than the face saves against the reference's few ATen calls. An op's call site decides
+# when a CPU call is "tiny" (the measured rule sits next to the op); its OpSpec then leaves
+# "tiny" out of ``cpu_auto_buckets``. GPU calls never get it.
+CPU_TINY = "tiny"
 
 
 def trust_unverified() -> bool:
@@ -307,15 +316,24 @@ def _explain(op: str, backend: str, device_type: str, dtype: torch.dtype, unsupp
     return "torch", "torch reference: " + (why_not("cpu") or f"no face for {device_type}")
 
 
+def _listed_buckets(op: str, device_type: str) -> tuple:
+    if device_type == "cuda":
+        return (None,) + BUCKETS
+    if _OPS[op].cpu_auto_buckets is None:
+        return (None,)
+    return (None, CPU_TINY) + BUCKETS
+
+
 def auto_choices(op: str) -> dict:
-    """What ``auto`` picks for ``op`` on this machine, per device and dtype (and, on a GPU, per size
-    bucket), with the reason: {"cuda/bfloat16/large": ["triton", "verified on sm_90/..."], ...}."""
+    """What ``auto`` picks for ``op`` on this machine, per device and dtype (and per size bucket on a
+    GPU, and on the CPU for an op whose cpu face is taken in some buckets only), with the reason:
+    {"cuda/bfloat16/large": ["triton", "verified on sm_90/..."], ...}."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     allowed = _OPS[op].dtypes.get("torch", _FLOATS)
     out = {}
     for d in devices:
         for dt in allowed:
-            for bucket in ((None,) + BUCKETS if d == "cuda" else (None,)):
+            for bucket in _listed_buckets(op, d):
                 try:
                     choice = list(explain(op, d, dt, bucket=bucket))
                 except RuntimeError as e:  # MMFAST_BACKEND names a backend that cannot run here

@@ -140,7 +140,14 @@ class Twins:
     def _check_faces(self, ran, ops: dict) -> None:
         expected = set()
         for op, n in ops.items():
-            face = dispatch.resolve(op, self.backend, self.device, self.dtype)
+            # ``auto`` picks per size bucket (on the CPU the reference for tiny cross-entropy
+            # calls): the face that ran must be the choice of one bucket, the same for every call
+            allowed = {dispatch.resolve(op, self.backend, self.device, self.dtype, bucket=b)
+                       for b in (None, dispatch.CPU_TINY) + dispatch.BUCKETS}
+            faces = {f for (o, f, _) in ran if o == op}
+            assert len(faces) <= 1 and faces <= allowed, \
+                f"patched model: {op} ran faces {sorted(faces)}, expected one of {sorted(allowed)}: {dict(ran)}"
+            face = faces.pop() if faces else dispatch.resolve(op, self.backend, self.device, self.dtype)
             for d in testing.DIRECTIONS:
                 expected.add((op, face, d))
                 got = ran[(op, face, d)]

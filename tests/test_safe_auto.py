@@ -207,3 +207,25 @@ def test_cpu_auto_takes_a_face_only_in_the_buckets_it_was_measured_faster():
     # every other op keeps its cpu face in every bucket
     assert all(dispatch.resolve(op, "auto", "cpu", torch.float32, bucket="small") == "cpu"
                for op in ("cross_entropy", "concat_embed", "attention"))
+
+
+@pytest.mark.parametrize("shape,face", [((16, 2), "torch"), ((8191, 2), "torch"), ((128, 1000), "torch"),
+                                        ((2, 65535), "torch"), ((16384, 2), "cpu"), ((2, 65536), "cpu"),
+                                        ((132, 1000), "cpu"), ((7, 30522), "cpu")])
+def test_cpu_auto_runs_the_cross_entropy_reference_for_tiny_calls(shape, face):
+    """Below N x C = 2^17 with N < 2^14 rows the fused CPU call's fixed cost outweighs its kernel
+    (measured: cpu_auto_why): auto runs the reference there and the cpu face from either bound on,
+    forward and backward; backend="cpu" runs the face at any size, and `mmfast info` lists both."""
+    from mmfast import testing
+
+    logits = testing.randn(*shape, seed=3).requires_grad_()
+    target = torch.randint(0, shape[1], shape[:1])
+    with testing.faces_run() as ran:
+        mmfast.ops.cross_entropy(logits, target).backward()
+    testing.assert_face_ran(ran, "cross_entropy", face)
+    with testing.faces_run() as ran:
+        mmfast.ops.cross_entropy(logits, target, backend="cpu").backward()
+    testing.assert_face_ran(ran, "cross_entropy", "cpu")
+    choices = dispatch.auto_choices("cross_entropy")
+    assert choices["cpu/float32/tiny"][0] == "torch" and "2^17" in choices["cpu/float32/tiny"][1]
+    assert choices["cpu/float32"][0] == choices["cpu/float32/small"][0] == "cpu"
