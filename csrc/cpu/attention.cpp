@@ -284,19 +284,52 @@ MMFAST_INLINE void block_rank_update(const T* __restrict w, int64_t ldw, const T
 }
 
 // keep[j] = 1/(1-p) or 0 for key columns [0, n) of row i of batch-head bh (the philox.h contract).
+// philox4x32_10's rounds run on 16 counters (groups of four columns) at once, as two vectors of
+// eight 64-bit lanes holding 32-bit words (GCC does not vectorise the scalar generator's widening
+// products): the same words bit for bit, several times faster; the scalar generator made dropout
+// ~40 % of a ViT-S attention's forward + backward (B8 H6 L197 D64, 2 threads: 24.2 ms with p = 0.1,
+// 14.5 without).
+using PhiloxLanes = uint64_t __attribute__((vector_size(64)));
+constexpr int kPhiloxVectors = 2, kPhiloxGroups = 8 * kPhiloxVectors;
+
 template <typename T>
 MMFAST_INLINE void dropout_row(const Problem& P, int64_t bh, int64_t i, int64_t n, T* __restrict keep) {
   const T kept = static_cast<T>(1.0 / (1.0 - P.dropout_p));
+  const PhiloxLanes low = PhiloxLanes{} + 0xFFFFFFFFull;
+  const PhiloxLanes lane = PhiloxLanes{0, 1, 2, 3, 4, 5, 6, 7};
   const int64_t groups = (n + 3) / 4;
-  uint32_t words[4];
-  for (int64_t g = 0; g < groups; ++g) {
-    const PhiloxWords w = dropout_words4(P.seed, static_cast<uint32_t>(bh), static_cast<uint32_t>(i),
-                                         static_cast<uint32_t>(g));
-    for (int c = 0; c < 4; ++c) words[c] = w.w[c];
-    for (int c = 0; c < 4; ++c) {
-      const int64_t j = 4 * g + c;
-      if (j < n) keep[j] = words[c] >= P.threshold ? kept : T(0);
+  for (int64_t g0 = 0; g0 < groups; g0 += kPhiloxGroups) {
+    PhiloxLanes c0[kPhiloxVectors], c1[kPhiloxVectors], c2[kPhiloxVectors], c3[kPhiloxVectors];
+    for (int v = 0; v < kPhiloxVectors; ++v) {
+      c0[v] = (lane + static_cast<uint64_t>(g0 + 8 * v)) & low;
+      c1[v] = PhiloxLanes{} + static_cast<uint64_t>(static_cast<uint32_t>(i));
+      c2[v] = PhiloxLanes{} + static_cast<uint64_t>(static_cast<uint32_t>(bh));
+      c3[v] = PhiloxLanes{};
     }
+    uint64_t k0 = P.seed & 0xFFFFFFFFull, k1 = P.seed >> 32;
+    for (int round = 0; round < 10; ++round) {
+      for (int v = 0; v < kPhiloxVectors; ++v) {
+        const PhiloxLanes a = c0[v] * 0xD2511F53ull, b = c2[v] * 0xCD9E8D57ull;  // 32 x 32 -> 64 bits
+        const PhiloxLanes n0 = ((b >> 32) ^ c1[v] ^ k0) & low, n2 = ((a >> 32) ^ c3[v] ^ k1) & low;
+        c1[v] = b & low;
+        c3[v] = a & low;
+        c0[v] = n0;
+        c2[v] = n2;
+      }
+      k0 = (k0 + 0x9E3779B9u) & 0xFFFFFFFFull;
+      k1 = (k1 + 0xBB67AE85u) & 0xFFFFFFFFull;
+    }
+    uint32_t words[4 * kPhiloxGroups];  // column 4 (g0 + g) + c takes word c of group g
+    for (int v = 0; v < kPhiloxVectors; ++v)
+      for (int l = 0; l < 8; ++l) {
+        uint32_t* w = words + 4 * (8 * v + l);
+        w[0] = static_cast<uint32_t>(c0[v][l]);
+        w[1] = static_cast<uint32_t>(c1[v][l]);
+        w[2] = static_cast<uint32_t>(c2[v][l]);
+        w[3] = static_cast<uint32_t>(c3[v][l]);
+      }
+    const int64_t j0 = 4 * g0, m = std::min<int64_t>(n - j0, 4 * kPhiloxGroups);
+    for (int64_t x = 0; x < m; ++x) keep[j0 + x] = words[x] >= P.threshold ? kept : T(0);
   }
 }
 
