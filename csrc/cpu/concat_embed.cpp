@@ -4,9 +4,10 @@
 // (torch's thread pool).
 //
 // Backward: the work is split into blocks of kPosBlock consecutive positions of one modality, each
-// block handling every batch row of its positions. A block owns its position-gradient rows (summed
-// over the batch in a fixed order) and writes one partial sum each for the LayerNorm weight, bias
-// and its modality's type embedding; a second stage sums the partials over blocks in block order.
+// block handling every batch row of its positions (sample by sample). A block owns its
+// position-gradient rows (summed over the batch in a fixed order) and writes one partial sum each
+// for the LayerNorm weight, bias and its modality's type embedding; a second stage sums the
+// partials over blocks in block order.
 // So the result does not depend on the thread count and no atomics are needed.
 //
 // Dropout keep mask: element with flat output index i is kept iff
@@ -300,10 +301,14 @@ MMFAST_INLINE void backward_blocks(const BackwardArgs<scalar_t, acc_t>& a, int64
     acc_t* pw = a.partial + k * 3 * D;
     acc_t* pb = pw + D;
     acc_t* pt = pb + D;
-    for (int64_t l = a.blk_l0[k]; l < a.blk_l1[k]; ++l) {
-      acc_t* dpos = a.gpos[m] ? a.gpos[m] + l * D : nullptr;
-      if (dpos) std::fill(dpos, dpos + D, acc_t(0));
-      for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t l0 = a.blk_l0[k], l1 = a.blk_l1[k];
+    if (a.gpos[m]) std::fill(a.gpos[m] + l0 * D, a.gpos[m] + l1 * D, acc_t(0));
+    // Batch rows outside, positions inside: the block's rows of one sample are consecutive in
+    // memory (the hardware prefetcher follows them; a position's rows across the batch are a whole
+    // sample apart), and each position row still sums its batch rows in order b = 0, 1, ...
+    for (int64_t b = 0; b < p.B; ++b) {
+      for (int64_t l = l0; l < l1; ++l) {
+        acc_t* dpos = a.gpos[m] ? a.gpos[m] + l * D : nullptr;
         const int64_t r = b * p.Ltot + p.off[m] + l;
         const scalar_t* go = a.gout + r * D;
         for (int64_t j = 0; j < D; ++j) g[j] = static_cast<acc_t>(go[j]);
