@@ -169,12 +169,13 @@ def size_bucket(work: int) -> str:
     return "large"
 
 
-# A CPU-only bucket below "small", for calls so small that the fixed cost of a fused call (its
-# Python around the face: argument checks, an autograd.Function, divisors; tens of microseconds)
-# is more than the face saves against the reference's few ATen calls. An op's call site decides
-# when a CPU call is "tiny" (the measured rule sits next to the op); its OpSpec then leaves
-# "tiny" out of ``cpu_auto_buckets``. GPU calls never get it.
-CPU_TINY = "tiny"
+# A CPU-only bucket for the calls an op's measured rule (kept next to the op, with the
+# measurement in its cpu_auto_why) finds faster in the reference: e.g. calls so small that the
+# fixed cost of a fused call (its Python around the face, an autograd.Function, the stable ABI's
+# boxing; tens of microseconds) is more than the face saves against a few ATen calls. The op's
+# call site passes it as the bucket; its OpSpec leaves it out of ``cpu_auto_buckets``. GPU calls
+# never get it.
+CPU_REFERENCE_FASTER = "reference-faster"
 
 
 def trust_unverified() -> bool:
@@ -321,7 +322,7 @@ def _listed_buckets(op: str, device_type: str) -> tuple:
         return (None,) + BUCKETS
     if _OPS[op].cpu_auto_buckets is None:
         return (None,)
-    return (None, CPU_TINY) + BUCKETS
+    return (None, CPU_REFERENCE_FASTER) + BUCKETS
 
 
 def auto_choices(op: str) -> dict:

@@ -143,7 +143,7 @@ class Twins:
             # ``auto`` picks per size bucket (on the CPU the reference for tiny cross-entropy
             # calls): the face that ran must be the choice of one bucket, the same for every call
             allowed = {dispatch.resolve(op, self.backend, self.device, self.dtype, bucket=b)
-                       for b in (None, dispatch.CPU_TINY) + dispatch.BUCKETS}
+                       for b in (None, dispatch.CPU_REFERENCE_FASTER) + dispatch.BUCKETS}
             faces = {f for (o, f, _) in ran if o == op}
             assert len(faces) <= 1 and faces <= allowed, \
                 f"patched model: {op} ran faces {sorted(faces)}, expected one of {sorted(allowed)}: {dict(ran)}"

@@ -68,7 +68,7 @@ MODELS = [
 
 
 # The cpu faces by name: ``auto`` runs the reference for the classifier's tiny (2, 5) cross-entropy
-# on the CPU (dispatch.CPU_TINY), and these tests are about the custom ops inside compiled graphs.
+# on the CPU (dispatch.CPU_REFERENCE_FASTER), and these tests are about the custom ops inside compiled graphs.
 FACES = "cpu"
 
 

@@ -227,5 +227,25 @@ def test_cpu_auto_runs_the_cross_entropy_reference_for_tiny_calls(shape, face):
         mmfast.ops.cross_entropy(logits, target, backend="cpu").backward()
     testing.assert_face_ran(ran, "cross_entropy", "cpu")
     choices = dispatch.auto_choices("cross_entropy")
-    assert choices["cpu/float32/tiny"][0] == "torch" and "2^17" in choices["cpu/float32/tiny"][1]
+    assert choices["cpu/float32/reference-faster"][0] == "torch" and "2^17" in choices["cpu/float32/reference-faster"][1]
     assert choices["cpu/float32"][0] == choices["cpu/float32/small"][0] == "cpu"
+
+
+@pytest.mark.parametrize("layer_norm,dropout_p,face", [(False, 0.0, "torch"), (True, 0.0, "cpu"), (False, 0.1, "cpu"),
+                                                       (True, 0.1, "cpu")])
+def test_cpu_auto_runs_the_concat_embed_reference_without_layer_norm_and_dropout(layer_norm, dropout_p, face):
+    """Adds and a cat alone measured faster in eager (its backward passes feature gradients on as
+    views): auto runs the reference for them on the CPU, the cpu face once LayerNorm or dropout is
+    fused in; backend="cpu" runs the face either way."""
+    from mmfast import testing
+
+    feats = [testing.randn(2, L, 16, seed=L).requires_grad_() for L in (3, 5)]
+    ln = dict(ln_weight=torch.ones(16), ln_bias=torch.zeros(16)) if layer_norm else {}
+    for backend, expected in (("auto", face), ("cpu", "cpu")):
+        with testing.faces_run() as ran:
+            out, _ = mmfast.ops.concat_embed(feats, type_embeddings=torch.zeros(2, 16), dropout_p=dropout_p,
+                                             backend=backend, **ln)
+            out.sum().backward()
+        testing.assert_face_ran(ran, "concat_embed", expected)
+    why = dispatch.auto_choices("concat_embed")["cpu/float32/reference-faster"]
+    assert why[0] == "torch" and "LayerNorm" in why[1]
