@@ -21,7 +21,7 @@ CPU table (issue #18; real sizes, not smoke), one command that prints it::
     MMFAST_BENCH_CPU=1 python benchmarks/bench_models.py
 
 per architecture, fused speed / eager-twin speed (same weights, same batch of 8, median of
-``MMFAST_BENCH_CPU_STEPS`` (default 5; at least 40 at tiny size) interleaved steps after a warm-up): training step (forward +
+``MMFAST_BENCH_CPU_STEPS`` (default 5; at least 200 at tiny size) interleaved steps after a warm-up): training step (forward +
 backward + AdamW) at tiny size with 1 thread and at small size (MiniLM-L6 + ViT-S/16, 224 px, text
 40) with 2 threads, inference (eval, no grad) at small size with 2 threads, and the tiny training
 step against ``torch.compile(eager twin)`` (inductor; skipped with ``MMFAST_BENCH_MODELS_COMPILE=0``).
@@ -192,8 +192,13 @@ def _interleaved_medians(steps: dict, rounds: int, warmup: int = 2) -> dict:
 
 
 def _rounds(size: str, rounds: int) -> int:
-    """Tiny steps take ~10 ms, where one scheduler hiccup moves a median of 5: at least 40 there."""
-    return max(rounds, 40) if size == "tiny" else rounds
+    """Tiny steps take ~10 ms, where one scheduler hiccup moves a median of 5: at least 200 there
+    (the five tiny ratios moved by up to 0.1 between runs of 40; by ~0.02 between runs of 200)."""
+    return max(rounds, 200) if size == "tiny" else rounds
+
+
+def _warmup(size: str) -> int:
+    return 10 if size == "tiny" else 2
 
 
 def cpu_table(archs=None, rounds: int = 5, compile_: bool = True, sizes=("tiny", "small")) -> list[dict]:
@@ -205,7 +210,7 @@ def cpu_table(archs=None, rounds: int = 5, compile_: bool = True, sizes=("tiny",
         for size, threads, mode in cases:
             torch.set_num_threads(threads)
             steps, _, _ = _cpu_pair(arch, size, mode)
-            med = _interleaved_medians(steps, _rounds(size, rounds))
+            med = _interleaved_medians(steps, _rounds(size, rounds), _warmup(size))
             row[f"{size}/{threads}/{mode}"] = med["eager"] / med["fused"]
             row[f"{size}/{threads}/{mode}/ms"] = (med["fused"] * 1e3, med["eager"] * 1e3)
             print(f"  {arch} {size} {threads} thread(s) {mode}: fused {med['fused'] * 1e3:.1f} ms, "
@@ -215,7 +220,7 @@ def cpu_table(archs=None, rounds: int = 5, compile_: bool = True, sizes=("tiny",
             steps, eager, inputs = _cpu_pair(arch, "tiny", "train")
             steps["compile"] = _cpu_step(torch.compile(eager), eager, inputs, "train")
             del steps["eager"]
-            med = _interleaved_medians(steps, _rounds("tiny", rounds), warmup=3)  # the first calls compile
+            med = _interleaved_medians(steps, _rounds("tiny", rounds), _warmup("tiny"))  # the first calls compile
             row["tiny/1/train/compile"] = med["compile"] / med["fused"]
             print(f"  {arch} tiny 1 thread train: fused {med['fused'] * 1e3:.1f} ms, "
                   f"torch.compile(eager) {med['compile'] * 1e3:.1f} ms", flush=True)

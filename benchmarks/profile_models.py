@@ -6,9 +6,12 @@ time, self CPU time per op, averaged over steps after a warm-up.
                                         [--steps 10] [--archs a,b] [--markdown out.md]
 
 The same step functions as ``MMFAST_BENCH_CPU=1 python benchmarks/bench_models.py`` (same weights,
-same batch of 8). The last line per model gives the GEMM share (aten::mm/addmm/bmm/baddbmm self
+same batch of 8). Each table's first line gives the GEMM share (aten::mm/addmm/bmm/baddbmm self
 time over all self time): the part of the step that fused kernels do not change, so 1 / (1 - the
-rest) bounds what any fusion of the rest can gain.
+rest) bounds what any fusion of the rest can gain. The line after each model's two tables bounds
+what faster mmfast kernels could still give it: the eager step over the fused step without the
+self time of mmfast's own ops (the C++ faces, ``mmfast_C::...``, and the autograd.Functions
+around them, ``_Eager...``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,18 @@ def table(arch: str, name: str, us, calls, top: int = 10) -> list[str]:
     return lines + [""]
 
 
+MMFAST_OPS = ("mmfast", "_Eager")  # the C++ faces (mmfast_C::...) and the Python autograd.Functions around them
+
+
+def ops_bound(arch: str, eager_us: float, fused_us: float, fused_ops_us) -> str:
+    """What faster mmfast kernels could still give this model: the fused step without the self time of
+    mmfast's own ops (faces and their autograd wrappers), against the eager step."""
+    ours = sum(v for k, v in fused_ops_us.items() if k.startswith(MMFAST_OPS))
+    bound = eager_us / max(fused_us - ours, 1e-9)
+    return (f"{arch}: mmfast's ops take {ours / 1e3:.1f} of the fused step's {fused_us / 1e3:.1f} ms; were they free, "
+            f"fused / eager speed would be at most {bound:.2f}x (now {eager_us / fused_us:.2f}x under the profiler)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="tiny", choices=("tiny", "small"))
@@ -70,10 +85,14 @@ def main() -> None:
            f"{a.steps} profiled steps after 3 warm-up steps", ""]
     for arch in archs:
         steps, _, _ = _cpu_pair(arch, a.size, a.mode)
+        totals = {}
         for name in ("eager", "fused"):
             us, calls = profile_step(steps[name], a.steps)
             out += table(arch, name, us, calls)
             print("\n".join(out[-14:]), flush=True)
+            totals[name] = sum(us.values())
+        out += [ops_bound(arch, totals["eager"], totals["fused"], us), ""]
+        print(out[-2], flush=True)
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write("\n".join(out) + "\n")
