@@ -176,6 +176,8 @@ def size_bucket(work: int) -> str:
 # call site passes it as the bucket; its OpSpec leaves it out of ``cpu_auto_buckets``. GPU calls
 # never get it.
 CPU_REFERENCE_FASTER = "reference-faster"
+# cpu_auto_buckets of an op whose only exceptions are its CPU_REFERENCE_FASTER calls
+CPU_AUTO_BUT_REFERENCE_FASTER = (None,) + BUCKETS
 
 
 def trust_unverified() -> bool:

@@ -55,7 +55,7 @@ dispatch.register_op(dispatch.OpSpec(
         "cuda": _DTYPES,
         "triton": _DTYPES,
     },
-    cpu_auto_buckets=(None, "small", "medium", "large"),  # not CPU_REFERENCE_FASTER: see _bucket
+    cpu_auto_buckets=dispatch.CPU_AUTO_BUT_REFERENCE_FASTER,  # see _bucket
     cpu_auto_why=("without LayerNorm and dropout the op is adds and a cat, whose eager backward passes the feature "
                   "gradients on as views (the face writes them): the cpu face measured 0.84-0.99x the reference's "
                   "speed forward + backward and 0.57-0.99x forward only, single_stream's shapes from tiny "

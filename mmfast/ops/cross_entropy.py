@@ -69,7 +69,7 @@ dispatch.register_op(dispatch.OpSpec(
     cpp_kernel="cross_entropy_forward",
     triton_module="mmfast.triton.cross_entropy",
     dtypes=_CE_DTYPES,
-    cpu_auto_buckets=(None, "small", "medium", "large"),  # not CPU_REFERENCE_FASTER: see _bucket
+    cpu_auto_buckets=dispatch.CPU_AUTO_BUT_REFERENCE_FASTER,  # see _bucket
     cpu_auto_why=("below N x C = 2^17 with N < 2^14 rows the fused call's fixed cost (~80 us forward + backward) "
                   "outweighs its kernel: forward + backward, 1 thread, 2-core AMD EPYC, 2026-11-30, the cpu face "
                   "measured 0.27-0.88x the reference's speed there ((16, 2) to (8192, 2), (64, 1000), (128, 1000), "
