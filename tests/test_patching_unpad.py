@@ -19,7 +19,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from test_patching import CASES, Twins, bert_config, cast, need, small, weighted_sum  # noqa: E402
+from test_patching import (CASES, Twins, bert_config, cast, need, reference_faster, small,  # noqa: E402
+                           weighted_sum)
 from transformers import (  # noqa: E402
     BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification, BertModel, ViltConfig, ViltModel,
 )
@@ -97,7 +98,7 @@ def test_bert_token_classification_unpadded_loss_ignoring_padding(backend, devic
         o = m(ids, attention_mask=mask, labels=labels)
         return {"loss": o.loss, "logits[valid]": o.logits[valid]}, o.loss
 
-    tw.run(call, ops=varlen_ops(tw, len(ids), cross_entropy=1))
+    tw.run(call, ops=varlen_ops(tw, len(ids), cross_entropy=1), buckets=reference_faster(device, "cross_entropy"))
     with torch.no_grad():  # padded positions: logits of a zero hidden state = the classifier's bias
         logits = tw.fast(ids, attention_mask=mask).logits
     assert logits.shape == (*ids.shape, 5)
@@ -114,7 +115,7 @@ def test_bert_sequence_classification_unpadded():
         o = m(ids, attention_mask=mask, labels=labels)
         return {"loss": o.loss, "logits": o.logits}, o.loss
 
-    tw.run(call, ops=varlen_ops(tw, len(ids), cross_entropy=1))
+    tw.run(call, ops=varlen_ops(tw, len(ids), cross_entropy=1), buckets=reference_faster("cpu", "cross_entropy"))
 
 
 def test_bert_masked_lm_unpadded():
@@ -151,7 +152,7 @@ def test_real_minilm_weights_token_classification_unpadded():
         o = m(ids, attention_mask=mask, labels=labels)
         return {"loss": o.loss, "logits[valid]": o.logits[valid]}, o.loss
 
-    tw.run(call, ops=varlen_ops(tw, len(ids), cross_entropy=1))
+    tw.run(call, ops=varlen_ops(tw, len(ids), cross_entropy=1), buckets=reference_faster("cpu", "cross_entropy"))
 
 
 def test_left_padding_valid_tokens_match_and_pooler_is_warned_about(recwarn):
