@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import _cpu_name, emit_row, write_table, _interleaved_medians, thread_counts  # noqa: E402
+from bench_models import _cpu_name, emit_row, write_table, thread_counts  # noqa: E402
+from mmfast.train.timing import interleaved_medians  # noqa: E402
 
 A = importlib.import_module("mmfast.ops.attention")
 
@@ -111,7 +112,7 @@ def time_shape(shape, rounds: int) -> dict:
     qe, ke, ve = (x.detach().clone().requires_grad_() for x in (q, k, v))
     steps["eager fwd"] = lambda: _eager(q, k, v, mask, scale)
     steps["eager fwd+bwd"] = lambda: torch.autograd.grad(_eager(qe, ke, ve, mask, scale), (qe, ke, ve), g)
-    return {n: t * 1e3 for n, t in _interleaved_medians(steps, rounds, warmup=1).items()}
+    return {n: t * 1e3 for n, t in interleaved_medians(steps, rounds, warmup=1).items()}
 
 
 def test_smoke_checks_and_times_the_tiny_shapes():

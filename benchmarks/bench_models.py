@@ -32,14 +32,13 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
-import time
 from datetime import datetime, timezone
 
 import pytest
 import torch
 
 import mmfast.models as mm
+from mmfast.train.timing import interleaved_medians
 from harness import DEVICE, SMOKE, bench, model_check
 
 SIZE = "tiny" if SMOKE else "base"
@@ -175,22 +174,6 @@ def _cpu_step(model, params_owner, inputs, mode: str):
     return infer
 
 
-def _interleaved_medians(steps: dict, rounds: int, warmup: int = 2) -> dict:
-    """Median seconds per step of each function; every round runs each once, the order alternating
-    so that load from other processes falls on both alike."""
-    names = list(steps)
-    for _ in range(warmup):
-        for n in names:
-            steps[n]()
-    times = {n: [] for n in names}
-    for r in range(rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            t = time.perf_counter()
-            steps[n]()
-            times[n].append(time.perf_counter() - t)
-    return {n: statistics.median(v) for n, v in times.items()}
-
-
 def _rounds(size: str, rounds: int) -> int:
     """Tiny steps take ~10 ms, where one scheduler hiccup moves a median of 5: at least 200 there
     (the five tiny ratios moved by up to 0.1 between runs of 40; by ~0.02 between runs of 200)."""
@@ -210,7 +193,7 @@ def cpu_table(archs=None, rounds: int = 5, compile_: bool = True, sizes=("tiny",
         for size, threads, mode in cases:
             torch.set_num_threads(threads)
             steps, _, _ = _cpu_pair(arch, size, mode)
-            med = _interleaved_medians(steps, _rounds(size, rounds), _warmup(size))
+            med = interleaved_medians(steps, _rounds(size, rounds), _warmup(size))
             row[f"{size}/{threads}/{mode}"] = med["eager"] / med["fused"]
             row[f"{size}/{threads}/{mode}/ms"] = (med["fused"] * 1e3, med["eager"] * 1e3)
             print(f"  {arch} {size} {threads} thread(s) {mode}: fused {med['fused'] * 1e3:.1f} ms, "
@@ -220,7 +203,7 @@ def cpu_table(archs=None, rounds: int = 5, compile_: bool = True, sizes=("tiny",
             steps, eager, inputs = _cpu_pair(arch, "tiny", "train")
             steps["compile"] = _cpu_step(torch.compile(eager), eager, inputs, "train")
             del steps["eager"]
-            med = _interleaved_medians(steps, _rounds("tiny", rounds), _warmup("tiny"))  # the first calls compile
+            med = interleaved_medians(steps, _rounds("tiny", rounds), _warmup("tiny"))  # the first calls compile
             row["tiny/1/train/compile"] = med["compile"] / med["fused"]
             print(f"  {arch} tiny 1 thread train: fused {med['fused'] * 1e3:.1f} ms, "
                   f"torch.compile(eager) {med['compile'] * 1e3:.1f} ms", flush=True)

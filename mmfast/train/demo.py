@@ -3,12 +3,13 @@ held-out VQA accuracy rising, then measure fused vs eager training throughput of
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
 import time
 
 import torch
+
+from mmfast.train.timing import interleaved_medians
 
 # Per device: a model and a budget that reach >= 70 % held-out accuracy (majority answer: ~12 %).
 # ALBEF-style cross-attention (text queries attend to the image tokens) learns this task several times
@@ -26,26 +27,15 @@ def _say(quiet: bool, *parts) -> None:
     print(*parts, file=sys.stderr if quiet else sys.stdout, flush=True)
 
 
-def _interleaved_step_times(models: dict, batch, steps: int, device) -> dict:
-    """Median seconds per training step (forward + backward + AdamW) of each model on one fixed batch,
-    after two warm-up steps each; every round runs each model once, the order alternating, so that
-    load from other processes falls on all alike (blocks of steps per model let it fall on one)."""
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
-    times = {k: [] for k in models}
-    names = list(models)
-    for i in range(steps + 2):
-        for k in (names if i % 2 == 0 else names[::-1]):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            models[k](**batch).loss.backward()
-            opts[k].step()
-            opts[k].zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+def _training_step(model, batch):
+    """One training step (forward + backward + AdamW) of ``model`` on one fixed batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def speed_table(name: str, task: str, num_labels, overrides: dict, state_dict, batch: dict, device,
@@ -59,7 +49,8 @@ def speed_table(name: str, task: str, num_labels, overrides: dict, state_dict, b
         m.load_state_dict(state_dict)
         m.train()
         twins["fused" if fused else "eager"] = m
-    med = _interleaved_step_times(twins, batch, steps, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    med = interleaved_medians({k: _training_step(m, batch) for k, m in twins.items()}, steps, sync=sync)
     bs = next(iter(batch.values())).shape[0]
     out = {k: {"ms_per_step": 1e3 * v, "samples_per_s": bs / v} for k, v in med.items()}
     out["speedup"] = out["eager"]["ms_per_step"] / out["fused"]["ms_per_step"]
