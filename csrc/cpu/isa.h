@@ -83,4 +83,22 @@ MMFAST_INLINE T vsum(V<T> v) {
   return s;
 }
 
+// Largest lane, by the same halving (exact in any order).
+template <typename T>
+MMFAST_INLINE T vmax(V<T> v) {
+  typedef T half __attribute__((vector_size(32), aligned(sizeof(T))));
+  typedef T quarter __attribute__((vector_size(16), aligned(sizeof(T))));
+  half lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  const half h = lo > hi ? lo : hi;
+  quarter ql, qh;
+  std::memcpy(&ql, &h, 16);
+  std::memcpy(&qh, reinterpret_cast<const char*>(&h) + 16, 16);
+  const quarter q = ql > qh ? ql : qh;
+  T m = q[0];
+  for (int c = 1; c < static_cast<int>(16 / sizeof(T)); ++c) m = q[c] > m ? q[c] : m;
+  return m;
+}
+
 }  // namespace mmfast
