@@ -288,7 +288,10 @@ MMFAST_INLINE void block_rank_update(const T* __restrict w, int64_t ldw, const T
 // ~40 % of a ViT-S attention's forward + backward (B8 H6 L197 D64, 2 threads: 24.2 ms with p = 0.1,
 // 14.5 without).
 using PhiloxLanes = uint64_t __attribute__((vector_size(64)));
+typedef uint32_t Words8 __attribute__((vector_size(32)));
+typedef float Floats8 __attribute__((vector_size(32)));
 constexpr int kPhiloxVectors = 2, kPhiloxGroups = 8 * kPhiloxVectors;
+constexpr int64_t kDropoutSlack = 4 * kPhiloxGroups;  // dropout_row writes whole blocks of columns
 
 template <typename T>
 MMFAST_INLINE void dropout_row(const Problem& P, int64_t bh, int64_t i, int64_t n, T* __restrict keep) {
@@ -317,17 +320,34 @@ MMFAST_INLINE void dropout_row(const Problem& P, int64_t bh, int64_t i, int64_t 
       k0 = (k0 + 0x9E3779B9u) & 0xFFFFFFFFull;
       k1 = (k1 + 0xBB67AE85u) & 0xFFFFFFFFull;
     }
-    uint32_t words[4 * kPhiloxGroups];  // column 4 (g0 + g) + c takes word c of group g
-    for (int v = 0; v < kPhiloxVectors; ++v)
-      for (int l = 0; l < 8; ++l) {
-        uint32_t* w = words + 4 * (8 * v + l);
-        w[0] = static_cast<uint32_t>(c0[v][l]);
-        w[1] = static_cast<uint32_t>(c1[v][l]);
-        w[2] = static_cast<uint32_t>(c2[v][l]);
-        w[3] = static_cast<uint32_t>(c3[v][l]);
+    const int64_t j0 = 4 * g0;  // column 4 (g0 + g) + c takes word c of group g
+    if constexpr (std::is_same_v<T, float>) {
+      // the four words of 8 groups interleaved by shuffles, compared and stored as 4 vectors: the
+      // word-by-word extraction was ~8 % of a ViT-S attention forward with dropout
+      for (int v = 0; v < kPhiloxVectors; ++v) {
+        const Words8 a = __builtin_convertvector(c0[v], Words8), b = __builtin_convertvector(c1[v], Words8);
+        const Words8 c = __builtin_convertvector(c2[v], Words8), d = __builtin_convertvector(c3[v], Words8);
+        const Words8 ab_lo = __builtin_shuffle(a, b, Words8{0, 8, 1, 9, 2, 10, 3, 11});
+        const Words8 ab_hi = __builtin_shuffle(a, b, Words8{4, 12, 5, 13, 6, 14, 7, 15});
+        const Words8 cd_lo = __builtin_shuffle(c, d, Words8{0, 8, 1, 9, 2, 10, 3, 11});
+        const Words8 cd_hi = __builtin_shuffle(c, d, Words8{4, 12, 5, 13, 6, 14, 7, 15});
+        const Words8 first = {0, 1, 8, 9, 2, 3, 10, 11}, second = {4, 5, 12, 13, 6, 7, 14, 15};
+        const Words8 words[4] = {__builtin_shuffle(ab_lo, cd_lo, first), __builtin_shuffle(ab_lo, cd_lo, second),
+                                 __builtin_shuffle(ab_hi, cd_hi, first), __builtin_shuffle(ab_hi, cd_hi, second)};
+        for (int x = 0; x < 4; ++x) {
+          const Floats8 kv = words[x] >= P.threshold ? Floats8{} + kept : Floats8{};
+          std::memcpy(keep + j0 + 32 * v + 8 * x, &kv, sizeof(kv));  // keep has kDropoutSlack columns past n
+        }
       }
-    const int64_t j0 = 4 * g0, m = std::min<int64_t>(n - j0, 4 * kPhiloxGroups);
-    for (int64_t x = 0; x < m; ++x) keep[j0 + x] = words[x] >= P.threshold ? kept : T(0);
+    } else {
+      for (int v = 0; v < kPhiloxVectors; ++v)
+        for (int l = 0; l < 8; ++l) {
+          const int64_t j = j0 + 4 * (8 * v + l);
+          const uint32_t w[4] = {static_cast<uint32_t>(c0[v][l]), static_cast<uint32_t>(c1[v][l]),
+                                 static_cast<uint32_t>(c2[v][l]), static_cast<uint32_t>(c3[v][l])};
+          for (int c = 0; c < 4; ++c) keep[j + c] = w[c] >= P.threshold ? kept : T(0);
+        }
+    }
   }
 }
 
@@ -600,13 +620,18 @@ MMFAST_INLINE void backward_rows(const Problem& P, const BwdIn& g, int64_t bh, i
     // delta = dO_i . O_i, computed as sum_j (dropped p_j)(dO_i . v_j) from this row's own numbers, so
     // ds sums to zero over the row exactly where it should (one visible key: dq = 0, not round-off)
     if (P.dropout_p > 0) {
+      // whole vectors over the padded row: p_j is 0 past end, and keep holds finite values there
+      // (dropout_row writes whole blocks; the scratch starts zeroed). The scalar sum's chain of
+      // dependent adds was a third of a B8 H12 L237 D32 backward.
       dropout_row(P, bh, i0 + r, end, w.keep);
-      T delta = 0;
-      for (int64_t j = 0; j < end; ++j) delta += s[j] * w.keep[j] * dp[j];
-      for (int64_t j = 0; j < end; ++j) {
-        const T p = s[j], pd = p * w.keep[j];
-        dp[j] = pd * dp[j] - p * delta;  // ds_j = p_j (z_j dp_j - delta)
-        s[j] = pd;                       // the dropped probability: weight of dO_i in dv_j
+      constexpr int64_t W = Vec<T>::n;
+      V<T> acc = {};
+      for (int64_t j = 0; j < ld; j += W) acc += vload(s + j) * vload(w.keep + j) * vload(dp + j);
+      const V<T> delta = vsplat(vsum<T>(acc));
+      for (int64_t j = 0; j < ld; j += W) {
+        const V<T> p = vload(s + j), pd = p * vload(w.keep + j);
+        vstore(dp + j, pd * vload(dp + j) - p * delta);  // ds_j = p_j (z_j dp_j - delta)
+        vstore(s + j, pd);                                // the dropped probability: weight of dO_i in dv_j
       }
     } else {
       softmax_grad_row(s, ld, dp);
@@ -757,13 +782,13 @@ void run_forward(Problem P, const FwdOut& o) {
   torch::stable::parallel_for(0, tasks, grain(tasks), [&](int64_t begin, int64_t end) {
     Scratch<T> sc;
     const int64_t R = kRows;
-    sc.buf.resize(P.D * P.Lkp + P.Lk * P.D + (R + 2) * P.Lkp + 2 * R * P.D + 7 * 16);
+    sc.buf.resize(P.D * P.Lkp + P.Lk * P.D + (R + 2) * P.Lkp + kDropoutSlack + 2 * R * P.D + 7 * 16);
     FwdScratch<T> w;
     w.kt = sc.take(P.D * P.Lkp);
     w.vr = sc.take(P.Lk * P.D);
     w.bias = sc.take(P.Lkp);
     w.s = sc.take(R * P.Lkp);
-    w.keep = sc.take(P.Lkp);
+    w.keep = sc.take(P.Lkp + kDropoutSlack);
     w.q = sc.take(R * P.D);
     w.acc = sc.take(R * P.D);
 #ifdef MMFAST_HAVE_X86_ISAS
@@ -781,7 +806,7 @@ void run_backward(const Problem& P, const BwdIn& g) {
   torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Scratch<T> sc;
     const int64_t LD = P.Lk * P.D, DL = P.D * P.Lkp, R = kRows;
-    sc.buf.resize(2 * DL + 3 * LD + (2 * R + 2) * P.Lkp + 4 * R * P.D + 13 * 16);
+    sc.buf.resize(2 * DL + 3 * LD + (2 * R + 2) * P.Lkp + kDropoutSlack + 4 * R * P.D + 13 * 16);
     BwdScratch<T> w;
     w.kt = sc.take(DL);
     w.vt = sc.take(DL);
@@ -791,7 +816,7 @@ void run_backward(const Problem& P, const BwdIn& g) {
     w.dv = sc.take(LD);
     w.s = sc.take(R * P.Lkp);
     w.dp = sc.take(R * P.Lkp);
-    w.keep = sc.take(P.Lkp);
+    w.keep = sc.take(P.Lkp + kDropoutSlack);
     w.q = sc.take(R * P.D);
     w.qs = sc.take(R * P.D);
     w.dout = sc.take(R * P.D);
