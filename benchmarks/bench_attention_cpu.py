@@ -6,8 +6,13 @@ backward, float32, interleaved medians in one process.
 
     python benchmarks/bench_attention_cpu.py [--threads 1,2] [--out FILE]
 
-Each kernel's output and gradients are first checked against the eager formula in float64 (the
-timings of a wrong kernel are not printed)."""
+A second table times the same shapes with attention dropout p = 0.1 (the zoo's training steps): the
+C++ kernel (its Philox mask, regenerated in the backward) against the eager formula with
+``F.dropout`` on the probabilities; ATen's kernels take no dropout mask of mmfast's.
+
+Each kernel's output and gradients are first checked against the eager formula in float64 (with
+dropout: the same Philox mask, mmfast.reference.dropout.keep_mask), and the timings of a wrong
+kernel are not printed."""
 
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from bench_models import _cpu_name, emit_row, write_table, thread_counts  # noqa
 from mmfast.train.timing import interleaved_medians  # noqa: E402
 
 A = importlib.import_module("mmfast.ops.attention")
+DROPOUT_P = 0.1
+DROPOUT_SEED = 1234
 
 # (label, B, H, Lq, Lk, D, key padding mask): the zoo's attention calls at small and tiny size
 SHAPES = [
@@ -38,11 +45,29 @@ SHAPES = [
 ]
 
 
-def _eager(q, k, v, mask, scale):
+def _eager(q, k, v, mask, scale, dropout_p=0.0, keep=None):
+    """The eager twins' formula; with dropout, F.dropout's own mask, or ``keep`` (scaled by 1/(1-p))."""
     s = (q @ k.transpose(-1, -2)) * scale
     if mask is not None:
         s = s.masked_fill(~mask[:, None, None, :], torch.finfo(s.dtype).min)
-    return s.softmax(-1) @ v
+    p = s.softmax(-1)
+    if keep is not None:
+        p = p * keep / (1 - dropout_p)
+    elif dropout_p > 0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    return p @ v
+
+
+def _cpp_dropout():
+    """The C++ kernel's forward and backward with attention dropout (DROPOUT_P, DROPOUT_SEED)."""
+    seed = torch.tensor([DROPOUT_SEED], dtype=torch.int64)
+
+    def fwd(q, k, v, mask, scale):
+        return A.cpu_forward(q, k, v, mask, seed, False, scale, DROPOUT_P)
+
+    def bwd(g, q, k, v, out, lse, mask, scale):
+        return A.cpu_backward(g, q, k, v, out, lse, mask, seed, False, scale, DROPOUT_P)
+    return fwd, bwd
 
 
 def _face(kernel: str):
@@ -80,15 +105,19 @@ def _inputs(B, H, Lq, Lk, D, masked, dtype=torch.float32):
 
 
 def check(shape) -> None:
-    """Every kernel against the eager formula in float64 (forward and the three gradients)."""
+    """Every kernel against the eager formula in float64 (forward and the three gradients); the
+    C++ kernel with dropout against the formula with the same Philox mask."""
+    from mmfast.reference.dropout import keep_mask
+
     _, B, H, Lq, Lk, D, masked = shape
     q, k, v, g, mask = _inputs(B, H, Lq, Lk, D, masked)
     scale = D ** -0.5
-    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
-    ref = _eager(q64, k64, v64, mask, scale)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
-    for kernel in ("C++", "ATen"):
-        fwd, bwd = _face(kernel)
+    keep = keep_mask(DROPOUT_SEED, B, H, Lq, Lk, DROPOUT_P).double()
+    for kernel, (fwd, bwd), dropped in [("C++", _face("C++"), None), ("ATen", _face("ATen"), None),
+                                        ("C++ with dropout", _cpp_dropout(), keep)]:
+        q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+        ref = _eager(q64, k64, v64, mask, scale, DROPOUT_P if dropped is not None else 0.0, dropped)
+        ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
         out, lse = fwd(q, k, v, mask, scale)
         grads = bwd(g, q, k, v, out, lse, mask, scale)
         for name, got, want in [("out", out, ref)] + list(zip(("dq", "dk", "dv"), grads, ref_grads)):
@@ -97,6 +126,20 @@ def check(shape) -> None:
             if not err <= bound:
                 raise SystemExit(f"bench_attention_cpu: {kernel} {name} at {shape[0]} is off by {err:.3g} "
                                  f"(> {bound:.3g}); not timing a wrong kernel")
+
+
+def time_dropout_shape(shape, rounds: int) -> dict:
+    """The C++ kernel and the eager formula with attention dropout DROPOUT_P."""
+    _, B, H, Lq, Lk, D, masked = shape
+    q, k, v, g, mask = _inputs(B, H, Lq, Lk, D, masked)
+    scale = D ** -0.5
+    fwd, bwd = _cpp_dropout()
+    qe, ke, ve = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    steps = {"C++ fwd": lambda: fwd(q, k, v, mask, scale),
+             "C++ fwd+bwd": lambda: bwd(g, q, k, v, *fwd(q, k, v, mask, scale), mask, scale),
+             "eager fwd": lambda: _eager(q, k, v, mask, scale, DROPOUT_P),
+             "eager fwd+bwd": lambda: torch.autograd.grad(_eager(qe, ke, ve, mask, scale, DROPOUT_P), (qe, ke, ve), g)}
+    return {n: t * 1e3 for n, t in interleaved_medians(steps, rounds, warmup=1).items()}
 
 
 def time_shape(shape, rounds: int) -> dict:
@@ -128,10 +171,19 @@ def test_smoke_checks_and_times_the_tiny_shapes():
         check(s)
     assert set(time_shape(tiny[0], rounds=1)) == {f"{k} {d}" for k in ("C++", "ATen", "eager")
                                                   for d in ("fwd", "fwd+bwd")}
+    assert set(time_dropout_shape(tiny[0], rounds=1)) == {f"{k} {d}" for k in ("C++", "eager")
+                                                          for d in ("fwd", "fwd+bwd")}
     real = A.cpu_forward
     A.cpu_forward = lambda *args: (lambda out, lse: (out + 1e-3, lse))(*real(*args))
     try:
         with pytest.raises(SystemExit, match="not timing a wrong kernel"):
+            check(tiny[0])
+    finally:
+        A.cpu_forward = real
+    # a dropout kernel whose mask is not the Philox contract's (another seed) is refused too
+    A.cpu_forward = lambda q, k, v, m, seed, *rest: real(q, k, v, m, None if seed is None else seed + 1, *rest)
+    try:
+        with pytest.raises(SystemExit, match="C\\+\\+ with dropout out .* not timing a wrong kernel"):
             check(tiny[0])
     finally:
         A.cpu_forward = real
@@ -165,6 +217,21 @@ def main() -> None:
                    f"| {r['C++ fwd']:.3f} | {r['ATen fwd']:.3f} | {r['eager fwd']:.3f} "
                    f"| {r['C++ fwd+bwd']:.3f} | {r['ATen fwd+bwd']:.3f} | {r['eager fwd+bwd']:.3f} "
                    f"| {r['ATen fwd'] / r['C++ fwd']:.2f}x / {r['ATen fwd+bwd'] / r['C++ fwd+bwd']:.2f}x "
+                   f"| {r['eager fwd'] / r['C++ fwd']:.2f}x / {r['eager fwd+bwd'] / r['C++ fwd+bwd']:.2f}x |")
+            emit_row(lines, row)
+    header = ["", f"With attention dropout p = {DROPOUT_P} (training): the C++ kernel (Philox mask, regenerated in "
+              "the backward) against the eager formula with F.dropout; ratio: eager's time / C++'s", "",
+              "| shape (B, H, Lq, Lk, D) | threads | C++ fwd | eager fwd | C++ fwd+bwd | eager fwd+bwd "
+              "| C++ vs eager fwd / fwd+bwd |", "|---|---|---|---|---|---|---|"]
+    print("\n".join(header), flush=True)
+    lines += header
+    for t in threads:
+        torch.set_num_threads(t)
+        for s in SHAPES:
+            label, B, H, Lq, Lk, D, masked = s
+            r = time_dropout_shape(s, rounds=15 if Lq * Lk > 10_000 else 200)
+            row = (f"| {label}: ({B}, {H}, {Lq}, {Lk}, {D}){' masked' if masked else ''} | {t} "
+                   f"| {r['C++ fwd']:.3f} | {r['eager fwd']:.3f} | {r['C++ fwd+bwd']:.3f} | {r['eager fwd+bwd']:.3f} "
                    f"| {r['eager fwd'] / r['C++ fwd']:.2f}x / {r['eager fwd+bwd'] / r['C++ fwd+bwd']:.2f}x |")
             emit_row(lines, row)
     write_table(lines, a.out)
