@@ -189,6 +189,16 @@ def test_smoke_checks_and_times_the_tiny_shapes():
         A.cpu_forward = real
 
 
+def rows(lines: list, threads, time, cells) -> None:
+    """One table row per thread count and shape: ``time(shape, rounds)``'s medians through ``cells``."""
+    for t in threads:
+        torch.set_num_threads(t)
+        for s in SHAPES:
+            label, B, H, Lq, Lk, D, masked = s
+            r = time(s, rounds=15 if Lq * Lk > 10_000 else 200)
+            emit_row(lines, f"| {label}: ({B}, {H}, {Lq}, {Lk}, {D}){' masked' if masked else ''} | {t} " + cells(r))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
@@ -208,32 +218,20 @@ def main() -> None:
              "| eager fwd+bwd | C++ vs ATen fwd / fwd+bwd | C++ vs eager fwd / fwd+bwd |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for t in threads:
-        torch.set_num_threads(t)
-        for s in SHAPES:
-            label, B, H, Lq, Lk, D, masked = s
-            r = time_shape(s, rounds=15 if Lq * Lk > 10_000 else 200)
-            row = (f"| {label}: ({B}, {H}, {Lq}, {Lk}, {D}){' masked' if masked else ''} | {t} "
-                   f"| {r['C++ fwd']:.3f} | {r['ATen fwd']:.3f} | {r['eager fwd']:.3f} "
-                   f"| {r['C++ fwd+bwd']:.3f} | {r['ATen fwd+bwd']:.3f} | {r['eager fwd+bwd']:.3f} "
-                   f"| {r['ATen fwd'] / r['C++ fwd']:.2f}x / {r['ATen fwd+bwd'] / r['C++ fwd+bwd']:.2f}x "
-                   f"| {r['eager fwd'] / r['C++ fwd']:.2f}x / {r['eager fwd+bwd'] / r['C++ fwd+bwd']:.2f}x |")
-            emit_row(lines, row)
+    rows(lines, threads, time_shape, lambda r: (
+        f"| {r['C++ fwd']:.3f} | {r['ATen fwd']:.3f} | {r['eager fwd']:.3f} "
+        f"| {r['C++ fwd+bwd']:.3f} | {r['ATen fwd+bwd']:.3f} | {r['eager fwd+bwd']:.3f} "
+        f"| {r['ATen fwd'] / r['C++ fwd']:.2f}x / {r['ATen fwd+bwd'] / r['C++ fwd+bwd']:.2f}x "
+        f"| {r['eager fwd'] / r['C++ fwd']:.2f}x / {r['eager fwd+bwd'] / r['C++ fwd+bwd']:.2f}x |"))
     header = ["", f"With attention dropout p = {DROPOUT_P} (training): the C++ kernel (Philox mask, regenerated in "
               "the backward) against the eager formula with F.dropout; ratio: eager's time / C++'s", "",
               "| shape (B, H, Lq, Lk, D) | threads | C++ fwd | eager fwd | C++ fwd+bwd | eager fwd+bwd "
               "| C++ vs eager fwd / fwd+bwd |", "|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
     lines += header
-    for t in threads:
-        torch.set_num_threads(t)
-        for s in SHAPES:
-            label, B, H, Lq, Lk, D, masked = s
-            r = time_dropout_shape(s, rounds=15 if Lq * Lk > 10_000 else 200)
-            row = (f"| {label}: ({B}, {H}, {Lq}, {Lk}, {D}){' masked' if masked else ''} | {t} "
-                   f"| {r['C++ fwd']:.3f} | {r['eager fwd']:.3f} | {r['C++ fwd+bwd']:.3f} | {r['eager fwd+bwd']:.3f} "
-                   f"| {r['eager fwd'] / r['C++ fwd']:.2f}x / {r['eager fwd+bwd'] / r['C++ fwd+bwd']:.2f}x |")
-            emit_row(lines, row)
+    rows(lines, threads, time_dropout_shape, lambda r: (
+        f"| {r['C++ fwd']:.3f} | {r['eager fwd']:.3f} | {r['C++ fwd+bwd']:.3f} | {r['eager fwd+bwd']:.3f} "
+        f"| {r['eager fwd'] / r['C++ fwd']:.2f}x / {r['eager fwd+bwd'] / r['C++ fwd+bwd']:.2f}x |"))
     write_table(lines, a.out)
 
 

@@ -64,41 +64,41 @@ MMFAST_INLINE void vstore(T* p, V<T> x) { *reinterpret_cast<V<T>*>(p) = x; }
 template <typename T>
 MMFAST_INLINE V<T> vsplat(T x) { return V<T>{} + x; }
 
-// Sum of a vector's lanes by halving (64 -> 32 -> 16 bytes, then 2-4 scalars): a few adds instead
-// of a chain of one add per lane.
-template <typename T>
-MMFAST_INLINE T vsum(V<T> v) {
+// A vector's lanes combined by halving (64 -> 32 -> 16 bytes, then 2-4 scalars): a few operations
+// instead of a chain of one per lane. ``op`` combines two vectors or two scalars alike.
+template <typename T, typename Op>
+MMFAST_INLINE T vreduce(V<T> v, Op op) {
   typedef T half __attribute__((vector_size(32), aligned(sizeof(T))));
   typedef T quarter __attribute__((vector_size(16), aligned(sizeof(T))));
   half lo, hi;
   std::memcpy(&lo, &v, 32);
   std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-  const half h = lo + hi;
+  const half h = op(lo, hi);
   quarter ql, qh;
   std::memcpy(&ql, &h, 16);
   std::memcpy(&qh, reinterpret_cast<const char*>(&h) + 16, 16);
-  const quarter q = ql + qh;
-  T s = q[0];
-  for (int c = 1; c < static_cast<int>(16 / sizeof(T)); ++c) s += q[c];
-  return s;
+  const quarter q = op(ql, qh);
+  T r = q[0];
+  for (int c = 1; c < static_cast<int>(16 / sizeof(T)); ++c) r = op(r, q[c]);
+  return r;
 }
 
-// Largest lane, by the same halving (exact in any order).
+// The operations are always-inline functors (not lambdas) so that they compile for the instruction
+// set of the function they end up in.
+struct AddLanes {
+  template <typename X>
+  MMFAST_INLINE X operator()(X a, X b) const { return a + b; }
+};
+struct MaxLanes {
+  template <typename X>
+  MMFAST_INLINE X operator()(X a, X b) const { return a > b ? a : b; }
+};
+
 template <typename T>
-MMFAST_INLINE T vmax(V<T> v) {
-  typedef T half __attribute__((vector_size(32), aligned(sizeof(T))));
-  typedef T quarter __attribute__((vector_size(16), aligned(sizeof(T))));
-  half lo, hi;
-  std::memcpy(&lo, &v, 32);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-  const half h = lo > hi ? lo : hi;
-  quarter ql, qh;
-  std::memcpy(&ql, &h, 16);
-  std::memcpy(&qh, reinterpret_cast<const char*>(&h) + 16, 16);
-  const quarter q = ql > qh ? ql : qh;
-  T m = q[0];
-  for (int c = 1; c < static_cast<int>(16 / sizeof(T)); ++c) m = q[c] > m ? q[c] : m;
-  return m;
-}
+MMFAST_INLINE T vsum(V<T> v) { return vreduce<T>(v, AddLanes{}); }
+
+// Largest lane (exact in any order).
+template <typename T>
+MMFAST_INLINE T vmax(V<T> v) { return vreduce<T>(v, MaxLanes{}); }
 
 }  // namespace mmfast
