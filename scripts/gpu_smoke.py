@@ -332,9 +332,13 @@ def concat_embed_dropout(c: Checker, face: str, dtype: torch.dtype, feats, te):
         out = run()
         grads = torch.autograd.grad(out, fs, torch.ones_like(out))
         g = torch.cat(grads, dim=1)
-        same = torch.equal(out == 0, g == 0)
-        c.line(face, dtype, shape, "dropout_fwd_bwd_mask", passed=same, max_err=float(((out == 0) != (g == 0)).float().mean()),
-               bound=0.0, dropped=float((out == 0).float().mean()), ms=None)
+        # A kept element whose feature + type embedding is exactly 0 is 0 too: in fp16/bf16 about 1e-4
+        # of them (the first H200 run). So: what the backward dropped is 0 forward, and a forward 0
+        # the backward kept must be 0 without dropout.
+        undropped = mmfast.ops.concat_embed(fs, type_embeddings=te, dropout_p=0.0, backend=face)[0]
+        wrong = ((g == 0) & (out != 0)) | ((g != 0) & (out == 0) & (undropped != 0))
+        c.line(face, dtype, shape, "dropout_fwd_bwd_mask", passed=not bool(wrong.any()),
+               max_err=float(wrong.float().mean()), bound=0.0, dropped=float((g == 0).float().mean()), ms=None)
 
     for direction, fn in (("dropout_repeatable", repeatable), ("dropout_fwd_bwd_mask", fwd_bwd)):
         c.guarded(face, dtype, shape, direction, fn)

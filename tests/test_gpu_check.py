@@ -99,3 +99,40 @@ def test_report_from_stage_files_names_failures(tmp_path):
     table = json.loads((tmp_path / "kernel_table.json").read_text())["verified"]
     assert [(r["backend"], r["verified"], r["arch"]) for r in table] == [("cuda", False, "sm_90"), ("triton", True, "sm_90")]
     assert table[1]["speedup_vs_reference"] == {"medium": 1.3}
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_s1_probes_every_library_of_the_carried_wheel():
+    """The CUDA kernels are in the wheel's second library; a probe of `_C` alone finds none and S1
+    rebuilds from source (what the first H200 run did)."""
+    gpu_check = _gpu_check_module()
+    libs = ["/w/mmfast/_C.abi3.so", "/w/mmfast/_C_cuda.abi3.so"]
+    assert gpu_check.carried_extension_env(libs)["MMFAST_EXTENSION"].split(os.pathsep) == libs
+
+
+def test_s1_probe_finds_the_cuda_kernels_of_a_prebuilt_wheel(tmp_path):
+    """Needs a wheel built with CUDA kernels (scripts/gpu_prepare.sh) and a CUDA build of torch (no GPU)."""
+    import torch
+    import zipfile
+
+    wheels = sorted((ROOT / ".wheels").glob("mmfast-*.whl"))
+    if not wheels or torch.version.cuda is None:
+        import pytest
+
+        pytest.skip("no carried wheel in .wheels/ or torch without CUDA")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        z.extractall(tmp_path)
+    libs = sorted(str(p) for p in (tmp_path / "mmfast").glob("_C*.so"))
+    if not any("_C_cuda" in lib for lib in libs):
+        import pytest
+
+        pytest.skip(f"{wheels[-1].name} has no CUDA kernels")
+    gpu_check = _gpu_check_module()
+    probe = gpu_check._probe_extension(gpu_check.carried_extension_env(libs))
+    assert probe["loaded"] and all(probe["cuda"].values()), probe
