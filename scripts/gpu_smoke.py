@@ -39,6 +39,8 @@ FACES = ("cuda", "triton")
 DTYPES = (torch.float32,) if DRY else (torch.float16, torch.bfloat16, torch.float32)
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 P_DROP = 0.1
+# Faces whose attention backward adds dQ with float atomics (csrc/cuda/attention.cu): not bitwise repeatable.
+ATOMIC_DQ_FACES = ("cuda",)
 _name = lambda dt: str(dt).replace("torch.", "")
 
 
@@ -235,8 +237,14 @@ def attention_cuda_graph(c: Checker, face: str, dtype: torch.dtype):
         with torch.cuda.graph(graph):
             captured = step()
         ms = harness.time_ms(graph.replay, warmup=0, reps=3)
-        err = max(testing.max_abs_err(a, b) for a, b in zip(captured, eager))
-        c.line(face, dtype, shape, "cuda_graph", passed=err == 0.0, max_err=err, bound=0.0, ms=ms)
+        errs = {n: testing.max_abs_err(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), captured, eager)}
+        # The replay must compute what the eager call computed: bit for bit, except dQ of a face that
+        # sums it with float atomics (the order differs run to run): there one rounding of dQ's largest
+        # value. The first H200 run demanded bits everywhere and failed the CUDA face by 1 fp16 ulp.
+        dq_bound = torch.finfo(dtype).eps * float(eager[1].abs().max()) if face in ATOMIC_DQ_FACES else 0.0
+        passed = errs["dq"] <= dq_bound and all(errs[n] == 0.0 for n in ("out", "dk", "dv"))
+        c.line(face, dtype, shape, "cuda_graph", passed=passed, max_err=max(errs.values()), bound=dq_bound, ms=ms,
+               errs=errs)
 
     c.guarded(face, dtype, shape, "cuda_graph", run)
 

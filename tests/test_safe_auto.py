@@ -97,6 +97,53 @@ def test_argument_limits_fall_back_under_auto(table):
         dispatch.resolve("attention", "triton", "cuda", BF16, blocked)
 
 
+@pytest.fixture
+def deterministic():
+    """Sets torch.use_deterministic_algorithms for the test and restores it."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    yield lambda on, warn_only=False: torch.use_deterministic_algorithms(on, warn_only=warn_only)
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_deterministic_mode_keeps_auto_off_the_cuda_attention_face(table, deterministic):
+    """The CUDA attention backward sums dQ with float atomics (the H200 check saw replays differ by
+    1 ulp): under torch.use_deterministic_algorithms(True) auto takes the next face."""
+    from mmfast.ops.attention import _unsupported
+
+    table(_row(op="attention", backend="cuda", large=3.0), _row(op="attention", backend="triton", large=1.5),
+          cuda_kernels=True)
+    pick = lambda: dispatch.resolve("attention", "auto", "cuda", BF16, _unsupported("cuda", BF16, 64, "auto"),
+                                    bucket=_b(1 << 30))
+    assert pick() == "cuda"
+    deterministic(True)
+    assert pick() == "triton"
+    deterministic(True, warn_only=True)  # non-deterministic kernels only warn: the faster face stays
+    assert pick() == "cuda"
+    deterministic(True)
+    table(_row(op="attention", backend="cuda", large=3.0), cuda_kernels=True)
+    backend, why = dispatch.explain("attention", "cuda", BF16, _unsupported("cuda", BF16, 64, "auto"), bucket="large")
+    assert backend == "torch" and "float atomics" in why, why  # mmfast info says why
+    assert _unsupported("cuda", BF16, 64, "cuda") == ()  # an explicit backend is not overridden...
+
+
+def test_explicit_cuda_attention_backward_alerts_in_deterministic_mode(deterministic, monkeypatch):
+    """...its backward raises as torch's own non-deterministic kernels do, before any kernel runs."""
+    attention_op = sys.modules["mmfast.ops.attention"]  # the module (mmfast.ops.attention is the function)
+    ran = []
+    monkeypatch.setattr(attention_op, "_face", lambda backend: (None, lambda *a: ran.append(backend)))
+    deterministic(True)
+    with pytest.raises(RuntimeError, match="mmfast.attention backward with backend='cuda'"):
+        attention_op._run_backward("cuda", None)
+    assert ran == []
+    attention_op._run_backward("triton", None)  # the Triton backward has no atomics
+    deterministic(True, warn_only=True)
+    with pytest.warns(UserWarning, match="float atomics"):
+        attention_op._run_backward("cuda", None)
+    deterministic(False)
+    attention_op._run_backward("cuda", None)
+    assert ran == ["triton", "cuda", "cuda"]
+
+
 def test_attention_head_dim_the_faces_do_not_take_runs_the_reference_under_auto():
     q, k, v = (torch.randn(1, 2, L, 12) for L in (3, 5, 5))
     torch.testing.assert_close(mmfast.ops.attention(q, k, v), mmfast.reference.attention(q, k, v))

@@ -19,6 +19,7 @@ from torch's generator on the inputs' device (dropout only). The backward recomp
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -230,8 +231,23 @@ def _run_forward(backend: str, *args):
     return _face(backend)[0](*args)
 
 
+def alert_atomic_dq(op: str, backend: str) -> None:
+    """The CUDA face sums dQ with float atomics (csrc/cuda/attention.cu): its bits vary run to run.
+    Under torch.use_deterministic_algorithms(True) that raises, as torch's own such kernels do (a
+    warning with warn_only=True); ``auto`` avoids the face there (:func:`_unsupported`)."""
+    if backend != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return
+    what = (f"mmfast.{op} backward with backend='cuda' (dQ summed with float atomics) does not have a deterministic "
+            "implementation, but you set 'torch.use_deterministic_algorithms(True)'")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(what)
+    else:
+        raise RuntimeError(what + ": use backend='auto' or 'triton', or warn_only=True")
+
+
 def _run_backward(backend: str, *args):
     _provenance.record("attention", backend, "backward")
+    alert_atomic_dq("attention", backend)
     return _face(backend)[1](*args)
 
 
@@ -314,6 +330,13 @@ def _head_dim_ok(D: int) -> bool:
 _NO_INTERPRETED_BF16 = (("triton", "bfloat16 tl.dot is broken in the Triton interpreter"),)
 _FP32_AUTO_TO_REFERENCE = (("triton", "float32 Triton attention runs IEEE dots on CUDA cores (no tensor cores) and "
                                       "some of its sm_90 configs spill; backend='auto' takes the reference"),)
+_CUDA_NOT_DETERMINISTIC = (("cuda", "its backward sums dQ with float atomics and "
+                                   "torch.use_deterministic_algorithms(True) is on"),)
+
+
+def deterministic_only() -> bool:
+    """torch.use_deterministic_algorithms(True) without warn_only: non-deterministic kernels raise."""
+    return torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
 
 
 def _unsupported(device_type: str, dtype: torch.dtype, head_dim: int, backend: str) -> tuple:
@@ -324,6 +347,8 @@ def _unsupported(device_type: str, dtype: torch.dtype, head_dim: int, backend: s
     if (device_type == "cuda" and dtype == torch.float32 and backend == "auto"
             and dispatch.get_default_backend() == "auto"):
         u += _FP32_AUTO_TO_REFERENCE  # an explicit backend="triton" still runs it
+    if device_type == "cuda" and backend == "auto" and deterministic_only():
+        u += _CUDA_NOT_DETERMINISTIC
     if not _head_dim_ok(head_dim):  # only under auto (else _check_args raised): the reference takes any D
         u += tuple((b, f"head dim {head_dim} is not a multiple of 8 in [8, {MAX_HEAD_DIM}]")
                    for b in ("cuda", "triton", "cpu"))

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mmfast import _extension, _provenance, dispatch
 from mmfast.ops.attention import DTYPES as ATTENTION_DTYPES
-from mmfast.ops.attention import MAX_HEAD_DIM, _compute_dtype, _cpu_probs
+from mmfast.ops.attention import MAX_HEAD_DIM, _compute_dtype, _cpu_probs, alert_atomic_dq
 from mmfast.reference.attention import attention_mask as _dense_mask
 from mmfast.reference.attention_varlen import attention_varlen as _reference, sequence_keep_mask, to_heads_first
 
@@ -162,6 +162,7 @@ def _varlen_bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
                    seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str
                    ) -> tuple[Tensor, Tensor, Tensor]:
     _provenance.record("attention_varlen", backend, "backward")
+    alert_atomic_dq("attention_varlen", backend)
     if backend == "cuda":
         return _extension.op("attention_varlen_backward")(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                                           max_seqlen_q, max_seqlen_k, seed, causal, scale, dropout_p)
