@@ -1,0 +1,1 @@
+export PYTHONPATH="$PYTHONPATH:/tmp/mmfast_gpu_site"
