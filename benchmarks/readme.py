@@ -92,8 +92,9 @@ def benchmarks_section(runs: list) -> str:
              "The GPU check writes, stage by stage: `env.json`, `build.log`, `smoke.jsonl` (every op × face × dtype "
              "against float64 under the rule), `sanitizer.txt`, `bench.jsonl` (CUDA events; no autotuning, no "
              "torch.compile), `tests.xml`, then `report.md`, `plot.png` and `kernel_table.json`. "
-             "`benchmarks/report.py --stages DIR --update-table` turns a committed run into "
-             "`mmfast/kernel_table.json`, and `benchmarks/readme.py --write` regenerates this section and the "
+             "`benchmarks/report.py --stages DIR [DIR ...] --update-table` turns committed runs into "
+             "`mmfast/kernel_table.json` (per row the newest run that checked or timed it; runs of other kernel "
+             "sources are left out), and `benchmarks/readme.py --write` regenerates this section and the "
              "status above from the committed files. CPU-only pytest-benchmark suites: "
              "`.venv/bin/python -m pytest benchmarks/` (smoke mode without a GPU).", ""]
     if not runs:

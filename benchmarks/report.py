@@ -10,7 +10,10 @@
                        speed-up over the torch reference per size bucket (S4); what backend="auto"
                        reads once copied to mmfast/kernel_table.json (--update-table)
 
-    python benchmarks/report.py --stages DIR [--update-table]
+    python benchmarks/report.py --stages DIR [DIR ...] [--update-table]
+
+   Several folders: runs of one tree on short leases; mmfast/kernel_table.json takes each row from
+   the newest run that checked it (S2) and the newest that timed it (S4).
 
    Dry-run results (CPU, tiny shapes) are reported but their rows carry no GPU arch, so auto never
    uses them.
@@ -31,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import re
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
@@ -47,6 +51,12 @@ FAMILY_OPS = {
     "concat_embed": ["concat_embed"],
 }
 BASELINES = ["eager", "sdpa", "compile", "liger"]
+TABLE_DESCRIPTION = (
+    "Per (op, backend, arch, dtype): verified = every check of scripts/gpu_check.sh's S2 smoke stage ran and passed "
+    "on that GPU (checked_in: the run); speedup_vs_reference = time of the torch reference / time of the face, per "
+    "size bucket (dispatch.size_bucket), the slowest case of the bucket, from S4 benchmarks (timed_in: the run). "
+    "backend='auto' on a GPU uses a face only where verified and faster in the call's bucket. Written by "
+    "benchmarks/report.py --stages DIR [DIR ...] --update-table (the newest run that checked or timed a row wins).")
 
 
 def load_rows(paths: list[str]) -> list[dict]:
@@ -226,6 +236,47 @@ def kernel_table_rows(smoke: list[dict], bench: list[dict], arch: str | None) ->
     return rows
 
 
+def _run_rows(d: Path) -> tuple[str, list[dict], str | None]:
+    """(start time, kernel_table rows, kernel-source fingerprint) of one committed GPU run; no rows
+    for a dry run. Runs from before env.json recorded the fingerprint give None."""
+    env = json.loads((d / "env.json").read_text()) if (d / "env.json").exists() else {}
+    gpu = env.get("gpu") if isinstance(env.get("gpu"), dict) else {}
+    if env.get("dryrun") or not gpu.get("capability"):
+        return "", [], None
+    rows = kernel_table_rows(read_jsonl(d / "smoke.jsonl"), read_jsonl(d / "bench.jsonl"), gpu["capability"])
+    return str(env.get("started", "")), rows, env.get("kernel_sources")
+
+
+def merged_kernel_table(dirs: list[Path]) -> list[dict]:
+    """The kernel table of several GPU runs of one tree (a short lease rarely finishes every stage):
+    per (op, face, arch, dtype) the verdict of the newest run whose S2 checked it, and the speed-ups
+    of the newest run whose S4 timed it. Each row names the runs it comes from."""
+    merged: dict[tuple, dict] = {}
+    planned: dict[tuple, int] = defaultdict(int)  # checks per (op, arch, dtype): the most any face ran
+    runs = sorted(((*_run_rows(Path(d)), Path(d).name) for d in dirs), key=lambda run: (run[0], run[3]))
+    newest = next((fp for _, rows, fp, _ in reversed(runs) if rows), None)
+    # runs of other kernels say nothing about these (None: a run from before fingerprints were recorded)
+    runs = [run for run in runs if None in (run[2], newest) or run[2] == newest]
+    for _started, rows, _fp, name in runs:  # oldest first: a newer run's row replaces an older one...
+        for r in rows:
+            key = (r["op"], r["backend"], r["arch"], r["dtype"])
+            planned[(r["op"], r["arch"], r["dtype"])] = max(planned[(r["op"], r["arch"], r["dtype"])], r["checks"])
+            old = merged.get(key)
+            row = dict(r, checked_in=name, timed_in=name if r["speedup_vs_reference"] else None, kernel_sources=_fp)
+            if old and r["checks"] < old["checks"]:  # ...unless it was stopped before it ran as many checks
+                row.update(verified=old["verified"] and r["verified"], checks=old["checks"],
+                           failed=r["failed"] + old["failed"], checked_in=f"{old['checked_in']}+{name}")
+            if old and not row["speedup_vs_reference"] and old["speedup_vs_reference"]:
+                row.update(speedup_vs_reference=old["speedup_vs_reference"], timed_in=old["timed_in"])
+            merged[key] = row
+    for (op, _face, arch, dtype), row in merged.items():  # a face that ran fewer checks than the plan
+        want = planned[(op, arch, dtype)]
+        if row["checks"] < want:
+            row.update(verified=False, failed=row["failed"] + [f"only {row['checks']} of the {want} checks ran "
+                                                                "(S2 stopped at its deadline)"])
+    return [merged[k] for k in sorted(merged, key=lambda k: tuple(str(x) for x in k))]
+
+
 def junit_summary(path: Path) -> dict:
     out = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": []}
     if not path.exists():
@@ -244,6 +295,33 @@ def junit_summary(path: Path) -> dict:
                 out[key] += 1
                 if kind != "skipped":
                     out["failed"].append(f"{name}: {(el.get('message') or '')[:160]}")
+    return out
+
+
+_TEST_OUTCOME = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b.*?(tests/\S+::\S+)|(tests/\S+::\S+)\s+"
+                           r"(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def tests_log_summary(path: Path) -> dict:
+    """The outcomes pytest -v printed into tests.log (xdist's "[gw0] PASSED tests/..." or plain
+    "tests/... PASSED"): what S5 ran before its deadline, when pytest was stopped before it wrote
+    tests.xml."""
+    out = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": [], "source": "tests.log"}
+    seen = set()
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        m = _TEST_OUTCOME.search(line)
+        if not m:
+            continue
+        outcome, test = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
+        if test in seen:
+            continue
+        seen.add(test)
+        out["tests"] += 1
+        key = {"FAILED": "failures", "ERROR": "errors", "SKIPPED": "skipped"}.get(outcome)
+        if key:
+            out[key] += 1
+            if key != "skipped":
+                out["failed"].append(f"{test}: {outcome} (tests.log)")
     return out
 
 
@@ -279,6 +357,8 @@ def gpu_check_report(d: Path, update_table: bool = False) -> str:
     stages = read_jsonl(d / "stages.jsonl")
     verdicts = smoke_verdicts(smoke)
     tests = junit_summary(d / "tests.xml")
+    if any(st.get("stage") == "S5" and st.get("placeholder") for st in stages):  # pytest stopped before its junit
+        tests = tests_log_summary(d / "tests.log")
     build = [ln for ln in (d / "build.log").read_text().splitlines() if ln.startswith("[S1] result")] \
         if (d / "build.log").exists() else []
     spills = [ln for ln in (d / "build.log").read_text().splitlines()
@@ -287,7 +367,8 @@ def gpu_check_report(d: Path, update_table: bool = False) -> str:
     sanitizer = [ln for ln in (d / "sanitizer.txt").read_text().splitlines()
                  if ln.startswith("===") or "ERROR SUMMARY" in ln or "RACECHECK SUMMARY" in ln] \
         if (d / "sanitizer.txt").exists() else []
-    table = kernel_table_rows(smoke, bench, arch)
+    # a GPU run: the rows auto would read from this run alone (a face with fewer checks than the plan is not verified)
+    table = merged_kernel_table([d]) if arch and not dry else kernel_table_rows(smoke, bench, arch)
 
     md = [f"# GPU check: {gpu.get('name', 'no GPU')}" + (" — DRY RUN on the CPU (tiny shapes; not results)" if dry else ""),
           "", f"Started {env.get('started')}; torch {env.get('versions', {}).get('torch')}, "
@@ -299,18 +380,20 @@ def gpu_check_report(d: Path, update_table: bool = False) -> str:
           "## S3 sanitizer", "", *[f"    {ln}" for ln in sanitizer], "",
           "## S4 micro-benchmarks", "", markdown(_bench_rows_for_markdown(bench, env)), "",
           f"## S5 tests (pytest -m cuda)", "",
-          f"{tests['tests']} test cases: {tests['failures']} failed, {tests['errors']} errors, {tests['skipped']} skipped.",
+          f"{tests['tests']} test cases: {tests['failures']} failed, {tests['errors']} errors, {tests['skipped']} skipped"
+          + (" (from tests.log: pytest was stopped at the stage deadline before it wrote tests.xml)."
+             if tests.get("source") == "tests.log" else "."),
           *[f"- {f}" for f in tests["failed"][:40]], "",
           "## kernel_table.json (what backend='auto' may use)", "",
           "| op | face | dtype | verified | speed-up over reference by size bucket |", "|---|---|---|---|---|",
           *[f"| {r['op']} | {r['backend']} | {r['dtype']} | {'yes' if r['verified'] else 'no'} | "
             f"{', '.join(f'{b}: {x}x' for b, x in r['speedup_vs_reference'].items()) or '–'} |" for r in table]]
     (d / "report.md").write_text("\n".join(md) + "\n")
-    doc = {"description": json.loads((ROOT / "mmfast" / "kernel_table.json").read_text())["description"],
+    doc = {"description": TABLE_DESCRIPTION,
            "source": "dry run (CPU)" if dry else f"{gpu.get('name')} {env.get('started')}", "verified": table}
     (d / "kernel_table.json").write_text(json.dumps(doc, indent=1) + "\n")
     if update_table and arch and not dry:
-        (ROOT / "mmfast" / "kernel_table.json").write_text(json.dumps(doc, indent=1) + "\n")
+        write_kernel_table([d])
     plot([r for r in _bench_rows_for_markdown(bench, env)], d / "plot.png")
 
     counts = defaultdict(lambda: [0, 0, 0])
@@ -325,7 +408,7 @@ def gpu_check_report(d: Path, update_table: bool = False) -> str:
     lines += ["", f"{'smoke: op':<24} {'face':<7} {'pass':>5} {'fail':>5} {'skip':>5}"]
     lines += [f"{op:<24} {face:<7} {c[0]:>5} {c[1]:>5} {c[2]:>5}" for (op, face), c in sorted(counts.items())]
     lines += ["", f"tests: {tests['tests']} cases, {tests['failures']} failed, {tests['errors']} errors, "
-                  f"{tests['skipped']} skipped", f"sanitizer: " + "; ".join(ln.strip("= ") for ln in sanitizer
+                  f"{tests['skipped']} skipped" + (" (tests.log; stopped)" if tests.get("source") else ""), f"sanitizer: " + "; ".join(ln.strip("= ") for ln in sanitizer
                                                                            if ln.startswith("===")),
               f"bench rows: {sum(1 for r in bench if 'median_ms' in r)}; kernel_table rows verified: "
               f"{sum(r['verified'] for r in table)}/{len(table)}" + (" (DRY RUN)" if dry else "")]
@@ -334,15 +417,29 @@ def gpu_check_report(d: Path, update_table: bool = False) -> str:
     return summary_text
 
 
+def write_kernel_table(dirs: list[Path]) -> list[dict]:
+    """mmfast/kernel_table.json from the given GPU runs (:func:`merged_kernel_table`)."""
+    rows = merged_kernel_table(dirs)
+    doc = {"description": TABLE_DESCRIPTION, "source": sorted(Path(d).name for d in dirs), "verified": rows}
+    (ROOT / "mmfast" / "kernel_table.json").write_text(json.dumps(doc, indent=1) + "\n")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="*", help="pytest-benchmark JSON files")
     ap.add_argument("--out", help="folder for the pytest-benchmark report")
-    ap.add_argument("--stages", type=Path, help="a GPU check's stage folder")
-    ap.add_argument("--update-table", action="store_true", help="also write mmfast/kernel_table.json (GPU runs only)")
+    ap.add_argument("--stages", type=Path, nargs="+", help="GPU checks' stage folders (several: runs of one tree)")
+    ap.add_argument("--update-table", action="store_true",
+                    help="also write mmfast/kernel_table.json from all the --stages runs (GPU runs only)")
     args = ap.parse_args(argv)
     if args.stages:
-        print(gpu_check_report(args.stages, update_table=args.update_table))
+        for d in args.stages:
+            print(f"== {d}\n" + gpu_check_report(d))
+        if args.update_table:
+            rows = write_kernel_table(args.stages)
+            print(f"mmfast/kernel_table.json: {sum(r['verified'] for r in rows)}/{len(rows)} rows verified, "
+                  f"from {sorted(Path(d).name for d in args.stages)}")
         return 0
     if not args.json or not args.out:
         ap.error("give pytest-benchmark JSON files and --out, or --stages DIR")

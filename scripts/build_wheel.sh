@@ -20,6 +20,10 @@ mkdir -p dist
 # differ. build/lib.* is what the wheel packs: cleared, so an extension left there by an older
 # non-abi3 build (which Python would import before _C.abi3.so) cannot ride along.
 rm -rf build/lib.*
+# setup.py records what it builds in mmfast/_build_info.json, in the source tree: put back the
+# in-place build's record afterwards, else `mmfast info` there reports the wheel's CUDA kernels.
+info=mmfast/_build_info.json
+if [ -f "$info" ]; then cp "$info" "$info.in-place"; trap 'mv -f "$info.in-place" "$info"' EXIT; fi
 "$PY" -m pip wheel . --no-build-isolation --no-deps -w dist 2>&1 | grep -v "^WARNING: Location" >&2 || true
 whl=$(ls -t dist/mmfast-*-cp310-abi3-*.whl 2>/dev/null | head -1 || true)
 if [ -z "$whl" ] || [ "$(stat -c %Y "$whl")" -lt "$start" ]; then

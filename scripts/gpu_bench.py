@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from gpu_check import DRY, ROOT, SKIP_NO_GPU, Jsonl
+from gpu_check import DRY, GPU_FACES, ROOT, SKIP_NO_GPU, Jsonl
 
 if DRY:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -75,6 +75,8 @@ def _faces(op: str) -> dict:
     """mmfast faces to time, with the reason one cannot run here (None when it can)."""
     out = {}
     for face in ("triton", "cuda"):
+        if face not in GPU_FACES:
+            continue
         why = dispatch.availability(op, face, DEV, DT)
         out[f"mmfast-{face}"] = (face, SKIP_NO_GPU if face == "cuda" and DEV != "cuda" else why and f"skipped: {why}")
     return out
@@ -247,7 +249,8 @@ def _train_step(model, batch: dict):
 def main(path: str) -> int:
     w = Jsonl(path)
     try:
-        for fn in (bench_attention, bench_cross_entropy, bench_concat_embed, bench_zoo_step, bench_packed_step):
+        steps = (bench_zoo_step, bench_packed_step) if "triton" in GPU_FACES else ()  # the zoo's Triton faces
+        for fn in (bench_attention, bench_cross_entropy, bench_concat_embed, *steps):
             try:
                 fn(w)
             except Exception as e:  # noqa: BLE001 - the next benchmark still runs

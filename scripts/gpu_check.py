@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -35,6 +36,24 @@ SITE = Path(os.environ.get("MMFAST_GPU_SITE", "/tmp/mmfast_gpu_site"))
 WHEEL_DIR = Path(os.environ.get("MMFAST_GPU_WHEEL_DIR", "/tmp/mmfast_gpu_wheel"))
 CPP_KERNELS = ("attention_forward", "cross_entropy_forward", "concat_embed_forward")
 SKIP_NO_GPU = "skipped: no GPU"
+# MMFAST_GPU_FACES=cuda: S2 and S4 run only the CUDA faces (no Triton compiles: a short rerun for
+# what an earlier run of the same kernels left unchecked; report.py merges the runs). gpu_check.sh
+# validates the value.
+GPU_FACES = tuple(f for f in (os.environ.get("MMFAST_GPU_FACES") or "cuda,triton").split(",") if f)
+# What the smoke checks verify: a run's verdicts hold for these files' contents only (env.json
+# records their fingerprint; report.py never merges runs of different kernels).
+KERNEL_SOURCES = ("csrc", "mmfast/triton", "mmfast/triton_attention_configs.json")
+
+
+def kernel_sources_fingerprint(root: Path = ROOT) -> str:
+    h = hashlib.sha256()
+    for rel in KERNEL_SOURCES:
+        top = root / rel
+        files = sorted(p for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts) \
+            if top.is_dir() else [top] if top.exists() else []
+        for f in files:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 class Jsonl:
@@ -42,10 +61,11 @@ class Jsonl:
 
     def __init__(self, path: Path, **common):
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self.common = common
+        self.common, self.t0 = common, time.time()
 
     def write(self, **row) -> dict:
-        row = {**self.common, **row}
+        # t: seconds since this writer opened, so a stage stopped at its deadline shows where its time went
+        row = {**self.common, **row, "t": round(time.time() - self.t0, 1)}
         os.write(self.fd, (json.dumps(row, default=str) + "\n").encode())
         return row
 
@@ -86,7 +106,8 @@ def _version(module: str) -> str | None:
 def stage_env(d: Path, deadline: float) -> None:
     env = {"dryrun": DRY, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-                    "executable": sys.executable}}
+                    "executable": sys.executable},
+           "kernel_sources": kernel_sources_fingerprint(), "faces": list(GPU_FACES)}
     try:
         env["tools"] = {t: shutil.which(t) for t in ("nvidia-smi", "nvcc", "ninja", "compute-sanitizer", "ncu",
                                                      "cuobjdump", "c++")}
@@ -287,6 +308,8 @@ def stage_tests(d: Path, deadline: float) -> None:
     # -v: every outcome is in tests.log (archived) even if a stopped run leaves no junit file
     cmd = [sys.executable, "-m", "pytest", *paths, "-m", "cuda", "-v", "-p", "no:cacheprovider",
            f"--junitxml={d / 'tests.xml'}", "-o", "junit_family=xunit1"]
+    if "triton" not in GPU_FACES:
+        cmd += ["-k", "not triton"]  # test ids name the face they run
     if not DRY and (os.cpu_count() or 1) >= 8 and _version("pytest-xdist"):
         cmd += ["-n", "4"]  # Triton compiles are CPU-bound; one GPU is shared by the workers
     with open(d / "tests.log", "a") as log:

@@ -20,8 +20,15 @@
 # benchmarks/results/latest/. GPU_CHECK_DRYRUN=1 runs every stage on the CPU (Triton interpreter,
 # tiny shapes; what needs CUDA says "skipped: no GPU"), so CI keeps this script from rotting.
 # MMFAST_GPU_DEADLINES="S2=30,S4=10" overrides stage deadlines (seconds; tests use it).
+# MMFAST_GPU_FACES=cuda (or triton) narrows S2, S4 and S5 to those faces (default: cuda,triton).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+for face in ${MMFAST_GPU_FACES:+${MMFAST_GPU_FACES//,/ }}; do
+  case $face in cuda|triton) ;; *)
+    echo "gpu_check.sh: MMFAST_GPU_FACES must name cuda and/or triton, comma-separated; got '${MMFAST_GPU_FACES}'" >&2
+    exit 2 ;;
+  esac
+done
 ROOT=$PWD
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}

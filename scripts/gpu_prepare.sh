@@ -48,8 +48,12 @@ echo "[prepare] carried: $(ls .wheels | tr '\n' ' ')($(du -ch .wheels/*.whl | ta
 cat <<'CALL'
 [prepare] next GPU session, one call:
   run(command="MMFAST_GPU_BUDGET_S=480 bash scripts/gpu_check.sh", carry=[".wheels"], timeout_s=560)
-then, here:
+  (a short rerun for the CUDA faces only, no Triton compiles: MMFAST_GPU_FACES=cuda MMFAST_GPU_BUDGET_S=240)
+then, here: keep the committed run under its start time, put the new one in benchmarks/results/h200/
+  old=$(python3 -c "import json; print(json.load(open('benchmarks/results/h200/env.json'))['started'][:16].replace(' ', '-').replace(':', ''))")
+  git mv benchmarks/results/h200 benchmarks/results/h200-$old
   mkdir -p benchmarks/results/h200 && tar xzf <files_at>/gpu_check.tgz -C benchmarks/results/h200 --strip-components=1
-  python benchmarks/report.py --stages benchmarks/results/h200 --update-table   # kernel_table.json from S2 + S4
+  python benchmarks/report.py --stages benchmarks/results/h200* --update-table   # kernel_table.json: newest run per row,
+                                                                                 # runs of other kernels left out
   python benchmarks/readme.py --write                                            # README status + benchmarks
 CALL

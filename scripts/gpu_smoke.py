@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from gpu_check import DRY, ROOT, SKIP_NO_GPU, Jsonl
+from gpu_check import DRY, GPU_FACES, ROOT, SKIP_NO_GPU, Jsonl
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -34,7 +34,7 @@ from mmfast import reference as ref  # noqa: E402
 from mmfast.reference import dropout as ref_dropout  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-FACES = ("cuda", "triton")
+FACES = GPU_FACES  # MMFAST_GPU_FACES; default cuda and triton
 # The interpreter runs fp32 (and fp16 dot); bf16 tl.dot is garbage there (triton #11584).
 DTYPES = (torch.float32,) if DRY else (torch.float16, torch.bfloat16, torch.float32)
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
