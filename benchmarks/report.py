@@ -347,7 +347,7 @@ def _bench_rows_for_markdown(bench: list[dict], env: dict) -> list[dict]:
                  mmfast="tree") for r in bench if "median_ms" in r]
 
 
-def gpu_check_report(d: Path, update_table: bool = False) -> str:
+def gpu_check_report(d: Path) -> str:
     """Writes report.md, summary.txt, plot.png and kernel_table.json into ``d``; returns the summary."""
     d = Path(d)
     env = json.loads((d / "env.json").read_text()) if (d / "env.json").exists() else {}
@@ -392,8 +392,6 @@ def gpu_check_report(d: Path, update_table: bool = False) -> str:
     doc = {"description": TABLE_DESCRIPTION,
            "source": "dry run (CPU)" if dry else f"{gpu.get('name')} {env.get('started')}", "verified": table}
     (d / "kernel_table.json").write_text(json.dumps(doc, indent=1) + "\n")
-    if update_table and arch and not dry:
-        write_kernel_table([d])
     plot([r for r in _bench_rows_for_markdown(bench, env)], d / "plot.png")
 
     counts = defaultdict(lambda: [0, 0, 0])
@@ -419,6 +417,9 @@ def gpu_check_report(d: Path, update_table: bool = False) -> str:
 
 def write_kernel_table(dirs: list[Path]) -> list[dict]:
     """mmfast/kernel_table.json from the given GPU runs (:func:`merged_kernel_table`)."""
+    if not any(_run_rows(Path(d))[1] for d in dirs):
+        raise SystemExit(f"report.py --update-table: none of {[str(d) for d in dirs]} is a GPU run with smoke "
+                         "results (dry runs never go into mmfast/kernel_table.json); the table is left as it was")
     rows = merged_kernel_table(dirs)
     doc = {"description": TABLE_DESCRIPTION, "source": sorted(Path(d).name for d in dirs), "verified": rows}
     (ROOT / "mmfast" / "kernel_table.json").write_text(json.dumps(doc, indent=1) + "\n")

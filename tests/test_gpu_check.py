@@ -266,3 +266,13 @@ def test_concat_embed_dropout_mask_check_passes_a_correct_face_in_half_precision
     mask = [r for r in lines if r["direction"] == "dropout_fwd_bwd_mask"]
     assert len(mask) == 2 and all(r["passed"] for r in mask), mask
     assert all(0.09 < r["dropped"] < 0.11 for r in mask), mask
+
+
+def test_update_table_refuses_dry_runs_and_leaves_the_table(tmp_path):
+    dry = _run_dir(tmp_path / "dry", "2026-11-30 17:00:00 UTC", [_smoke("attention", "cuda")], dryrun=True)
+    table = ROOT / "mmfast" / "kernel_table.json"
+    before = table.read_text()
+    r = subprocess.run([sys.executable, "benchmarks/report.py", "--stages", str(dry), "--update-table"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "none of" in r.stderr and "GPU run" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and table.read_text() == before
